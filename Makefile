@@ -1,0 +1,36 @@
+# The project's commands. `make demo` and `make test` work on a fresh clone.
+PY := .venv/bin/python
+MODEL_DIR ?= models/release
+DIST ?= dist/model
+
+.PHONY: setup train archive serve demo test test-fast bench k8s clean
+
+setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
+	@bash scripts/setup.sh
+
+train: setup  ## train, calibrate and evaluate the release model into models/release
+	$(PY) -m training.train --output $(MODEL_DIR)
+
+archive: setup  ## package models/release as dist/model/{config,model-store,artifact_manifest.json}
+	$(PY) -m training.archive --model-dir $(MODEL_DIR) --output $(DIST)
+
+serve: archive  ## run TorchServe in the foreground on the archive
+	$(PY) -m scripts.localserve --model-root $(DIST)
+
+demo: archive  ## the nightly job end to end on this machine
+	$(PY) -m scripts.demo --model-root $(DIST)
+
+test: setup  ## the whole suite (about 10 minutes on 2 cores)
+	$(PY) -m pytest
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest -m "not slow and not integration"
+
+bench: archive  ## served vs raw vs naive throughput, latency and memory -> bench/results.json
+	$(PY) -m scripts.bench --model-root $(DIST)
+
+k8s: setup  ## regenerate the plain manifests in k8s/ from the Helm chart
+	$(PY) -m scripts.render_k8s
+
+clean:
+	rm -rf dist bench/results.json .pytest_cache

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the project needs: Java 17 and Fashion-MNIST (Debian packages, as root),
+# then .venv with the pinned Python dependencies and the project itself (editable).
+# Idempotent: a stamp keyed by the dependency files makes a second run quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+STAMP=.venv/.setup-done
+want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+need_apt=()
+if ! java -version 2>&1 | grep -q 'version "17'; then need_apt+=(openjdk-17-jre-headless); fi
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then need_apt+=(dataset-fashion-mnist); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing ${need_apt[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing ${need_apt[*]}. Install them first, e.g.: sudo apt-get install ${need_apt[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+echo "$want" > "$STAMP"
+echo "setup: done ($(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)'))"
