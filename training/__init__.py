@@ -1,0 +1,1 @@
+"""Training, calibration, evaluation and packaging of the returns classifier."""

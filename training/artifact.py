@@ -1,0 +1,121 @@
+"""The self-describing model artifact: ``model.pt`` (plain state_dict) + ``model.json``.
+
+Everything a server needs to rebuild and use the model travels in ``model.json``:
+architecture, class names, preprocessing spec, temperature, threshold, top-k.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.model import ArchConfig, SEResNet, build_model
+from training.preprocess import PreprocessSpec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+META_FILE = "model.json"
+
+
+class ArtifactError(RuntimeError):
+    """The model folder is missing a file or its metadata does not fit its weights."""
+
+
+@dataclass
+class ModelMeta:
+    arch: ArchConfig
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    temperature: float
+    threshold: float
+    target_precision: float
+    top_k: int = 3
+    model_name: str = "returns-classifier"
+    model_version: str = "1.0"
+    coverage: float | None = None
+    reference: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.arch.num_classes:
+            raise ArtifactError(f"{len(self.class_names)} class names for a {self.arch.num_classes}-class model")
+        if not self.temperature > 0:
+            raise ArtifactError(f"temperature must be positive, got {self.temperature}")
+        if not 1 <= self.top_k:
+            raise ArtifactError(f"top_k must be at least 1, got {self.top_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "arch": self.arch.to_dict(),
+            "class_names": self.class_names,
+            "preprocess": self.preprocess.to_dict(),
+            "calibration": {"temperature": self.temperature, "threshold": self.threshold,
+                            "target_precision": self.target_precision, "coverage": self.coverage},
+            "top_k": self.top_k,
+            "reference": self.reference,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"model.json format_version {d.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+        cal = d["calibration"]
+        return cls(arch=ArchConfig.from_dict(d["arch"]), class_names=list(d["class_names"]),
+                   preprocess=PreprocessSpec.from_dict(d["preprocess"]), temperature=float(cal["temperature"]),
+                   threshold=float(cal["threshold"]), target_precision=float(cal["target_precision"]),
+                   coverage=cal.get("coverage"), top_k=int(d.get("top_k", 3)),
+                   model_name=d.get("model_name", "returns-classifier"), model_version=str(d.get("model_version", "1.0")),
+                   reference=d.get("reference", {}), data=d.get("data", {}))
+
+
+def read_meta(model_dir: Path) -> ModelMeta:
+    path = Path(model_dir) / META_FILE
+    try:
+        return ModelMeta.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found; is {model_dir} a trained model folder?") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: malformed model metadata ({exc!r})") from None
+
+
+def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[SEResNet, ModelMeta]:
+    """Rebuild the network from ``model.json`` and load ``model.pt`` safely (``weights_only=True``)."""
+    meta = read_meta(model_dir)
+    model = build_model(meta.arch)
+    path = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: weights not found") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: weights do not fit the architecture in model.json: {exc}") from None
+    return model.to(device).eval(), meta
+
+
+def content_digest(file_hashes: dict[str, str]) -> str:
+    """SHA-256 over sorted "name  sha256" lines: an archive's identity, computable from its extracted files.
+
+    ``make archive`` records it for the .mar's members; the handler computes it over its model
+    folder, so every answer names the exact archive that produced it.
+    """
+    return hashlib.sha256("".join(f"{n}  {h}\n" for n, h in sorted(file_hashes.items())).encode()).hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (POSIX relative names), skipping Python byte-code caches."""
+    root = Path(root)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out

@@ -1,0 +1,65 @@
+"""The training run's one configuration object; argparse defaults are read from it."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str | None = None  # Fashion-MNIST IDX folder; None = Debian's, else torchvision download into data/
+    image_folder: str | None = None  # a shop's own photos: train/<class>/* (+ optional val/, test/)
+    val_size: int = 5000
+    train_subset: int = 0  # >0: train on this many images only (smoke tests)
+    # model
+    widths: tuple[int, ...] = (24, 48, 96)
+    depths: tuple[int, ...] = (2, 2, 2)
+    se_reduction: int = 8
+    dropout: float = 0.1
+    image_size: int = 28
+    channels: int = 1
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 0.2  # peak of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0  # hurts confidence ranking (AURC), which review routing relies on
+    crop_padding: int = 3
+    hflip: bool = True
+    erasing_p: float = 0.3
+    # calibration and routing
+    target_precision: float = 0.99
+    top_k: int = 3
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads; 0 = all cores
+    output: str = "models/release"
+    resume: bool = True
+    progress: bool = True
+    tsne_samples: int = 2000
+    model_version: str = "1.0"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        from training.io import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        d = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        for key in ("widths", "depths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)

@@ -1,0 +1,148 @@
+"""The one preprocessing source: image bytes -> the model's input tensor.
+
+Training's evaluation path, the TorchServe handler and the benchmarks all import
+this module, and the .mar ships it, so the constants below live nowhere else.
+The spec itself travels with the weights (``model.json``), so a server never
+guesses the input size or normalisation.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel phone photo; larger is treated as a bomb
+
+
+class ImageError(ValueError):
+    """A photo that cannot be turned into a model input; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How any photo becomes a ``channels x size x size`` float tensor."""
+
+    channels: int = 1
+    size: int = 28
+    mean: tuple[float, ...] = FASHION_MNIST_MEAN
+    std: tuple[float, ...] = FASHION_MNIST_STD
+    # Letterbox colour (0 = black), matching Fashion-MNIST's black background.
+    fill: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        d = dict(d)
+        d["mean"] = tuple(d["mean"])
+        d["std"] = tuple(d["std"])
+        return cls(**d)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into a fully loaded PIL image (first frame of an animation).
+
+    Raises ImageError with a code: ``empty``, ``not_an_image``, ``too_large``,
+    ``zero_size`` or ``corrupt`` (truncated or damaged data).
+    """
+    if not data:
+        raise ImageError("empty", "the photo is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before it errors on bombs; we check the size ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width == 0 or height == 0:
+                raise ImageError("zero_size", f"the photo has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageError(
+                    "too_large",
+                    f"the photo is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                )
+            img.seek(0)
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "the bytes are not an image in a supported format "
+                         "(PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", f"the photo is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("corrupt", f"the photo is truncated or damaged: {exc}") from None
+    return img
+
+
+def _to_mode(img: Image.Image, channels: int, fill: int) -> Image.Image:
+    """Convert any PIL mode (16-bit, CMYK, palette, alpha) to L or RGB."""
+    if img.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) greyscale: map the 16-bit range onto 8 bits, not clip at 255.
+        img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, (fill, fill, fill, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def image_to_uint8(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """A decoded image -> ``uint8`` tensor ``[C, size, size]``, aspect ratio kept (letterboxed)."""
+    img = _to_mode(img, spec.channels, spec.fill)
+    if img.size != (spec.size, spec.size):
+        scale = spec.size / max(img.size)
+        w = max(1, round(img.size[0] * scale))
+        h = max(1, round(img.size[1] * scale))
+        resized = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        canvas = Image.new(img.mode, (spec.size, spec.size), spec.fill if spec.channels == 1 else (spec.fill,) * 3)
+        canvas.paste(resized, ((spec.size - w) // 2, (spec.size - h) // 2))
+        img = canvas
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return t.view(spec.size, spec.size, spec.channels).permute(2, 0, 1).contiguous()
+
+
+def bytes_to_uint8(data: bytes, spec: PreprocessSpec) -> torch.Tensor:
+    """Image bytes -> ``uint8`` tensor ``[C, size, size]``; raises ImageError for bad photos."""
+    return image_to_uint8(decode_image(data, spec.max_pixels), spec)
+
+
+def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """``uint8 [N, C, H, W]`` (or ``[C, H, W]``) -> normalised float32, on the batch's device."""
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels, got {batch.dtype}")
+    shape = (-1, 1, 1) if batch.dim() == 3 else (1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, device=batch.device).view(shape)
+    std = torch.tensor(spec.std, device=batch.device).view(shape)
+    return (batch.float().div_(255.0) - mean) / std
+
+
+def bytes_to_tensor(data: bytes, spec: PreprocessSpec) -> torch.Tensor:
+    """Image bytes -> normalised float tensor ``[C, size, size]``: what the model sees."""
+    return normalize(bytes_to_uint8(data, spec), spec)

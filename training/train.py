@@ -1,0 +1,250 @@
+"""Train the SE-ResNet returns classifier, then calibrate, evaluate and write the model artifact.
+
+    python -m training.train --output models/release          # the release model
+    python -m training.train --image-folder shop_photos/ ...  # a shop's own categories
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.augment import random_crop, random_erasing, random_hflip
+from training.config import TrainConfig
+from training.data import Dataset, Split, load_fashion_mnist, load_image_folder
+from training.model import ArchConfig, SEResNet, build_model
+from training.preprocess import PreprocessSpec, normalize
+
+log = logging.getLogger("training")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Train, calibrate and evaluate the returns classifier.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with Fashion-MNIST's IDX .gz files "
+                   "(default: /usr/share/datasets/fashion-mnist, else torchvision's download into data/)")
+    p.add_argument("--image-folder", default=d.image_folder, help="a shop's photos: train/<class>/* (+ val/, test/)")
+    p.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of train")
+    p.add_argument("--train-subset", type=int, default=d.train_subset, help="train on this many images only (0 = all)")
+    p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="channels per stage")
+    p.add_argument("--depths", type=int, nargs="+", default=list(d.depths), help="SE blocks per stage")
+    p.add_argument("--se-reduction", type=int, default=d.se_reduction)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="model input size (image-folder data)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=d.channels, help="1 = grey, 3 = colour")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="off by default: it blurs the confidence ranking that review routing relies on")
+    p.add_argument("--crop-padding", type=int, default=d.crop_padding)
+    p.add_argument("--no-hflip", dest="hflip", action="store_false")
+    p.add_argument("--erasing-p", type=float, default=d.erasing_p)
+    p.add_argument("--target-precision", type=float, default=d.target_precision,
+                   help="precision the auto-accepted items must reach; sets the review threshold")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0 = all cores)")
+    p.add_argument("--output", default=d.output, help="folder for weights, metrics, plots and checkpoints")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--tsne-samples", type=int, default=d.tsne_samples)
+    p.add_argument("--model-version", default=d.model_version)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    values["widths"], values["depths"] = tuple(values["widths"]), tuple(values["depths"])
+    return TrainConfig(**values)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but CUDA is not available")
+    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    return dev
+
+
+def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> Dataset:
+    if cfg.image_folder:
+        ds = load_image_folder(Path(cfg.image_folder), spec, cfg.val_size, cfg.seed)
+    else:
+        ds = load_fashion_mnist(Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_size, cfg.seed)
+    if cfg.train_subset:
+        ds.train = ds.train.subset(torch.arange(min(cfg.train_subset, len(ds.train))))
+    return ds
+
+
+def make_spec(cfg: TrainConfig, ds: Dataset | None = None) -> PreprocessSpec:
+    if cfg.image_folder is None:
+        return PreprocessSpec()  # Fashion-MNIST: 1x28x28 with its own statistics
+    if ds is None:  # statistics not known yet: a neutral spec to decode with
+        return PreprocessSpec(channels=cfg.channels, size=cfg.image_size,
+                              mean=(0.5,) * cfg.channels, std=(0.5,) * cfg.channels)
+    x = ds.train.images.float() / 255
+    mean = tuple(round(float(v), 4) for v in x.mean((0, 2, 3)))
+    std = tuple(round(max(float(v), 1e-3), 4) for v in x.std((0, 2, 3)))
+    return PreprocessSpec(channels=cfg.channels, size=cfg.image_size, mean=mean, std=std)
+
+
+def make_optimizer(model: SEResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on norms and biases
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+@torch.inference_mode()
+def predict_logits(model: SEResNet, split: Split, spec: PreprocessSpec, device: torch.device,
+                   batch_size: int = 512, with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (and optionally penultimate features) for a whole split, in order."""
+    model.eval()
+    logits, feats = [], []
+    for i in range(0, len(split), batch_size):
+        x = normalize(split.images[i:i + batch_size].to(device), spec).contiguous(memory_format=torch.channels_last)
+        f = model.features(x)
+        logits.append(model.head(f).float().cpu())
+        if with_features:
+            feats.append(f.float().cpu())
+    return torch.cat(logits), (torch.cat(feats) if with_features else None)
+
+
+def train_one_epoch(model: SEResNet, opt: torch.optim.Optimizer, sched, ds: Dataset, spec: PreprocessSpec,
+                    cfg: TrainConfig, device: torch.device, gen: torch.Generator, epoch: int) -> dict:
+    model.train()
+    n = len(ds.train)
+    perm = torch.randperm(n, generator=gen)
+    steps = n // cfg.batch_size
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = range(steps)
+    if cfg.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for step in bar:
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        x, y = ds.train.images[idx], ds.train.labels[idx]
+        if cfg.crop_padding:
+            x = random_crop(x, cfg.crop_padding, gen, spec.fill)
+        if cfg.hflip:
+            x = random_hflip(x, gen)
+        x = normalize(x.to(device, non_blocking=True), spec)
+        if cfg.erasing_p:
+            x = random_erasing(x, gen, cfg.erasing_p)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                   f"lower --lr (now {cfg.lr}) or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total_loss += loss.item() * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        seen += len(y)
+        if hasattr(bar, "set_postfix") and step % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+
+def train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg)
+    ds = load_data(cfg, make_spec(cfg))
+    spec = make_spec(cfg, ds)
+    arch = ArchConfig(in_channels=spec.channels, num_classes=len(ds.class_names), widths=cfg.widths,
+                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout)
+    model = build_model(arch).to(device).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    steps = len(ds.train) // cfg.batch_size
+    if steps == 0:
+        raise SystemExit(f"only {len(ds.train)} training images for a batch size of {cfg.batch_size}")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.25)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cfg.write(out / "train_config.json")
+    log.info("device %s, %d threads; %d train / %d val / %d test images, %d classes; %.2fM parameters",
+             device, torch.get_num_threads(), len(ds.train), len(ds.val), len(ds.test), len(ds.class_names),
+             sum(p.numel() for p in model.parameters()) / 1e6)
+
+    ckpt_path, history_path = out / "checkpoint.pt", out / "history.jsonl"
+    start_epoch = 0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
+            raise SystemExit(f"{ckpt_path} was written with other settings; pass --no-resume to start over")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["generator"])
+        start_epoch = int(ckpt["epoch"])
+        log.info("resuming after epoch %d from %s", start_epoch, ckpt_path)
+    elif history_path.exists():
+        history_path.unlink()
+
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        row = train_one_epoch(model, opt, sched, ds, spec, cfg, device, gen, epoch)
+        val_logits, _ = predict_logits(model, ds.val, spec, device)
+        row = {"epoch": epoch + 1, **row,
+               "val_loss": F.cross_entropy(val_logits, ds.val.labels).item(),
+               "val_acc": float((val_logits.argmax(1) == ds.val.labels).float().mean()),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+        with open(history_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  (%.0fs)", row["epoch"], cfg.epochs,
+                 row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "epoch": epoch + 1,
+                    "config": json.dumps(cfg.to_dict(), sort_keys=True)}, ckpt_path.with_suffix(".tmp"))
+        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+    train_seconds = time.time() - t_start
+
+    from training.evaluate import finalize
+
+    finalize(model, ds, spec, arch, cfg, device, out, train_seconds=train_seconds)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_from_args(get_args_parser().parse_args(argv))
+    try:
+        out = train(cfg)
+    except TrainingDiverged as exc:
+        log.error("training stopped: %s", exc)
+        return 3
+    log.info("model written to %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
