@@ -1,0 +1,144 @@
+"""The classification core: photo bytes -> validated images -> one tensor batch -> calibrated
+probabilities -> one result per photo. No TorchServe import: another server can use it as is.
+
+    clf = Classifier("models/release")          # or an extracted .mar folder
+    clf.classify([png_bytes, jpeg_bytes])        # -> [{"label": ..., "confidence": ...}, ...]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handler.errors import PhotoError
+from training.artifact import content_digest, load_model, tree_hashes
+from training.preprocess import ImageError, bytes_to_uint8, normalize
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: the cgroup quota (containers) or the affinity mask."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+@dataclass
+class BatchStats:
+    """Per-batch figures exported as metrics."""
+
+    images: int = 0
+    rejected: int = 0
+    low_confidence: int = 0
+    average_confidence: float = 0.0
+    decode_ms: float = 0.0
+    forward_ms: float = 0.0
+
+
+@dataclass
+class Decoded:
+    """The photos of one call: pixels of the good ones, and each photo's error or slot."""
+
+    outcomes: list[PhotoError | int] = field(default_factory=list)  # error, or index into pixels
+    pixels: list[torch.Tensor] = field(default_factory=list)
+
+
+class Classifier:
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_image_pixels: int | None = None,
+                 threads: int = 0, warmup: bool = True) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or available_cpus())
+        self.model, self.meta = load_model(Path(model_dir), self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.spec = self.meta.preprocess
+        if max_image_pixels:
+            self.spec = replace(self.spec, max_pixels=max_image_pixels)
+        self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
+        self.amp = self.device.type == "cuda"
+        self._labels = self.meta.class_names
+        if warmup:  # the first real request should not pay for lazy initialisation
+            size = (1, self.spec.channels, self.spec.size, self.spec.size)
+            for n in (1, 8):
+                self.probabilities([torch.zeros(size[1:], dtype=torch.uint8)] * n)
+
+    # --- the three steps -------------------------------------------------
+    def decode(self, photos: list[bytes | PhotoError]) -> Decoded:
+        """Validate and decode every photo; a bad one becomes its own error."""
+        out = Decoded()
+        for photo in photos:
+            if isinstance(photo, PhotoError):
+                out.outcomes.append(photo)
+                continue
+            try:
+                out.pixels.append(bytes_to_uint8(photo, self.spec))
+                out.outcomes.append(len(out.pixels) - 1)
+            except ImageError as exc:
+                out.outcomes.append(PhotoError(exc.code, exc.message))
+        return out
+
+    @torch.inference_mode()
+    def probabilities(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 images -> calibrated class probabilities ``[N, K]`` (float32, CPU), one forward pass."""
+        if not pixels:
+            return torch.empty(0, len(self._labels))
+        batch = torch.stack(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = normalize(batch, self.spec).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            logits = self.model(x)
+        return torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu()
+
+    def describe(self, probs: torch.Tensor) -> list[dict[str, Any]]:
+        """Calibrated probabilities -> one result object per row."""
+        k = min(self.meta.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        results = []
+        for p_row, i_row in zip(top_p.tolist(), top_i.tolist()):
+            conf, cls = p_row[0], i_row[0]
+            results.append({
+                "label": self._labels[cls],
+                "class_id": cls,
+                "confidence": round(conf, 6),
+                "needs_review": conf < self.meta.threshold,
+                "top_k": [{"label": self._labels[c], "class_id": c, "probability": round(p, 6)}
+                          for p, c in zip(p_row, i_row)],
+                "model_name": self.meta.model_name,
+                "model_version": self.meta.model_version,
+                "model_sha256": self.model_sha256,
+            })
+        return results
+
+    # --- end to end --------------------------------------------------------
+    def classify_decoded(self, decoded: Decoded, stats: BatchStats | None = None) -> list[dict[str, Any]]:
+        """Forward the good photos once; put results and errors back in the photos' order."""
+        t0 = time.perf_counter()
+        probs = self.probabilities(decoded.pixels)
+        results = self.describe(probs)
+        if stats is not None:
+            conf = probs.max(1)[0] if len(probs) else torch.empty(0)
+            stats.forward_ms = (time.perf_counter() - t0) * 1000
+            stats.images = len(decoded.outcomes)
+            stats.rejected = len(decoded.outcomes) - len(decoded.pixels)
+            stats.low_confidence = int((conf < self.meta.threshold).sum())
+            stats.average_confidence = float(conf.mean()) if len(conf) else 0.0
+        return [o.to_dict() if isinstance(o, PhotoError) else results[o] for o in decoded.outcomes]
+
+    def classify(self, photos: list[bytes | PhotoError], stats: BatchStats | None = None) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        decoded = self.decode(photos)
+        if stats is not None:
+            stats.decode_ms = (time.perf_counter() - t0) * 1000
+        return self.classify_decoded(decoded, stats)

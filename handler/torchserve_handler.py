@@ -1,0 +1,113 @@
+"""TorchServe adapter for the returns classifier: a thin layer over ``handler.core``.
+
+TorchServe hands ``handle`` a list with one row per request (server-side batching). Every photo
+of every request goes through one forward pass; the results are split back so that exactly one
+response per request is returned. A bad photo gets its own error object; a request with no valid
+photo gets HTTP 400 through TorchServe's per-request status. Exceptions mean real server faults.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.core import BatchStats, Classifier, Decoded, available_cpus
+from handler.errors import PhotoError, RequestError
+from handler.payload import ParsedRequest, parse_request
+
+log = logging.getLogger(__name__)
+# Custom metrics, declared in metrics.yaml (TorchServe's Prometheus mode exports declared metrics only).
+GAUGES = {"ImagesPerBatch": "images", "RejectedImagesPerBatch": "rejected", "LowConfidencePerBatch": "low_confidence",
+          "AverageConfidence": "average_confidence", "DecodeTimeMs": "decode_ms", "ForwardTimeMs": "forward_ms"}
+COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConfidenceTotal": "low_confidence"}
+
+
+@dataclass
+class Work:
+    """One handler call: what each request carried, and the photos of all of them decoded together."""
+
+    requests: list[ParsedRequest | RequestError]
+    decoded: Decoded
+    stats: BatchStats = field(default_factory=BatchStats)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ReturnsClassifierHandler(BaseHandler):
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        knobs = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        gpu_id = props.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            device = torch.device(f"cuda:{gpu_id}")
+        else:
+            device = torch.device("cpu")
+        workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1) or 1)
+        threads = int(knobs.get("cpu_threads", 0)) or max(1, available_cpus() // workers)
+        self.max_instances = int(knobs.get("max_instances", 256))
+        self.core = Classifier(props["model_dir"], device=device, threads=threads,
+                               max_image_pixels=int(knobs.get("max_image_pixels", 0)) or None)
+        self.model = self.core.model
+        self.device = device
+        self.initialized = True
+        log.info("returns-classifier ready on %s (%d threads), model %s sha256 %s", device,
+                 torch.get_num_threads(), self.core.meta.model_version, self.core.model_sha256)
+
+    def preprocess(self, data: list[dict[str, Any]]) -> Work:
+        """Parse every request and decode all their photos."""
+        t0 = time.perf_counter()
+        requests: list[ParsedRequest | RequestError] = []
+        photos: list[bytes | PhotoError] = []
+        for row in data:
+            try:
+                req = parse_request(row, self.max_instances)
+                photos.extend(req.photos)
+            except RequestError as exc:
+                req = exc
+            requests.append(req)
+        work = Work(requests, self.core.decode(photos))
+        work.stats.decode_ms = (time.perf_counter() - t0) * 1000
+        return work
+
+    def inference(self, work: Work, *args: Any, **kwargs: Any) -> Work:
+        """One forward pass over every valid photo of the batch."""
+        work.results = self.core.classify_decoded(work.decoded, work.stats)
+        return work
+
+    def postprocess(self, work: Work) -> list[str]:
+        """Split results back per request: exactly one JSON response per request."""
+        responses, pos = [], 0
+        for idx, req in enumerate(work.requests):
+            if isinstance(req, RequestError):
+                body: Any = req.to_dict()
+                self.context.set_response_status(400, req.code, idx)
+            else:
+                items = work.results[pos:pos + len(req.photos)]
+                pos += len(req.photos)
+                body = {"predictions": items} if req.batch else items[0]
+                if all("error" in item for item in items):
+                    self.context.set_response_status(400, items[0]["error"]["code"], idx)
+            self.context.set_response_content_type(idx, "application/json")
+            responses.append(json.dumps(body, separators=(",", ":")))
+        if pos != len(work.results) or len(responses) != len(work.requests):
+            raise RuntimeError(f"batch split mismatch: {len(work.requests)} requests, {len(responses)} responses, "
+                               f"{len(work.results)} results, {pos} used")
+        self._emit_metrics(work.stats)
+        return responses
+
+    def _emit_metrics(self, stats: BatchStats) -> None:
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        dims = [self.context.model_name, "Model"]
+        for kind, table in ((MetricTypes.GAUGE, GAUGES), (MetricTypes.COUNTER, COUNTERS)):
+            for name, attr in table.items():
+                try:
+                    metrics.get_metric(name, kind).add_or_update(round(float(getattr(stats, attr)), 4), dims)
+                except Exception as exc:  # a metrics config without our entries must not fail inference
+                    log.debug("metric %s not exported: %s", name, exc)
