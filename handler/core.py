@@ -54,6 +54,16 @@ class Decoded:
     pixels: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass
+class Work:
+    """One server call: what each request carried, and the photos of all of them decoded together."""
+
+    requests: list[Any]  # a parsed request, or the error of a malformed one
+    decoded: Decoded
+    stats: BatchStats = field(default_factory=BatchStats)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
 class Classifier:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_image_pixels: int | None = None,
                  threads: int = 0, warmup: bool = True) -> None:

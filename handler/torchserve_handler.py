@@ -10,32 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.core import BatchStats, Classifier, Decoded, available_cpus
+from handler.core import Classifier, Work, available_cpus
 from handler.errors import PhotoError, RequestError
 from handler.payload import ParsedRequest, parse_request
 
 log = logging.getLogger(__name__)
+# TorchServe loads the one class defined in this module, so helpers live in handler.core.
 # Custom metrics, declared in metrics.yaml (TorchServe's Prometheus mode exports declared metrics only).
 GAUGES = {"ImagesPerBatch": "images", "RejectedImagesPerBatch": "rejected", "LowConfidencePerBatch": "low_confidence",
           "AverageConfidence": "average_confidence", "DecodeTimeMs": "decode_ms", "ForwardTimeMs": "forward_ms"}
 COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConfidenceTotal": "low_confidence"}
-
-
-@dataclass
-class Work:
-    """One handler call: what each request carried, and the photos of all of them decoded together."""
-
-    requests: list[ParsedRequest | RequestError]
-    decoded: Decoded
-    stats: BatchStats = field(default_factory=BatchStats)
-    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ReturnsClassifierHandler(BaseHandler):

@@ -32,6 +32,7 @@ from training.io import write_json, write_text
 
 log = logging.getLogger("training.archive")
 MODEL_NAME = "returns-classifier"
+MODEL_ROOT_IN_POD = "/mnt/models"  # where KServe mounts storageUri (and the chart the model volume)
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_MODULES = {
     "training": ["__init__.py", "preprocess.py", "model.py", "artifact.py"],
@@ -77,16 +78,24 @@ def config_properties(cfg: ServeConfig, model_name: str = MODEL_NAME, version: s
         "defaultVersion": True, "marName": f"{model_name}.mar", "minWorkers": cfg.workers, "maxWorkers": cfg.workers,
         "batchSize": cfg.batch_size, "maxBatchDelay": cfg.max_batch_delay_ms,
         "responseTimeout": cfg.response_timeout_s, "startupTimeout": cfg.startup_timeout_s}}}}
+    # Addresses suit KServe's TorchServe runtime, which reads this file from /mnt/models/config:
+    # its own server takes 8080 (HTTP) and 8081 (gRPC) and forwards to TorchServe on localhost:8085.
+    # The chart's torchserve mode and `make serve` write their own addresses; the rest is shared.
     lines = {
-        "inference_address": "http://0.0.0.0:8080",
-        "management_address": "http://127.0.0.1:8081",
+        "inference_address": "http://127.0.0.1:8085",
+        "management_address": "http://127.0.0.1:8086",
         "metrics_address": "http://0.0.0.0:8082",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "model_store": f"{MODEL_ROOT_IN_POD}/model-store",
+        "metrics_config": f"{MODEL_ROOT_IN_POD}/config/metrics.yaml",
         "metrics_mode": "prometheus",
         "enable_metrics_api": "true",
         "disable_system_metrics": "true",
         "enable_model_api": "false",
-        # Only bare .mar names from the model store: no http(s):// or file:// URL matches.
-        "allowed_urls": r"^[A-Za-z0-9._-]+\\.mar$",
+        # Nothing remote: only archives already in the pod's model store. (A pattern that matches
+        # bare .mar names makes TorchServe "download" the file onto itself and fail.)
+        "allowed_urls": rf"^file://{MODEL_ROOT_IN_POD}/model-store/[A-Za-z0-9._-]+\\.mar$",
         "install_py_dep_per_model": "false",
         "disable_token_authorization": "false" if cfg.token_auth else "true",
         "max_request_size": str(cfg.max_request_size),
@@ -190,6 +199,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "reference": meta.reference,
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, MODEL_NAME, meta.model_version))
+    shutil.copy2(METRICS_YAML, output / "config" / "metrics.yaml")
     write_json(output / "artifact_manifest.json", manifest)
     log.info("wrote %s (sha256 %s…) and its manifest", mar, manifest["mar_sha256"][:12])
     return manifest
