@@ -1,0 +1,91 @@
+"""Shared fixtures: real Fashion-MNIST test images, the release model archived, a real TorchServe."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from PIL import Image
+
+from training.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_idx
+
+REPO = Path(__file__).resolve().parents[1]
+# The committed release model; RETURNS_TEST_MODEL_DIR points tests at another trained model folder.
+RELEASE_MODEL = Path(os.environ.get("RETURNS_TEST_MODEL_DIR", REPO / "models" / "release"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA; none on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The real Fashion-MNIST test split: uint8 images [10000, 28, 28] and labels."""
+    images, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    labels, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    return images, labels.long()
+
+
+def encode(pixels: torch.Tensor, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def fmnist_png(fmnist_test) -> Callable[[int], bytes]:
+    """``i -> PNG bytes`` of test image i."""
+    images, _ = fmnist_test
+    return lambda i: encode(images[i])
+
+
+@pytest.fixture(scope="session")
+def fmnist_pngs(fmnist_test) -> Callable[[int, Path], list[tuple[Path, str]]]:
+    """``(n, folder) -> [(path, label name)]``: the first n test images written as PNG files."""
+    images, labels = fmnist_test
+
+    def write(n: int, folder: Path, start: int = 0) -> list[tuple[Path, str]]:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for i in range(start, start + n):
+            path = folder / f"item_{i:05d}.png"
+            path.write_bytes(encode(images[i]))
+            out.append((path, FASHION_MNIST_CLASSES[int(labels[i])]))
+        return out
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def release_model_dir() -> Path:
+    if not (RELEASE_MODEL / "model.pt").exists():
+        pytest.fail(f"{RELEASE_MODEL}: no trained model; run `make train` (the release model is committed)")
+    return RELEASE_MODEL
+
+
+@pytest.fixture(scope="session")
+def model_root(release_model_dir, tmp_path_factory) -> Path:
+    """The release model packaged by `make archive`'s code into a temporary model root."""
+    from training.archive import build_archive
+
+    root = tmp_path_factory.mktemp("model_root")
+    build_archive(release_model_dir, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_root, tmp_path_factory):
+    """One real TorchServe on loopback for the session (tests that stop or kill it start their own)."""
+    from scripts.localserve import LocalTorchServe
+
+    server = LocalTorchServe(model_root, workdir=tmp_path_factory.mktemp("torchserve"))
+    server.start(timeout=240)
+    yield server
+    server.stop()

@@ -1,0 +1,133 @@
+"""The handler inside a real TorchServe on loopback, with real Fashion-MNIST images."""
+import base64
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from training.data import FASHION_MNIST_CLASSES
+from tests.conftest import encode
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PRED = "/predictions/returns-classifier"
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def test_raw_png_and_jpeg(torchserve, fmnist_test):
+    images, labels = fmnist_test
+    for fmt in ("PNG", "JPEG"):
+        r = requests.post(torchserve.inference_url + PRED, data=encode(images[1], fmt), timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["label"] == FASHION_MNIST_CLASSES[int(labels[1])]
+        assert 0 < body["confidence"] <= 1 and len(body["model_sha256"]) == 64
+
+
+def test_multipart_upload(torchserve, fmnist_png, fmnist_test):
+    _, labels = fmnist_test
+    r = requests.post(torchserve.inference_url + PRED, files={"data": ("x.png", fmnist_png(2), "image/png")}, timeout=30)
+    assert r.status_code == 200 and r.json()["class_id"] == int(labels[2])
+
+
+def test_64_image_json_request_in_order(torchserve, fmnist_png, fmnist_test):
+    _, labels = fmnist_test
+    body = {"instances": [{"b64": b64(fmnist_png(i))} for i in range(64)]}
+    r = requests.post(torchserve.inference_url + PRED, json=body, timeout=60)
+    preds = r.json()["predictions"]
+    assert r.status_code == 200 and len(preds) == 64
+    correct = sum(p["class_id"] == int(labels[i]) for i, p in enumerate(preds))
+    assert correct >= 56  # the release model is ~94% accurate
+
+
+def test_good_and_broken_images_in_one_request(torchserve, fmnist_png, fmnist_test):
+    _, labels = fmnist_test
+    photos = [fmnist_png(10), b"", b"GIF89a", fmnist_png(11)[:60], fmnist_png(12)]
+    body = {"instances": [b64(p) for p in photos] + ["@@not base64@@"]}
+    r = requests.post(torchserve.inference_url + PRED, json=body, timeout=30)
+    preds = r.json()["predictions"]
+    assert r.status_code == 200 and len(preds) == 6
+    assert preds[0]["class_id"] == int(labels[10]) and preds[4]["class_id"] == int(labels[12])
+    assert [p["error"]["code"] for p in preds[1:4]] == ["empty", "not_an_image", "corrupt"]
+    assert preds[5]["error"]["code"] == "bad_base64"
+
+
+def test_request_with_no_valid_photo_is_400(torchserve):
+    r = requests.post(torchserve.inference_url + PRED, data=b"\x00" * 64, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_an_image"
+    r = requests.post(torchserve.inference_url + PRED, data=b'{"instances": [', timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
+
+
+def test_concurrent_requests_are_batched_one_response_each(torchserve, fmnist_png, fmnist_test):
+    _, labels = fmnist_test
+    log = torchserve.log_dir / "model_metrics.log"
+    before = log.read_text() if log.exists() else ""
+
+    def one(i):
+        return i, requests.post(torchserve.inference_url + PRED, data=fmnist_png(100 + i), timeout=60)
+
+    for _ in range(3):  # TorchServe batches concurrent requests; try a few rounds to see it happen
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(16)))
+        assert all(r.status_code == 200 for _, r in results)
+        assert sum(r.json()["class_id"] == int(labels[100 + i]) for i, r in results) >= 13
+        new = log.read_text()[len(before):]
+        sizes = [float(v) for v in re.findall(r"ImagesPerBatch\.Count:([\d.]+)", new)]
+        if sizes and max(sizes) > 1:
+            break
+    assert sizes and max(sizes) > 1, f"no request was batched with another: {sizes}"
+
+
+def test_kserve_v1_path(torchserve, fmnist_png):
+    body = {"instances": [{"image": {"b64": b64(fmnist_png(i))}} for i in range(4)]}
+    r = requests.post(torchserve.inference_url + "/v1/models/returns-classifier:predict", json=body, timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+
+
+def test_custom_metrics_are_exported(torchserve, fmnist_png):
+    requests.post(torchserve.inference_url + PRED, data=fmnist_png(3), timeout=30)
+    text = requests.get(torchserve.metrics_url + "/metrics", timeout=30).text
+    for name in ("ImagesPerBatch", "AverageConfidence", "LowConfidencePerBatch", "RejectedImagesPerBatch",
+                 "DecodeTimeMs", "ForwardTimeMs", "ImagesTotal"):
+        assert re.search(rf'^{name}\{{ModelName="returns-classifier"', text, re.M), name
+
+
+def test_request_while_model_is_loading(model_root, tmp_path, fmnist_png):
+    from scripts.localserve import LocalTorchServe
+
+    server = LocalTorchServe(model_root, workdir=tmp_path)
+    try:
+        server.start(wait=False)
+        early = None
+        for _ in range(200):  # the first answer the frontend gives, before the worker is ready
+            try:
+                early = requests.post(server.inference_url + PRED, data=fmnist_png(0), timeout=30)
+                break
+            except requests.ConnectionError:
+                import time
+
+                time.sleep(0.05)
+        assert early is not None and early.status_code in (200, 404, 503), early.text
+        server.wait_ready(240)
+        r = requests.post(server.inference_url + PRED, data=fmnist_png(0), timeout=30)
+        assert r.status_code == 200 and "label" in r.json()
+    finally:
+        server.stop()
+    assert not server.worker_pids()
+
+
+@pytest.mark.gpu
+def test_gpu_classification(release_model_dir, fmnist_png):
+    from handler.core import Classifier
+
+    clf = Classifier(release_model_dir, device="cuda:0")
+    out = clf.classify([fmnist_png(i) for i in range(32)])
+    assert len(out) == 32 and all("label" in r for r in out)
+    assert clf.probabilities([torch.zeros(1, 28, 28, dtype=torch.uint8)]).device.type == "cpu"

@@ -1,0 +1,75 @@
+"""One preprocessing source: training's evaluation path and the handler see identical tensors."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from handler.core import Classifier
+from training.data import load_image_folder
+from training.preprocess import ImageError, PreprocessSpec, bytes_to_tensor, bytes_to_uint8, decode_image, normalize
+from tests.conftest import encode
+
+
+@pytest.fixture(scope="module")
+def classifier(release_model_dir):
+    return Classifier(release_model_dir, warmup=False)
+
+
+def test_png_through_handler_equals_training_tensor(classifier, fmnist_test):
+    images, _ = fmnist_test
+    spec = classifier.spec
+    training_batch = normalize(images[:50].unsqueeze(1), spec)  # how training/evaluation feeds the model
+    decoded = classifier.decode([encode(images[i]) for i in range(50)])
+    served = normalize(torch.stack(decoded.pixels), spec)
+    assert torch.equal(training_batch, served)
+
+
+def test_jpeg_through_handler_equals_image_folder_path(classifier, fmnist_test, tmp_path):
+    images, _ = fmnist_test
+    jpegs = [encode(images[i], "JPEG", quality=85) for i in range(6)]
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "test" / cls).mkdir(parents=True)
+    for i, data in enumerate(jpegs):
+        (tmp_path / "train" / ("a" if i % 2 else "b") / f"{i}.jpg").write_bytes(data)
+        (tmp_path / "test" / ("a" if i % 2 else "b") / f"{i}.jpg").write_bytes(data)
+    ds = load_image_folder(tmp_path, classifier.spec, val_size=1, seed=0)
+    served = {bytes(t.numpy()) for t in classifier.decode(jpegs).pixels}
+    assert {bytes(t.numpy()) for t in ds.test.images} == served
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "CMYK", "I;16", "1"])
+def test_every_pillow_mode_becomes_the_model_input(mode):
+    spec = PreprocessSpec()
+    img = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    t = bytes_to_tensor(buf.getvalue(), spec)
+    assert t.shape == (1, 28, 28) and t.dtype == torch.float32 and torch.isfinite(t).all()
+
+
+def test_aspect_ratio_is_kept_by_letterboxing():
+    spec = PreprocessSpec()
+    buf = io.BytesIO()
+    Image.new("L", (280, 140), 255).save(buf, "PNG")
+    t = bytes_to_uint8(buf.getvalue(), spec)[0]
+    assert t[14].min() == 255 and t[0].max() == 0 and t[-1].max() == 0  # white band, black bars
+
+
+@pytest.mark.parametrize("data,code", [(b"", "empty"), (b"\x00" * 100, "not_an_image"), (b"GIF89a\x01", "not_an_image")])
+def test_bad_bytes_get_a_code(data, code):
+    with pytest.raises(ImageError) as err:
+        decode_image(data)
+    assert err.value.code == code
+
+
+def test_truncated_png_and_bomb_are_refused(fmnist_png):
+    with pytest.raises(ImageError) as err:
+        decode_image(fmnist_png(0)[:-40])
+    assert err.value.code == "corrupt"
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")  # 25 MP of zeros compresses to ~25 kB
+    with pytest.raises(ImageError) as err:
+        decode_image(buf.getvalue(), max_pixels=1_000_000)
+    assert err.value.code == "too_large" and "5000x5000" in err.value.message

@@ -1,0 +1,42 @@
+"""A short real training run learns, writes a complete model folder, resumes, and stops on NaN."""
+import json
+
+import pytest
+
+from training.train import main as train_main
+
+pytestmark = pytest.mark.slow
+TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
+        "--batch-size", "64", "--tsne-samples", "100", "--no-progress"]
+
+
+def test_short_run_learns_and_writes_the_report(tmp_path):
+    out = tmp_path / "m"
+    assert train_main(TINY + ["--epochs", "2", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.5  # chance is 0.1
+    assert metrics["test_size"] == 10000
+    assert metrics["nll_after_calibration"] <= metrics["nll_before_calibration"] + 1e-6
+    for name in ("model.pt", "model.json", "train_config.json", "history.jsonl", "confusion_matrix.png",
+                 "reliability_diagram.png", "risk_coverage.png", "tsne_embeddings.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2
+    meta = json.loads((out / "model.json").read_text())
+    assert sum(meta["reference"]["class_distribution"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_resume_continues_after_the_last_checkpoint(tmp_path, caplog):
+    out = tmp_path / "m"
+    args = TINY + ["--epochs", "1", "--output", str(out), "--tsne-samples", "0"]
+    assert train_main(args) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="training"):
+        assert train_main(args) == 0
+    assert "resuming after epoch 1" in caplog.text
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_nan_loss_stops_with_a_clear_code(tmp_path, caplog):
+    code = train_main(TINY + ["--epochs", "1", "--lr", "1e12", "--output", str(tmp_path / "m")])
+    assert code == 3
+    assert "lower --lr" in caplog.text
