@@ -118,7 +118,11 @@ class LocalTorchServe:
             self.proc = subprocess.Popen(self._command(config), cwd=self.workdir, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()  # a failed start leaves no process behind
+                raise
         return self
 
     def model_status(self) -> list[dict[str, Any]] | None:
