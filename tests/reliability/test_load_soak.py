@@ -1,0 +1,65 @@
+"""A bounded soak on loopback: mixed single- and multi-photo requests at concurrency 32."""
+import base64
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SOAK_SECONDS = float(os.environ.get("RETURNS_SOAK_SECONDS", "45"))
+
+
+def rss_mb(pid):
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_soak_mixed_requests(torchserve, fmnist_png, capsys):
+    photos = [fmnist_png(i) for i in range(300)]
+    b64 = [base64.b64encode(p).decode() for p in photos]
+    url = torchserve.inference_url + "/predictions/returns-classifier"
+    workers_before = torchserve.worker_pids()
+    frontend = torchserve.frontend_pid
+    mem_before = {"frontend": rss_mb(frontend), "worker": rss_mb(workers_before[0])}
+    stop_at = time.monotonic() + SOAK_SECONDS
+    counts = {"requests": 0, "photos": 0, "2xx": 0, "4xx": 0, "5xx": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def client(seed):
+        rng = random.Random(seed)
+        session = requests.Session()
+        while time.monotonic() < stop_at:
+            if rng.random() < 0.5:
+                n, resp = 1, session.post(url, data=photos[rng.randrange(300)], timeout=60)
+            else:
+                n = rng.randint(2, 32)
+                body = {"instances": [b64[rng.randrange(300)] for _ in range(n)]}
+                resp = session.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"},
+                                    timeout=60)
+            with lock:
+                counts["requests"] += 1
+                counts["photos"] += n
+                counts[f"{resp.status_code // 100}xx"] = counts.get(f"{resp.status_code // 100}xx", 0) + 1
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        for f in [pool.submit(client, s) for s in range(32)]:
+            f.result()
+    elapsed = time.monotonic() - t0
+    workers_after = torchserve.worker_pids()
+    mem_after = {"frontend": rss_mb(frontend), "worker": rss_mb(workers_after[0])}
+    report = {"seconds": round(elapsed, 1), **counts, "requests_per_s": round(counts["requests"] / elapsed, 1),
+              "photos_per_s": round(counts["photos"] / elapsed, 1),
+              "rss_mb_before": {k: round(v) for k, v in mem_before.items()},
+              "rss_mb_after": {k: round(v) for k, v in mem_after.items()}}
+    with capsys.disabled():
+        print("\nsoak:", json.dumps(report))
+    assert counts["5xx"] == 0 and counts["4xx"] == 0
+    assert counts["requests"] > 100
+    assert workers_after == workers_before  # no worker restarted
+    assert mem_after["worker"] < mem_before["worker"] + 300 and mem_after["frontend"] < mem_before["frontend"] + 600
