@@ -1,0 +1,295 @@
+"""`make bench`: how close the served pipeline comes to the model's raw speed, side by side in one run.
+
+Measures on this machine, in this order: the raw forward pass on decoded tensors; the same with PNG
+decoding; `returns-submit` end to end against a local TorchServe on the real archive; a naive set-up
+(TorchServe batch size 1, one photo per HTTP request); single-photo latency; memory. Writes
+bench/results.json, bench/throughput.png and prints a table.
+
+    python -m scripts.bench --model-root dist/model            # full run (~10 minutes on 2 cores)
+    python -m scripts.bench --tiny --output /tmp/r.json        # a few seconds of each, to check it works
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from handler.core import Classifier, available_cpus
+from scripts.localserve import LocalTorchServe
+from training.archive import ServeConfig, build_archive
+from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
+from training.io import write_bytes, write_json
+
+PRED = "/predictions/returns-classifier"
+
+
+@dataclass
+class BenchConfig:
+    model_root: str = "dist/model"
+    model_dir: str = "models/release"  # for rebuilding the archive with other TorchServe batch settings
+    n: int = 10000  # photos in the served / raw runs
+    batch_size: int = 64  # photos per request sent by returns-submit
+    concurrency: int = 4  # requests in flight from returns-submit
+    naive_n: int = 2000
+    naive_concurrency: int = 4
+    latency_n: int = 300
+    sweep_n: int = 2000
+    sweep: bool = True
+    output: str = "bench/results.json"
+
+    @classmethod
+    def tiny(cls, output: str) -> "BenchConfig":
+        return cls(n=200, naive_n=100, latency_n=20, sweep=False, output=output)
+
+
+def write_inbox(folder: Path, n: int) -> list[bytes]:
+    """n Fashion-MNIST test images as PNG files (cycling past 10,000); returns their bytes (first 10,000)."""
+    from PIL import Image
+    import io
+
+    images, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for i in range(min(n, len(images))):
+        buf = io.BytesIO()
+        Image.fromarray(images[i].numpy()).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+        (folder / f"{i:06d}.png").write_bytes(pngs[-1])
+    for i in range(len(images), n):  # more photos than the test set: links to the same bytes
+        os.link(folder / f"{i % len(images):06d}.png", folder / f"{i:06d}.png")
+    return pngs
+
+
+def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int) -> dict[str, float]:
+    """Forward pass alone, and decode + forward, in-process with the worker's thread count."""
+    clf = Classifier(model_dir, threads=threads)
+    decoded = clf.decode(pngs).pixels
+    out = {}
+    for name, fn, items in (("raw_images_per_s", clf.probabilities, decoded),
+                            ("raw_decode_images_per_s", clf.classify, pngs)):
+        fn(items[:batch])  # warm
+        t0 = time.perf_counter()
+        for i in range(0, len(items), batch):
+            fn(items[i:i + batch])
+        out[name] = len(items) / (time.perf_counter() - t0)
+    return out
+
+
+def run_submitter(server: LocalTorchServe, inbox: Path, out: Path, batch: int, concurrency: int) -> dict[str, Any]:
+    """returns-submit as its own process; wall time, its peak RSS (from wait4) and its run metadata."""
+    cmd = [sys.executable, "-m", "scripts.submit", "--inbox", str(inbox), "--output", str(out), "--endpoint",
+           server.inference_url, "--batch-size", str(batch), "--concurrency", str(concurrency), "--run-id", "bench",
+           "--progress", "log", "--log-level", "WARNING"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"returns-submit exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+    meta = json.loads((out / "run_bench" / "run_metadata.json").read_text())
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "metadata": meta}
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    """Send each photo as its own request; returns photos/s and per-request latencies (ms)."""
+    local = threading.local()
+    latencies: list[float] = []
+
+    def send(data: bytes) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        t0 = time.perf_counter()
+        r = session.post(url, data=data, timeout=60)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        r.raise_for_status()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(send, pngs))
+    return len(pngs) / (time.perf_counter() - t0), latencies
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": round(q[49], 2), "p95": round(q[94], 2), "p99": round(q[98], 2)}
+
+
+def serve_with(model_dir: Path, root: Path, cfg: ServeConfig) -> Path:
+    build_archive(model_dir, root, cfg)
+    return root
+
+
+def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any]) -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    from importlib import metadata
+
+    return {"cpu": cpu, "cpus": available_cpus(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
+            "submit_concurrency": cfg.concurrency, "torchserve_batch": serve, "python": platform.python_version(),
+            "torch": torch.__version__, "torchserve": metadata.version("torchserve")}
+
+
+def plot(sweep: list[dict[str, Any]], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for ts_batch in sorted({s["torchserve_batch_size"] for s in sweep}):
+        rows = [s for s in sweep if s["torchserve_batch_size"] == ts_batch]
+        ax.plot([r["photos_per_request"] for r in rows], [r["images_per_s"] for r in rows], "o-",
+                label=f"TorchServe batch size {ts_batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("photos per request (returns-submit --batch-size)")
+    ax.set_ylabel("photos / s, end to end")
+    ax.set_title("Served throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    model_root = Path(cfg.model_root)
+    serve_cfg = json.loads((model_root / "artifact_manifest.json").read_text())["serve_config"]
+    threads = max(1, available_cpus() // serve_cfg["workers"])
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = Path(tmp)
+        pngs = write_inbox(tmp / "inbox", cfg.n)
+        write_inbox(tmp / "inbox4", 4 * cfg.n)
+        extracted = tmp / "extracted"
+        with zipfile.ZipFile(model_root / "model-store" / "returns-classifier.mar") as z:
+            z.extractall(extracted)
+        forward_batch = cfg.batch_size * cfg.concurrency  # the largest forward the served path runs
+        raw = raw_rates(extracted, pngs, forward_batch, threads)
+        torch.set_num_threads(available_cpus())
+
+        with LocalTorchServe(model_root, workdir=tmp / "ts") as server:
+            served = run_submitter(server, tmp / "inbox", tmp / "out1", cfg.batch_size, cfg.concurrency)
+            served4 = run_submitter(server, tmp / "inbox4", tmp / "out4", cfg.batch_size, cfg.concurrency)
+            lat = {}
+            for conc in (1, 8):
+                _, ms = one_photo_per_request(server.inference_url + PRED, pngs[:cfg.latency_n], conc)
+                lat[f"concurrency_{conc}"] = percentiles(ms)
+            worker_rss = peak_rss_mb(server.worker_pids()[0])
+            frontend_rss = peak_rss_mb(server.frontend_pid)
+
+        naive_root = serve_with(Path(cfg.model_dir) if (Path(cfg.model_dir) / "model.pt").exists() else extracted,
+                                tmp / "naive_root", ServeConfig(batch_size=1, max_batch_delay_ms=0))
+        with LocalTorchServe(naive_root, workdir=tmp / "ts_naive") as server:
+            naive_rate, _ = one_photo_per_request(server.inference_url + PRED, pngs[:cfg.naive_n],
+                                                  cfg.naive_concurrency)
+
+        sweep = []
+        if cfg.sweep:
+            for ts_batch in (1, 8):
+                root = serve_with(Path(cfg.model_dir), tmp / f"sweep_{ts_batch}",
+                                  ServeConfig(batch_size=ts_batch, max_batch_delay_ms=serve_cfg["max_batch_delay_ms"]))
+                write_inbox(tmp / "sweep_inbox", cfg.sweep_n) if not (tmp / "sweep_inbox").exists() else None
+                with LocalTorchServe(root, workdir=tmp / f"ts_sweep_{ts_batch}") as server:
+                    for per_request in (1, 8, 32, 64, 128):
+                        r = run_submitter(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
+                                          per_request, cfg.concurrency)
+                        sweep.append({"torchserve_batch_size": ts_batch, "photos_per_request": per_request,
+                                      "images_per_s": round(cfg.sweep_n / r["wall_s"], 1)})
+
+    served_rate = cfg.n / served["wall_s"]
+    results = {
+        "n": cfg.n,
+        "raw_images_per_s": round(raw["raw_images_per_s"], 1),
+        "raw_decode_images_per_s": round(raw["raw_decode_images_per_s"], 1),
+        "served_images_per_s": round(served_rate, 1),
+        "naive_images_per_s": round(naive_rate, 1),
+        "latency_ms": lat,
+        "peak_rss_mb": {"torchserve_worker": round(worker_rss, 1), "torchserve_frontend": round(frontend_rss, 1),
+                        "submitter_n": round(served["peak_rss_mb"], 1),
+                        "submitter_4n": round(served4["peak_rss_mb"], 1)},
+        "served_over_raw": round(served_rate / raw["raw_images_per_s"], 3),
+        "served_over_raw_decode": round(served_rate / raw["raw_decode_images_per_s"], 3),
+        "served_over_naive": round(served_rate / naive_rate, 2),
+        "submitter_reported_images_per_s": served["metadata"].get("images_per_second"),
+        "sweep": sweep,
+        "environment": environment(threads, cfg, {k: serve_cfg[k] for k in ("batch_size", "max_batch_delay_ms",
+                                                                          "workers")}),
+        "config": asdict(cfg),
+    }
+    out = Path(cfg.output)
+    write_json(out, results)
+    if sweep:
+        plot(sweep, out.with_name("throughput.png"))
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [("raw forward (decoded tensors)", f"{r['raw_images_per_s']:.0f} photos/s"),
+            ("raw decode + forward", f"{r['raw_decode_images_per_s']:.0f} photos/s"),
+            ("served: returns-submit -> TorchServe", f"{r['served_images_per_s']:.0f} photos/s"),
+            ("naive: batch 1, one photo per request", f"{r['naive_images_per_s']:.0f} photos/s"),
+            ("served / raw", f"{r['served_over_raw']:.2f}"),
+            ("served / raw+decode", f"{r['served_over_raw_decode']:.2f}"),
+            ("served / naive", f"{r['served_over_naive']:.1f}x"),
+            ("latency c=1 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**r["latency_ms"]["concurrency_1"])),
+            ("latency c=8 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**r["latency_ms"]["concurrency_8"])),
+            ("peak RSS worker / frontend", "{torchserve_worker:.0f} / {torchserve_frontend:.0f} MB".format(
+                **r["peak_rss_mb"])),
+            ("peak RSS submitter N / 4N", "{submitter_n:.0f} / {submitter_4n:.0f} MB".format(**r["peak_rss_mb"]))]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description="Benchmark served vs raw vs naive throughput, latency and memory.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-root", default=d.model_root)
+    p.add_argument("--model-dir", default=d.model_dir, help="trained model, to build archives with other batch settings")
+    p.add_argument("--n", type=int, default=d.n, help="photos in the served and raw runs")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="photos per request from returns-submit")
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the throughput sweep and its plot")
+    p.add_argument("--tiny", action="store_true", help="a few photos of each, to check that the benchmark works")
+    p.add_argument("--output", default=d.output)
+    args = p.parse_args(argv)
+    if args.tiny:
+        cfg = BenchConfig.tiny(args.output)
+        cfg.model_root, cfg.model_dir = args.model_root, args.model_dir
+    else:
+        cfg = BenchConfig(model_root=args.model_root, model_dir=args.model_dir, n=args.n, batch_size=args.batch_size,
+                          concurrency=args.concurrency, sweep=args.sweep, output=args.output)
+    results = run(cfg)
+    print(table(results))
+    print(f"\nwritten: {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""`make bench` works: a tiny run writes well-formed results (speed itself is not a test)."""
+import json
+import math
+
+import pytest
+
+from scripts.bench import main as bench_main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert bench_main(["--tiny", "--model-root", str(model_root), "--model-dir", str(release_model_dir),
+                       "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("raw_images_per_s", "raw_decode_images_per_s", "served_images_per_s", "naive_images_per_s",
+                "served_over_raw", "served_over_raw_decode", "served_over_naive"):
+        assert isinstance(r[key], (int, float)) and r[key] > 0 and math.isfinite(r[key]), key
+    assert r["served_over_raw"] == pytest.approx(r["served_images_per_s"] / r["raw_images_per_s"], rel=0.01)
+    for conc in ("concurrency_1", "concurrency_8"):
+        lat = r["latency_ms"][conc]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert all(v > 0 for v in r["peak_rss_mb"].values())
+    assert r["environment"]["cpus"] >= 1 and r["environment"]["torchserve"] == "0.12.0"
+    assert "served: returns-submit" in capsys.readouterr().out
