@@ -236,7 +236,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "served_over_raw": round(served_rate / raw["raw_images_per_s"], 3),
         "served_over_raw_decode": round(served_rate / raw["raw_decode_images_per_s"], 3),
         "served_over_naive": round(served_rate / naive_rate, 2),
-        "submitter_reported_images_per_s": served["metadata"].get("images_per_second"),
+        "submitter_reported_images_per_s": served["metadata"].get("throughput", {}).get("images_per_second"),
         "sweep": sweep,
         "environment": environment(threads, cfg, {k: serve_cfg[k] for k in ("batch_size", "max_batch_delay_ms",
                                                                           "workers")}),

@@ -63,9 +63,9 @@ def summarise(run_dir: Path, truth: dict[str, str]) -> dict:
         "review_rate": round(1 - len(accepted) / max(len(known), 1), 4),
         "auto_accepted_accuracy": round(sum(p["label"] == truth[p["path"]] for p in accepted) / max(len(accepted), 1), 4),
         "top_labels": Counter(p["label"] for p in preds).most_common(4),
-        "images_per_second": meta.get("images_per_second"),
+        "images_per_second": (meta.get("throughput") or {}).get("images_per_second"),
         "model_sha256": (meta.get("model") or {}).get("sha256"),
-        "drift": (meta.get("drift") or {}).get("flagged"),
+        "drift": (meta.get("drift") or {}).get("drift"),
     }
 
 
