@@ -91,26 +91,37 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int) -> d
 
 
 def run_submitter(server: LocalTorchServe, inbox: Path, out: Path, batch: int, concurrency: int) -> dict[str, Any]:
-    """returns-submit as its own process; wall time, its peak RSS (from wait4) and its run metadata."""
+    """returns-submit as its own process: wall time, its peak RSS and its run metadata."""
     cmd = [sys.executable, "-m", "scripts.submit", "--inbox", str(inbox), "--output", str(out), "--endpoint",
            server.inference_url, "--batch-size", str(batch), "--concurrency", str(concurrency), "--run-id", "bench",
            "--progress", "log", "--log-level", "WARNING"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    # VmHWM belongs to the exec'd program's own address space; wait4's ru_maxrss would also count
+    # the pages this (torch-loaded) process had when it forked the child.
+    peak = 0.0
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            peak = max(peak, peak_rss_mb(proc.pid))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(5)
     if proc.returncode != 0:
-        raise RuntimeError(f"returns-submit exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"returns-submit exited {proc.returncode}: {b''.join(stderr).decode()[-2000:]}")
     meta = json.loads((out / "run_bench" / "run_metadata.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "metadata": meta}
+    return {"wall_s": wall, "peak_rss_mb": peak, "metadata": meta}
 
 
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    raise ValueError(f"no VmHWM for process {pid} (exited?)")
 
 
 def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int) -> tuple[float, list[float]]:

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from scripts.verify_archive import ArchiveRefused, verify
-from training.archive import mar_file_hashes, sha256_file
+from scripts.verify_archive import sha256_file
+from training.archive import mar_file_hashes
 from training.artifact import content_digest, tree_hashes
 
 

@@ -27,6 +27,7 @@ import yaml
 
 import handler
 import training
+from scripts.verify_archive import sha256_file
 from training.artifact import META_FILE, WEIGHTS_FILE, content_digest, read_meta
 from training.io import write_json, write_text
 
@@ -106,14 +107,6 @@ def config_properties(cfg: ServeConfig, model_name: str = MODEL_NAME, version: s
         "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
     }
     return "# Written by training/archive.py; see docs/interfaces.md\n" + "".join(f"{k}={v}\n" for k, v in lines.items())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mar_file_hashes(mar: Path) -> dict[str, str]:
