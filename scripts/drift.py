@@ -1,0 +1,183 @@
+"""Drift of a night's predictions against the release model's validation reference.
+
+Two signals: the class mix and the confidence histogram. For each, the population
+stability index (PSI) is reported, but the flag comes from a chi-square test of
+homogeneity (night vs reference counts), which accounts for the run's size: with 100
+photos and no drift at all, class-mix PSI already averages about (K-1)/n = 0.09, so a
+fixed PSI level (0.1, 0.25) would flag small nights by chance and miss drift in big ones.
+`psi_critical` is the PSI the same test would tolerate, for readers used to PSI.
+Stdlib only (the submitter image has no numpy/scipy).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+MIN_PHOTOS = 20  # below this the run is too small to say anything
+MIN_EXPECTED = 5.0  # sparse bins are merged until each expects this many photos
+
+
+def load_reference(path: Path | None) -> dict | None:
+    """The `reference` object of an artifact_manifest.json or model.json (or a folder
+    holding one of them); None without a path."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = next((p for p in (path / "artifact_manifest.json", path / "model.json") if p.exists()), path)
+    doc = json.loads(path.read_text())
+    ref = doc.get("reference", doc)
+    if "class_distribution" not in ref:
+        raise ValueError(f"{path} has no reference.class_distribution")
+    ref["_source"] = str(path)
+    ref["_archive_content_sha256"] = doc.get("archive_content_sha256")
+    ref["_mar_sha256"] = doc.get("mar_sha256")
+    return ref
+
+
+def bin_index(x: float, edges: Sequence[float]) -> int:
+    """Bin of x for histogram `edges` (right edge of the last bin included, outliers clipped)."""
+    i = bisect.bisect_right(edges, x) - 1
+    return min(max(i, 0), len(edges) - 2)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df/2, x/2)."""
+    if x <= 0:
+        return 1.0
+    return _gamma_q(df / 2.0, x / 2.0)
+
+
+def chi2_isf(p: float, df: int) -> float:
+    """The x with chi2_sf(x, df) = p (bisection; monotone)."""
+    lo, hi = 0.0, max(1.0, df)
+    while chi2_sf(hi, df) > p:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_sf(mid, df) > p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _gamma_q(a: float, x: float) -> float:
+    # Series for P when x < a + 1, continued fraction (Lentz) for Q otherwise.
+    log_pre = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(1000):
+            ap += 1
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_pre))
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_pre) * h)
+
+
+def psi(observed: Sequence[float], reference: Sequence[float]) -> float:
+    """Population stability index between two count vectors (half a count added to each
+    bin so an empty bin does not make it infinite)."""
+    k = len(observed)
+    n_o, n_r = sum(observed) + 0.5 * k, sum(reference) + 0.5 * k
+    total = 0.0
+    for o, r in zip(observed, reference, strict=True):
+        po, pr = (o + 0.5) / n_o, (r + 0.5) / n_r
+        total += (po - pr) * math.log(po / pr)
+    return total
+
+
+def _merge_sparse(observed: list[float], reference: list[float]) -> tuple[list[float], list[float]]:
+    """Merge adjacent bins until each expects MIN_EXPECTED photos of the night (chi-square's
+    approximation needs it); a sparse tail joins the last merged bin."""
+    n, n_ref = sum(observed), sum(reference)
+    out_o, out_r, acc_o, acc_r = [], [], 0.0, 0.0
+    for o, r in zip(observed, reference, strict=True):
+        acc_o, acc_r = acc_o + o, acc_r + r
+        if n_ref and n * acc_r / n_ref >= MIN_EXPECTED:
+            out_o.append(acc_o)
+            out_r.append(acc_r)
+            acc_o = acc_r = 0.0
+    if acc_o or acc_r:
+        if out_o:
+            out_o[-1] += acc_o
+            out_r[-1] += acc_r
+        else:
+            out_o, out_r = [acc_o], [acc_r]
+    return out_o, out_r
+
+
+def compare(observed: Sequence[float], reference: Sequence[float], alpha: float) -> dict:
+    """PSI plus a chi-square test of homogeneity (2 x K contingency table) of two count vectors."""
+    observed, reference = [float(x) for x in observed], [float(x) for x in reference]
+    n, n_ref = sum(observed), sum(reference)
+    out = {"n": int(n), "n_reference": round(n_ref), "psi": round(psi(observed, reference), 6)}
+    if n < MIN_PHOTOS or n_ref <= 0:
+        return {**out, "drift": None, "reason": f"fewer than {MIN_PHOTOS} photos"}
+    obs, ref = _merge_sparse(observed, reference)
+    cols = [(o, r) for o, r in zip(obs, ref, strict=True) if o + r > 0]
+    df = len(cols) - 1
+    if df < 1:
+        return {**out, "drift": None, "reason": "a single bin after merging sparse bins"}
+    grand = n + n_ref
+    chi2 = 0.0
+    for o, r in cols:
+        col = o + r
+        for count, row_total in ((o, n), (r, n_ref)):
+            expected = row_total * col / grand
+            chi2 += (count - expected) ** 2 / expected
+    p_value = chi2_sf(chi2, df)
+    scale = 1.0 / n + 1.0 / n_ref  # PSI ~ chi2 * scale under no drift
+    return {
+        **out,
+        "chi2": round(chi2, 4), "df": df, "p_value": p_value,
+        "psi_expected_no_drift": round(df * scale, 6),
+        "psi_critical": round(chi2_isf(alpha, df) * scale, 6),
+        "alpha": alpha,
+        "drift": p_value < alpha,
+    }
+
+
+def summarize(reference: dict | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
+              alpha: float) -> dict:
+    """The run_metadata `drift` object: per signal PSI, test and decision."""
+    if reference is None:
+        return {"available": False, "reason": "no --reference given (artifact_manifest.json or model.json)"}
+    dist = reference["class_distribution"]
+    n_ref = float(reference.get("n") or 0) or 1000.0
+    expected = [p * n_ref for p in dist]
+    observed = [class_counts.get(i, 0) for i in range(len(dist))]
+    unknown = sum(c for i, c in class_counts.items() if not 0 <= i < len(dist))
+    signals = {"class_mix": compare(observed, expected, alpha)}
+    if unknown:
+        signals["class_mix"]["unknown_class_ids"] = unknown
+    hist = reference.get("confidence_histogram")
+    if hist and confidence_counts is not None:
+        signals["confidence"] = compare(confidence_counts, hist["counts"], alpha)
+    flags = [s["drift"] for s in signals.values() if s.get("drift") is not None]
+    return {
+        "available": True,
+        "reference": reference.get("_source"),
+        "method": "chi-square test of homogeneity vs the reference counts; PSI reported alongside",
+        "signals": signals,
+        "drift": any(flags) if flags else None,
+    }

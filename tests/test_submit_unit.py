@@ -1,0 +1,646 @@
+"""Unit tests of the nightly submitter against a small fake inference server
+(tests/submit_fixtures.py); the real TorchServe runs in test_submit_integration.py."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.submit_fixtures import (
+        REPO,
+        FakeInferenceServer,
+        fake_reference,
+        read_csv,
+        read_jsonl,
+        recorded_paths,
+        run_submit,
+        submit_cmd,
+        write_photos,
+    )
+except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
+    from submit_fixtures import (
+        REPO,
+        FakeInferenceServer,
+        fake_reference,
+        read_csv,
+        read_jsonl,
+        recorded_paths,
+        run_submit,
+        submit_cmd,
+        write_photos,
+    )
+
+from scripts import drift
+from scripts.client import BatchFailed, InferenceClient
+from scripts.inbox import Entry, Photo, Unreadable, read, shard_of, walk
+from scripts.journal import DoneSet, Journal, OutputLock, read_records
+from scripts.mover import complete_move, move, plan, safe_component
+from scripts.submit import get_args_parser, main
+from scripts.submit_errors import LockHeld, ProtocolError, RequestRejected
+
+
+@pytest.fixture
+def server():
+    with FakeInferenceServer() as s:
+        yield s
+
+
+def args(inbox: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return ["--inbox", str(inbox), "--output", str(out), "--endpoint", url, "--progress", "log",
+            "--backoff", "0.01", "--backoff-max", "0.05", "--connect-deadline", "2", *extra]
+
+
+# ---- the inbox ----------------------------------------------------------------------------
+
+def test_walk_is_sorted_recursive_and_never_follows_symlinks(tmp_path):
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    write_photos(inbox / "b", 2)
+    write_photos(inbox / "a", 1)
+    write_photos(outside, 1)
+    (inbox / "Z.JPG").write_bytes(b"x")
+    (inbox / "notes.txt").write_text("x")
+    (inbox / ".partial.png").write_bytes(b"x")
+    (inbox / "link.png").symlink_to(outside / "item_00000.png")
+    (inbox / "linkdir").symlink_to(outside, target_is_directory=True)
+    skipped = Counter()
+    entries = list(walk(inbox, skipped))
+    assert [e.rel for e in entries] == ["Z.JPG", "a/item_00000.png", "b/item_00000.png",
+                                        "b/item_00001.png", "link.png"]
+    assert [e.is_symlink for e in entries][-1] is True
+    assert skipped == Counter(non_image=1, hidden=1, symlink=1)
+    got = read(entries[-1], 1 << 20)
+    assert isinstance(got, Unreadable) and got.code == "symlink"
+
+
+def test_walk_skips_an_output_folder_inside_the_inbox(tmp_path):
+    write_photos(tmp_path / "in", 2)
+    write_photos(tmp_path / "in" / "results" / "archive", 2)
+    rels = [e.rel for e in walk(tmp_path / "in", Counter(), exclude=(tmp_path / "in" / "results",))]
+    assert rels == ["item_00000.png", "item_00001.png"]
+
+
+def test_read_rejects_empty_large_special_and_vanished_files(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"0" * 100)
+    os.mkfifo(tmp_path / "fifo.png")
+    codes = {name: read(Entry(tmp_path, name), max_bytes=50)
+             for name in ("empty.png", "big.png", "fifo.png", "gone.png")}
+    assert {k: v.code for k, v in codes.items()} == {
+        "empty.png": "empty", "big.png": "too_large", "fifo.png": "not_a_file", "gone.png": "vanished"}
+    ok = read(Entry(tmp_path, "big.png"), max_bytes=1000)
+    assert isinstance(ok, Photo) and len(ok.sha256) == 64
+
+
+def test_a_folder_swapped_for_a_symlink_after_the_listing_is_not_followed(tmp_path):
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    write_photos(inbox / "sub", 1)
+    write_photos(outside, 1)
+    entry = next(walk(inbox, Counter()))
+    assert entry.rel == "sub/item_00000.png"
+    shutil.rmtree(inbox / "sub")
+    (inbox / "sub").symlink_to(outside, target_is_directory=True)  # swapped during the run
+    got = read(entry, 1 << 20)
+    assert isinstance(got, Unreadable) and got.code == "symlink"
+    assert not move(inbox, entry.rel, tmp_path / "archive" / "x.png")
+    assert (outside / "item_00000.png").exists() and not (tmp_path / "archive" / "x.png").exists()
+
+
+def test_shards_are_disjoint_cover_and_stable():
+    rels = [f"d{i % 7}/photo {i}.png" for i in range(2000)] + ["ünïcödé/名前.jpg"]
+    for n in (1, 2, 3, 5):
+        shards = [{r for r in rels if shard_of(r, n) == i} for i in range(n)]
+        assert set().union(*shards) == set(rels)
+        assert sum(map(len, shards)) == len(rels)
+        if n > 1:
+            assert min(map(len, shards)) > len(rels) / n * 0.8  # roughly balanced
+    assert shard_of("a/b.png", 4) == shard_of("a/b.png", 4)
+
+
+# ---- journal, lock, moves ------------------------------------------------------------------
+
+def test_journal_cuts_a_torn_last_line_and_knows_what_is_done(tmp_path):
+    j = Journal(tmp_path, 0, 1)
+    j.open()
+    j.append([{"path": "a.png"}, {"path": "b.png"}], [{"path": "c.png", "code": "empty"}])
+    j.close()
+    with open(j.predictions_path, "ab") as f:
+        f.write(b'{"path": "d.pn')  # killed mid-line
+    done = Journal(tmp_path, 0, 1).open()
+    assert len(done) == 3 and "a.png" in done and "c.png" in done and "d.png" not in done
+    assert j.predictions_path.read_bytes().endswith(b"}\n")
+    assert [r["path"] for r in read_records(j.predictions_path)] == ["a.png", "b.png"]
+
+
+def test_doneset_membership():
+    d = DoneSet([])
+    assert "x" not in d and len(d) == 0
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    with OutputLock(tmp_path, "shard-0-of-1", {"run_id": "first"}):
+        with pytest.raises(LockHeld, match="first"):
+            OutputLock(tmp_path, "shard-0-of-1", {"run_id": "second"}).acquire()
+        OutputLock(tmp_path, "shard-1-of-2", {"run_id": "other-shard"}).acquire().release()
+    OutputLock(tmp_path, "shard-0-of-1", {"run_id": "third"}).acquire().release()
+
+
+def test_moves_never_overwrite_and_finish_after_a_kill(tmp_path):
+    root = tmp_path / "archive"
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "a.png").write_bytes(b"old")
+    taken: set[str] = set()
+    assert plan(root, "x/a.png", taken) == "x/a~1.png"
+    assert plan(root, "x/a.png", taken) == "x/a~2.png"
+    src = tmp_path / "a.png"
+    src.write_bytes(b"new")
+    assert move(tmp_path, "a.png", root / "x/a~1.png") and not src.exists()
+    assert (root / "x" / "a.png").read_bytes() == b"old"
+    # killed after the link but before the unlink: both names exist
+    src.write_bytes(b"new")
+    os.link(src, root / "x/b.png")
+    import hashlib
+    assert complete_move(tmp_path, "a.png", root / "x/b.png", hashlib.sha256(b"new").hexdigest())
+    assert not src.exists()
+    # a new upload with the recorded name but other content stays in the inbox
+    src.write_bytes(b"another photo")
+    assert not complete_move(tmp_path, "a.png", root / "x/c.png", hashlib.sha256(b"new").hexdigest())
+    assert src.exists()
+    assert safe_component("T-shirt/top") == "T-shirt_top" and safe_component("..") == "_"
+
+
+# ---- drift ---------------------------------------------------------------------------------
+
+def test_chi_square_survival_function_matches_tables():
+    assert drift.chi2_sf(3.841459, 1) == pytest.approx(0.05, abs=1e-6)
+    assert drift.chi2_sf(21.665994, 9) == pytest.approx(0.01, abs=1e-6)
+    assert drift.chi2_isf(0.05, 9) == pytest.approx(16.918978, abs=1e-4)
+
+
+def test_drift_flag_accounts_for_run_size():
+    rng = random.Random(0)
+    ref = [500.0] * 10
+    psis, flags = [], 0
+    for _ in range(200):  # no drift, 100 photos: PSI ~0.09, yet (almost) never flagged
+        counts = Counter(rng.randrange(10) for _ in range(100))
+        out = drift.compare([counts[i] for i in range(10)], ref, alpha=0.01)
+        psis.append(out["psi"])
+        flags += out["drift"]
+    assert 0.06 < sum(psis) / len(psis) < 0.12
+    assert flags <= 6
+    shifted = [30, 30, 5, 5, 5, 5, 5, 5, 5, 5]  # real drift, same size
+    assert drift.compare(shifted, ref, alpha=0.01)["drift"] is True
+    assert drift.compare([1, 2, 3], [10, 10, 10], alpha=0.01)["drift"] is None  # too few photos
+
+
+# ---- the HTTP client ------------------------------------------------------------------------
+
+def photo_bytes(tmp_path, n):
+    return [p.read_bytes() for p in write_photos(tmp_path, n)]
+
+
+def test_client_retries_5xx_and_404_then_succeeds(tmp_path):
+    with FakeInferenceServer(fail_first=[503, 404, 500]) as s:
+        c = InferenceClient(s.url, "returns-classifier", retries=4, backoff=0.01, backoff_max=0.02)
+        ans = c.predict(photo_bytes(tmp_path, 3))
+    assert ans.attempts == 4 and len(ans.predictions) == 3 and s.requests == 4
+
+
+def test_client_gives_up_after_the_retries(tmp_path):
+    with FakeInferenceServer(fail_first=[503] * 10) as s:
+        c = InferenceClient(s.url, "returns-classifier", retries=2, backoff=0.01, backoff_max=0.02)
+        with pytest.raises(BatchFailed) as e:
+            c.predict(photo_bytes(tmp_path, 1))
+    assert e.value.server_error and e.value.attempts == 3 and s.requests == 3
+
+
+def test_client_treats_400_with_predictions_as_an_answer_and_400_error_as_fatal(tmp_path):
+    with FakeInferenceServer(max_instances=2) as s:
+        c = InferenceClient(s.url, "returns-classifier", api="v1", retries=0)
+        ans = c.predict([b"not an image", b"nor this"])
+        assert [p["error"]["code"] for p in ans.predictions] == ["not_an_image"] * 2
+        with pytest.raises(RequestRejected) as e:
+            c.predict([b"a", b"b", b"c"])
+        assert e.value.exit_code == 2 and "too_many_instances" in str(e.value)
+
+
+def test_client_rejects_an_answer_of_the_wrong_length(tmp_path):
+    with FakeInferenceServer(wrong_length=True) as s:
+        c = InferenceClient(s.url, "returns-classifier", retries=0)
+        with pytest.raises(ProtocolError, match="2 predictions for 3 photos"):
+            c.predict(photo_bytes(tmp_path, 3))
+
+
+def test_client_rereads_a_rotated_token_on_401(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("old\n")
+    with FakeInferenceServer(token="new") as s:
+        c = InferenceClient(s.url, "returns-classifier", retries=2, backoff=0.01, token_file=token)
+        token.write_text("new\n")
+        assert len(c.predict(photo_bytes(tmp_path, 1)).predictions) == 1
+
+
+# ---- whole runs (in process) -----------------------------------------------------------------
+
+def make_inbox(root: Path, n: int = 60) -> Path:
+    inbox = root / "inbox"
+    write_photos(inbox / "day1", n // 2)
+    write_photos(inbox / "day 2 ünï", n - n // 2, start=500)
+    (inbox / "broken.png").write_bytes(b"this is not a png")
+    (inbox / "empty.jpg").write_bytes(b"")
+    (inbox / "readme.txt").write_text("not a photo")
+    return inbox
+
+
+def test_a_run_records_every_photo_once_and_the_files_agree(tmp_path, server):
+    inbox = make_inbox(tmp_path)
+    out = tmp_path / "out"
+    ref = tmp_path / "artifact_manifest.json"
+    ref.write_text(json.dumps(fake_reference()))
+    images = sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.suffix in (".png", ".jpg"))
+    code = main(args(inbox, out, server.url, "--run-id", "n1", "--batch-size", "7", "--concurrency", "3",
+                     "--max-error-rate", "0.1", "--reference", str(ref)))
+    assert code == 0
+    run = out / "run_n1"
+    preds, rejs = read_jsonl(run / "predictions.jsonl"), read_jsonl(run / "rejected.jsonl")
+    assert sorted(r["path"] for r in preds + rejs) == images  # exactly once, relative paths
+    assert {r["path"]: r["code"] for r in rejs} == {"broken.png": "not_an_image", "empty.jpg": "empty"}
+    assert all((out / r["quarantined_to"]).exists() for r in rejs)
+    assert not (inbox / "broken.png").exists()  # quarantined, never silently dropped
+    rows = read_csv(run / "predictions.csv")
+    assert [(r["path"], r["sha256"], r["label"], float(r["confidence"])) for r in rows] == \
+        [(r["path"], r["sha256"], r["label"], r["confidence"]) for r in preds]
+    review = read_jsonl(run / "review_queue.jsonl")
+    assert [r["path"] for r in review] == [r["path"] for r in preds if r["needs_review"]]
+    meta = json.loads((run / "run_metadata.json").read_text())
+    c = meta["counts"]
+    assert (c["seen"], c["classified"], c["rejected"], c["skipped_non_image"]) == (62, 60, 2, 1)
+    assert c["needs_review"] == len(review)
+    assert sum(meta["class_distribution"].values()) == 60
+    assert meta["model"]["sha256"] == server.sha and meta["model"]["matches_reference"] is True
+    assert meta["latency_ms"]["requests"] == 9 and meta["latency_ms"]["p50"] is not None
+    assert meta["drift"]["available"] and meta["drift"]["signals"]["class_mix"]["drift"] is False
+    assert meta["config"]["batch_size"] == 7 and meta["status"] == "complete"
+    assert (run / "_SUCCESS").exists() and (out / "LATEST").read_text().strip() == "run_n1"
+    assert all(set(r) >= {"sha256", "label", "class_id", "confidence", "needs_review", "top_k",
+                          "model_name", "model_version", "model_sha256", "shard", "timestamp"} for r in preds)
+
+
+def test_requests_in_flight_never_exceed_concurrency(tmp_path):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 40)
+    active, peak, lock = [0], [0], threading.Lock()
+    with FakeInferenceServer(delay_s=0.05) as s:
+        original = s.answer
+
+        def counting(*a):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                return original(*a)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        s.answer = counting
+        assert main(args(inbox, tmp_path / "out", s.url, "--run-id", "c", "--batch-size", "2",
+                         "--concurrency", "3")) == 0
+    assert peak[0] == 3
+
+
+def test_rerunning_the_same_run_id_resumes_without_duplicates(tmp_path, server):
+    inbox = make_inbox(tmp_path, 40)
+    out = tmp_path / "out"
+    common = args(inbox, out, server.url, "--run-id", "r", "--batch-size", "5", "--max-error-rate", "1")
+    assert main(common) == 0
+    run = out / "run_r"
+    lines = (run / "predictions.jsonl").read_text().splitlines(keepends=True)
+    # as if killed after 3 batches, mid-line
+    (run / "predictions.jsonl").write_text("".join(lines[:15]) + lines[15][:20])
+    (run / "_SUCCESS").unlink()
+    before = server.photos_seen
+    assert main(common) == 0
+    assert server.photos_seen - before == 40 - 15
+    paths = recorded_paths(run)
+    assert len(paths) == len(set(paths)) == 42
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["invocations"] == 2 and meta["counts"]["resumed_skipped"] == 15
+    assert len(read_csv(run / "predictions.csv")) == 40
+
+
+def test_after_move_archives_only_recorded_photos(tmp_path, server):
+    inbox = make_inbox(tmp_path, 20)
+    out = tmp_path / "out"
+    assert main(args(inbox, out, server.url, "--run-id", "m", "--after", "move", "--max-error-rate", "1")) == 0
+    preds = read_jsonl(out / "run_m" / "predictions.jsonl")
+    assert sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file()) == ["readme.txt"]
+    for r in preds:
+        dest = out / "archive" / r["archived_to"]
+        assert dest.exists() and r["archived_to"].split("/")[1] == safe_component(r["label"])
+        assert r["archived_to"].endswith(r["path"])
+
+
+def test_after_move_finishes_moves_interrupted_by_a_kill(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 6)
+    out = tmp_path / "out"
+    common = args(inbox, out, server.url, "--run-id", "k", "--after", "move")
+    assert main(common) == 0
+    preds = read_jsonl(out / "run_k" / "predictions.jsonl")
+    victim = preds[0]
+    os.replace(out / "archive" / victim["archived_to"], inbox / victim["path"])  # record written, move not
+    (out / "run_k" / "_SUCCESS").unlink()
+    assert main(common) == 0
+    assert not any(p.exists() for p in photos) and (out / "archive" / victim["archived_to"]).exists()
+    assert len(read_jsonl(out / "run_k" / "predictions.jsonl")) == 6
+
+
+def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 8)
+    (inbox / "poison.png").write_bytes(b"\x89PNG-POISON")
+    with FakeInferenceServer(poison=b"POISON") as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "p", "--batch-size", "9",
+                         "--retries", "1", "--max-error-rate", "0.2"))
+    assert code == 0
+    rejs = read_jsonl(tmp_path / "out" / "run_p" / "rejected.jsonl")
+    assert [(r["path"], r["code"]) for r in rejs] == [("poison.png", "server_error")]
+    assert len(read_jsonl(tmp_path / "out" / "run_p" / "predictions.jsonl")) == 8
+
+
+@pytest.mark.parametrize("fail_after", [0, 3])
+def test_a_server_that_fails_everything_stops_the_run_instead_of_rejecting_photos(tmp_path, fail_after):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 20)
+    with FakeInferenceServer(fail_after=fail_after) as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "down", "--batch-size", "4",
+                         "--retries", "1"))
+    assert code == 4
+    run = tmp_path / "out" / "run_down"
+    assert read_jsonl(run / "rejected.jsonl") == []  # nothing turned into a rejection
+    assert len(read_jsonl(run / "predictions.jsonl")) <= 4 * fail_after
+    assert json.loads((run / "run_metadata.json").read_text())["status"] == "server_unreachable"
+
+
+def test_an_error_rate_above_the_maximum_exits_3_but_completes(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 3)
+    (inbox / "bad.png").write_bytes(b"nope")
+    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "e", "--max-error-rate", "0.1")) == 3
+    meta = json.loads((tmp_path / "out" / "run_e" / "run_metadata.json").read_text())
+    assert meta["status"] == "partial" and meta["error_rate"] == 0.25
+    assert (tmp_path / "out" / "run_e" / "_SUCCESS").exists()
+
+
+def test_unreachable_server_exits_4_after_the_deadline(tmp_path):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 2)
+    t0 = time.monotonic()
+    code = main(args(inbox, tmp_path / "out", "http://127.0.0.1:9", "--run-id", "u",
+                     "--connect-deadline", "1"))
+    assert code == 4 and time.monotonic() - t0 < 10
+    meta = json.loads((tmp_path / "out" / "run_u" / "run_metadata.json").read_text())
+    assert meta["status"] == "server_unreachable" and not (tmp_path / "out" / "run_u" / "_SUCCESS").exists()
+
+
+def test_batch_size_above_the_server_limit_exits_2_with_a_clear_message(tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 5)
+    with FakeInferenceServer(max_instances=2) as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "b", "--batch-size", "4"))
+    assert code == 2 and "too_many_instances" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shard-index", "2", "--shard-count", "2", "--run-id", "x"], "shard-index"),
+    (["--shard-count", "2"], "needs --run-id"),
+    (["--run-id", "../escape"], "run-id"),
+    (["--max-error-rate", "2"], "max-error-rate"),
+    (["--output", "INBOX"], "must not be the inbox"),
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, extra, message):
+    (tmp_path / "inbox").mkdir()
+    extra = [str(tmp_path / "inbox") if x == "INBOX" else x for x in extra]
+    assert main(args(tmp_path / "inbox", tmp_path / "out", "http://127.0.0.1:9", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_inbox_and_unknown_flag_exit_2(tmp_path):
+    assert main(["--inbox", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert main(["--no-such-flag"]) == 2
+
+
+def test_environment_variables_configure_the_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("RETURNS_INBOX", str(tmp_path))
+    monkeypatch.setenv("RETURNS_BATCH_SIZE", "9")
+    monkeypatch.setenv("RETURNS_API", "v1")
+    monkeypatch.setenv("RETURNS_SHARD_COUNT", "3")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    a = get_args_parser().parse_args([])
+    assert (a.inbox, a.batch_size, a.api, a.shard_index, a.shard_count) == (tmp_path, 9, "v1", 2, 3)
+    monkeypatch.setenv("RETURNS_SHARD_INDEX", "1")
+    assert get_args_parser().parse_args(["--batch-size", "4"]).shard_index == 1
+    assert get_args_parser().parse_args(["--batch-size", "4"]).batch_size == 4
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out, "shard-0-of-1", {"run_id": "holder"}):
+        r = run_submit(*args(inbox, out, server.url, "--run-id", "second"), timeout=60)
+    assert r.returncode == 5 and "another submitter is running" in r.stderr and "holder" in r.stderr
+
+
+def test_shards_write_their_own_files_and_the_last_one_completes_the_run(tmp_path, server):
+    inbox = make_inbox(tmp_path, 30)
+    out = tmp_path / "out"
+    common = args(inbox, out, server.url, "--run-id", "s", "--shard-count", "2", "--max-error-rate", "1")
+    assert main([*common, "--shard-index", "0"]) == 0
+    run = out / "run_s"
+    assert (run / "_SUCCESS.shard-0-of-2").exists() and not (run / "_SUCCESS").exists()
+    assert main([*common, "--shard-index", "1"]) == 0
+    s0 = {r["path"] for f in ("predictions", "rejected") for r in read_jsonl(run / f"{f}.shard-0-of-2.jsonl")}
+    s1 = {r["path"] for f in ("predictions", "rejected") for r in read_jsonl(run / f"{f}.shard-1-of-2.jsonl")}
+    assert s0 and s1 and not s0 & s1 and len(s0 | s1) == 32
+    merged = read_jsonl(run / "predictions.jsonl") + read_jsonl(run / "rejected.jsonl")
+    assert sorted(r["path"] for r in merged) == sorted(s0 | s1)
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["counts"]["seen"] == 32 and len(meta["shards"]) == 2
+    assert (run / "_SUCCESS").exists() and (out / "LATEST").read_text().strip() == "run_s"
+
+
+def test_latest_names_the_newest_complete_run(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 2)
+    out = tmp_path / "out"
+    assert main(args(inbox, out, server.url, "--run-id", "old")) == 0
+    assert main(args(inbox, out, server.url, "--run-id", "new")) == 0
+    assert (out / "LATEST").read_text().strip() == "run_new"
+    assert main(args(inbox, out, server.url, "--run-id", "old")) == 0  # re-run of an older run
+    assert (out / "LATEST").read_text().strip() == "run_new"
+
+
+def test_the_submitter_imports_no_torch():
+    code = "import sys, scripts.submit, scripts.runner; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_help_documents_exit_codes_and_env_vars():
+    r = run_submit("--help", timeout=60)
+    assert r.returncode == 0
+    for text in ("RETURNS_BATCH_SIZE", "JOB_COMPLETION_INDEX", "exit codes", "another run holds the lock"):
+        assert text in r.stdout
+
+
+# ---- signals (subprocess) --------------------------------------------------------------------
+
+def test_sigterm_finishes_the_batch_in_flight_and_exits_7(tmp_path):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 40)
+    out = tmp_path / "out"
+    with FakeInferenceServer(delay_s=0.15) as s:
+        cmd = submit_cmd(*args(inbox, out, s.url, "--run-id", "t", "--batch-size", "2", "--concurrency", "1"))
+        proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while s.requests < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 7, err
+        sent = s.photos_seen
+        run = out / "run_t"
+        assert len(recorded_paths(run)) == sent  # the batch in flight was recorded
+        meta = json.loads((run / "run_metadata.json").read_text())
+        assert meta["status"] == "interrupted" and not (run / "_SUCCESS").exists()
+        assert main(args(inbox, out, s.url, "--run-id", "t")) == 0
+    paths = recorded_paths(run)
+    assert len(paths) == len(set(paths)) == 40
+
+
+def test_sigkill_at_random_moments_then_resume_is_exactly_once(tmp_path):
+    inbox = make_inbox(tmp_path, 60)
+    out = tmp_path / "out"
+    rng = random.Random(4)
+    with FakeInferenceServer(delay_s=0.02) as s:
+        cmd = submit_cmd(*args(inbox, out, s.url, "--run-id", "k", "--batch-size", "3", "--concurrency", "2",
+                               "--after", "move", "--max-error-rate", "1"))
+        killed = 0
+        for _ in range(5):
+            target = s.requests + rng.randint(1, 4)
+            proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while s.requests < target and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.03))  # anywhere in the batch: sending, recording, moving
+            killed += proc.poll() is None
+            proc.kill()
+            proc.wait(timeout=10)
+        assert killed >= 3
+        assert subprocess.run(cmd, cwd=REPO, stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    paths = recorded_paths(out / "run_k")
+    assert len(paths) == len(set(paths)) == 62
+    assert sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file()) == ["readme.txt"]
+
+
+def test_pod_metadata_is_read_through_the_kubernetes_client(monkeypatch):
+    from types import SimpleNamespace
+
+    from kubernetes import client, config
+
+    from scripts import k8s_info
+
+    assert k8s_info.pod_info({}) is None  # outside a cluster
+    calls = []
+    pod = SimpleNamespace(spec=SimpleNamespace(node_name="node-7"), status=SimpleNamespace(container_statuses=[
+        SimpleNamespace(name="submit", image="reg/returns-submit:1.0",
+                        image_id="reg/returns-submit@sha256:" + "1" * 64)]))
+    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(client, "CoreV1Api", lambda: SimpleNamespace(
+        read_namespaced_pod=lambda name, namespace, **kw: calls.append((name, namespace)) or pod))
+    info = k8s_info.pod_info({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAME": "submit-0-abc",
+                              "POD_NAMESPACE": "returns"})
+    assert calls == [("submit-0-abc", "returns")]
+    assert info["node"] == "node-7" and info["containers"][0]["image_id"].endswith("1" * 64)
+    monkeypatch.setattr(config, "load_incluster_config", lambda: (_ for _ in ()).throw(RuntimeError("no RBAC")))
+    failed = k8s_info.pod_info({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOSTNAME": "p"})
+    assert "no RBAC" in failed["error"] and failed["pod"] == "p"  # reported, never fatal
+
+
+def test_progress_bar_mode_runs_and_still_records_everything(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 5)
+    a = args(inbox, tmp_path / "out", server.url, "--run-id", "bar")
+    a[a.index("log")] = "bar"
+    assert main(a) == 0
+    assert len(read_jsonl(tmp_path / "out" / "run_bar" / "predictions.jsonl")) == 5
+
+
+def test_a_read_only_output_exits_6_and_leaves_the_manifest_intact(tmp_path, server):
+    try:
+        from tests.submit_fixtures import SmallVolume
+    except ImportError:
+        from submit_fixtures import SmallVolume
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 4)
+    with SmallVolume(tmp_path / "vol") as vol:
+        if not vol.available:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        out = vol.path / "results"
+        assert main(args(inbox, out, server.url, "--run-id", "ro")) == 0
+        before = (out / "run_ro" / "run_metadata.json").read_bytes()
+        write_photos(inbox, 2, start=50)
+        vol.readonly()
+        assert main(args(inbox, out, server.url, "--run-id", "ro")) == 6
+        assert main(args(inbox, out, server.url, "--run-id", "new")) == 6
+        assert (out / "run_ro" / "run_metadata.json").read_bytes() == before
+        vol.writable()
+        assert main(args(inbox, out, server.url, "--run-id", "ro")) == 0
+        paths = recorded_paths(out / "run_ro")
+        assert len(paths) == len(set(paths)) == 6
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_however_large_the_inbox(tmp_path, server):
+    """Peak RSS of the submitter with a 15 MB and a 150 MB inbox: it streams, so the same."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=False, "
+             "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    peaks = []
+    for n in (15, 150):
+        inbox = tmp_path / f"inbox{n}"
+        inbox.mkdir()
+        for i in range(n):
+            (inbox / f"big_{i:04d}.png").write_bytes(b"\x89PNG" + os.urandom(1 << 20))
+        cmd = submit_cmd(*args(inbox, tmp_path / f"out{n}", server.url, "--run-id", "mem", "--batch-size", "4",
+                               "--max-error-rate", "1"))
+        r = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+        peaks.append(int(r.stdout.strip()) / 1024)  # MiB
+        assert len(read_jsonl(tmp_path / f"out{n}" / "run_mem" / "predictions.jsonl")) == n
+    assert peaks[1] - peaks[0] < 30, peaks
+    assert peaks[1] < 150, peaks  # far below the inbox's 150 MB
+
+
+def test_an_empty_inbox_is_a_complete_run(tmp_path, server):
+    (tmp_path / "inbox").mkdir()
+    ref = tmp_path / "model.json"
+    ref.write_text(json.dumps(fake_reference()))
+    assert main(args(tmp_path / "inbox", tmp_path / "out", server.url, "--run-id", "empty",
+                     "--reference", str(ref))) == 0
+    run = tmp_path / "out" / "run_empty"
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["counts"]["seen"] == 0 and meta["error_rate"] == 0.0 and meta["average_confidence"] is None
+    assert meta["drift"]["signals"]["class_mix"]["drift"] is None  # too few photos to judge
+    assert read_csv(run / "predictions.csv") == [] and (run / "_SUCCESS").exists()
