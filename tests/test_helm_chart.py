@@ -316,6 +316,8 @@ def test_cronjob_runs_the_submitter(variant: str, renders: dict[str, hr.Rendered
     assert job["completions"] == job["parallelism"] == shards
     pod, container = cronjob_container(rendered)
     assert pod["restartPolicy"] == "Never"
+    timeout = float(env_of(container).get("RETURNS_TIMEOUT") or 60)  # the submitter's default
+    assert pod["terminationGracePeriodSeconds"] > timeout  # SIGTERM lets in-flight requests finish
     env = env_of(container)
     assert env["RETURNS_SHARD_COUNT"] == str(shards)
     assert "JOB_COMPLETION_INDEX" not in env and "RETURNS_SHARD_INDEX" not in env  # set by Kubernetes
