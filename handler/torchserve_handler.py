@@ -16,7 +16,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.core import Classifier, Work, available_cpus
+from handler.core import BatchStats, Classifier, Work, available_cpus
 from handler.errors import PhotoError, RequestError
 from handler.payload import ParsedRequest, parse_request
 

@@ -1,6 +1,5 @@
 """The handler inside a real TorchServe on loopback, with real Fashion-MNIST images."""
 import base64
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 

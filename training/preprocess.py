@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
 FASHION_MNIST_MEAN = (0.2860,)
