@@ -66,7 +66,7 @@ def test_request_with_no_valid_photo_is_400(torchserve):
 
 def test_concurrent_requests_are_batched_one_response_each(torchserve, fmnist_png, fmnist_test):
     _, labels = fmnist_test
-    log = torchserve.log_dir / "model_metrics.log"
+    log = torchserve.log_dir / "ts_log.log"  # where the worker's metric lines land in Prometheus mode
     before = log.read_text() if log.exists() else ""
 
     def one(i):

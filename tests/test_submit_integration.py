@@ -77,8 +77,8 @@ def label_name(label, names: list[str]) -> str:
 def test_nightly_run_counts_add_up_and_csv_matches_jsonl(torchserve, model_root, fmnist_pngs, tmp_path):
     inbox = tmp_path / "inbox"
     truth = {}
-    for folder, n in (("shelf A", 150), ("shelf B/ünï", 150)):
-        for path, label in fmnist_pngs(n, inbox / folder):
+    for folder, start in (("shelf A", 0), ("shelf B/ünï", 150)):  # 300 distinct photos
+        for path, label in fmnist_pngs(150, inbox / folder, start):
             truth[str(Path(path).relative_to(inbox))] = label
     add_broken(inbox)
     expected = rels(inbox)
