@@ -75,12 +75,19 @@ def _body(row: dict[str, Any]) -> Any:
         return files[0]
     if not row:
         raise RequestError("bad_request", "the request has no body")
-    raise RequestError("bad_request", f"a multipart form must carry exactly one image; got fields {sorted(row)}; "
-                                      "send several photos as JSON instances")
+    raise RequestError("bad_request", f"a multipart form must carry exactly one image, got {len(row)} fields; "
+                                      "several photos go in JSON instances")
 
 
-def parse_request(row: dict[str, Any], max_instances: int) -> ParsedRequest:
+FORM_URLENCODED_HINT = ("the photo was sent as application/x-www-form-urlencoded (curl --data-binary's default), "
+                        "which splits its bytes into form fields; send it with a Content-Type such as image/jpeg or "
+                        "application/octet-stream, or as multipart (curl -F data=@photo.jpg)")
+
+
+def parse_request(row: dict[str, Any], max_instances: int, content_type: str | None = None) -> ParsedRequest:
     """Raises RequestError when the request as a whole is malformed."""
+    if content_type and content_type.lower().startswith("application/x-www-form-urlencoded"):
+        raise RequestError("bad_request", FORM_URLENCODED_HINT)
     body = _body(row)
     if isinstance(body, (dict, list)):  # TorchServe already decoded application/json
         return _from_json(body, max_instances)

@@ -53,9 +53,9 @@ class ReturnsClassifierHandler(BaseHandler):
         t0 = time.perf_counter()
         requests: list[ParsedRequest | RequestError] = []
         photos: list[bytes | PhotoError] = []
-        for row in data:
+        for idx, row in enumerate(data):
             try:
-                req = parse_request(row, self.max_instances)
+                req = parse_request(row, self.max_instances, self._content_type(idx))
                 photos.extend(req.photos)
             except RequestError as exc:
                 req = exc
@@ -63,6 +63,12 @@ class ReturnsClassifierHandler(BaseHandler):
         work = Work(requests, self.core.decode(photos))
         work.stats.decode_ms = (time.perf_counter() - t0) * 1000
         return work
+
+    def _content_type(self, idx: int) -> str | None:
+        get = getattr(self.context, "get_request_header", None)
+        if get is None:
+            return None
+        return get(idx, "Content-Type") or get(idx, "content-type")
 
     def inference(self, work: Work, *args: Any, **kwargs: Any) -> Work:
         """One forward pass over every valid photo of the batch."""

@@ -57,7 +57,7 @@ class LocalTorchServe:
         self.verify_archive = verify_archive
         self.overrides = {k: str(v) for k, v in overrides.items()}  # extra config.properties keys
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="torchserve-"))
+        self.workdir = (Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="torchserve-"))).resolve()
         self.proc: subprocess.Popen | None = None
         self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
 

@@ -28,6 +28,12 @@ def test_raw_png_and_jpeg(torchserve, fmnist_test):
         assert 0 < body["confidence"] <= 1 and len(body["model_sha256"]) == 64
 
 
+def test_curl_data_binary_default_content_type_gets_a_clear_error(torchserve, fmnist_png):
+    r = requests.post(torchserve.inference_url + PRED, data=fmnist_png(2), timeout=30,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type such as image/jpeg" in r.json()["error"]["message"]
+
+
 def test_multipart_upload(torchserve, fmnist_png, fmnist_test):
     _, labels = fmnist_test
     r = requests.post(torchserve.inference_url + PRED, files={"data": ("x.png", fmnist_png(2), "image/png")}, timeout=30)

@@ -87,6 +87,11 @@ def test_malformed_requests_raise_with_a_code(row, code):
     assert err.value.code == code and err.value.status == 400
 
 
+def test_form_urlencoded_photo_gets_a_hint():
+    with pytest.raises(RequestError, match="Content-Type such as image/jpeg"):
+        parse_request({"\x89PNG...": b""}, 10, "application/x-www-form-urlencoded")
+
+
 def test_core_classifies_real_images_and_keeps_order(release_model_dir, fmnist_png, fmnist_test):
     clf = Classifier(release_model_dir, threads=1)
     _, labels = fmnist_test
