@@ -18,9 +18,11 @@ class TrainConfig:
     widths: tuple[int, ...] = (24, 48, 96)
     depths: tuple[int, ...] = (2, 2, 2)
     se_reduction: int = 8
-    dropout: float = 0.1
+    dropout: float = 0.0
     image_size: int = 28
     channels: int = 1
+    # Light regularisation: with ~12 epochs on 2 CPU cores the network underfits (train accuracy
+    # under augmentation stayed below validation), and this setting scored higher on validation.
     # optimisation
     epochs: int = 12
     batch_size: int = 128
@@ -28,9 +30,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0  # hurts confidence ranking (AURC), which review routing relies on
-    crop_padding: int = 3
+    crop_padding: int = 2
     hflip: bool = True
-    erasing_p: float = 0.3
+    erasing_p: float = 0.1
     # calibration and routing
     target_precision: float = 0.99
     top_k: int = 3

@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 from training.io import write_bytes  # noqa: E402
 
+MIN_BIN_ITEMS = 5
+
 
 def _save(fig: plt.Figure, path: Path) -> None:
     buf = io.BytesIO()
@@ -48,12 +50,15 @@ def reliability_diagram(raw_conf: torch.Tensor, conf: torch.Tensor, correct: tor
         xs, accs, counts = [], [], []
         for lo, hi in zip(edges[:-1], edges[1:]):
             m = (c > lo) & (c <= hi)
-            if m.any():
+            if int(m.sum()) >= MIN_BIN_ITEMS:  # a bar from 1-2 items says nothing and draws the eye
                 xs.append(float(c[m].mean()))
                 accs.append(float(correct[m].double().mean()))
                 counts.append(int(m.sum()))
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-        ax.bar(xs, accs, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy in bin")
+        ax.bar(xs, accs, width=1 / bins, edgecolor="black", alpha=0.7,
+               label=f"accuracy in bin (bins of >= {MIN_BIN_ITEMS} items)")
+        for x, a, n in zip(xs, accs, counts):
+            ax.text(x, min(a, 0.93) + 0.02, str(n), ha="center", fontsize=6)
         ax.set_xlabel("confidence")
         ax.set_title(f"{title}: ECE {expected_calibration_error(c, correct):.2%}")
         ax.set_xlim(0, 1)
