@@ -3,6 +3,7 @@ import base64
 import json
 
 import pytest
+import torch
 
 from handler.core import Classifier
 from handler.errors import RequestError
@@ -128,3 +129,15 @@ def test_adapter_flattens_a_batch_and_answers_each_request(handler, fmnist_png):
     per_batch = {name: v for name, v, _ in ctx.metrics.log if name == "ImagesPerBatch"}
     assert per_batch["ImagesPerBatch"] == 9  # 1 + 5 + 2 + 1 photos (request-level errors carry none)
     assert any(name == "RejectedImagesPerBatch" and v == 2 for name, v, _ in ctx.metrics.log)
+
+
+def test_padding_to_a_bucket_changes_no_result(release_model_dir, fmnist_png):
+    from handler.core import bucket
+
+    clf = Classifier(release_model_dir, threads=1, warmup=False)
+    pixels = clf.decode([fmnist_png(i) for i in range(21)]).pixels
+    assert [bucket(n) for n in (3, 5, 17, 21, 200)] == [4, 8, 32, 32, 208]
+    alone = torch.cat([clf.probabilities([p]) for p in pixels[:5]])
+    assert torch.allclose(clf.probabilities(pixels[:5]), alone, atol=1e-5)  # padded 5 -> 8
+    assert torch.allclose(clf.probabilities(pixels)[:5], alone, atol=1e-5)  # padded 21 -> 32
+    assert clf.probabilities(pixels).shape == (21, len(clf.meta.class_names))

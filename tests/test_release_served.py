@@ -1,6 +1,13 @@
-"""The release model, archived and served by a real TorchServe, keeps its recorded accuracy."""
+"""The release model, archived and served by a real TorchServe, keeps its recorded accuracy.
+
+Serving must not change a single prediction: the served classes of 1,000 test images equal those of
+training's own evaluation path, and that path reproduces the recorded test accuracy. (Comparing the
+1,000-image accuracy with the 10,000-image figure directly is dominated by sampling noise: its
+standard error is about 0.75 points, so only a loose bound is asserted on that.)
+"""
 import base64
 import json
+import math
 
 import pytest
 import requests
@@ -11,9 +18,7 @@ from training.data import Split
 from training.train import predict_logits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-# Every 10th test image: 1,000 spread over the whole test set. (The first 1,000 are easier than
-# the rest: 95.6% against 93.5% overall for the release model.)
-SAMPLE = list(range(0, 10000, 10))
+SAMPLE = list(range(0, 10000, 10))  # every 10th test image: spread over the whole test set
 
 
 def test_served_accuracy_on_1000_test_images(torchserve, release_model_dir, fmnist_png, fmnist_test):
@@ -26,10 +31,13 @@ def test_served_accuracy_on_1000_test_images(torchserve, release_model_dir, fmni
         r = requests.post(f"{torchserve.inference_url}/predictions/returns-classifier", json=body, timeout=120)
         assert r.status_code == 200
         served_pred += [p["class_id"] for p in r.json()["predictions"]]
-    truth = labels[SAMPLE]
-    served = float((torch.tensor(served_pred) == truth).float().mean())
-    assert abs(served - recorded) <= 0.01, f"served {served:.3f} vs recorded {recorded:.4f}"
-    # And exactly what training's own evaluation path predicts for the same images.
     model, meta = load_model(release_model_dir)
-    logits, _ = predict_logits(model, Split(images[SAMPLE].unsqueeze(1), truth), meta.preprocess, torch.device("cpu"))
-    assert logits.argmax(1).tolist() == served_pred
+    logits, _ = predict_logits(model, Split(images.unsqueeze(1), labels), meta.preprocess, torch.device("cpu"))
+    evaluated = logits.argmax(1)
+    # 1. Training's evaluation path reproduces the recorded accuracy on the whole test set.
+    assert abs(float((evaluated == labels).float().mean()) - recorded) < 1e-4
+    # 2. Serving changes no prediction on the 1,000 images.
+    assert served_pred == evaluated[SAMPLE].tolist()
+    # 3. So the served accuracy differs from the recorded one by sampling noise only.
+    served = float((torch.tensor(served_pred) == labels[SAMPLE]).float().mean())
+    assert abs(served - recorded) <= 3 * math.sqrt(recorded * (1 - recorded) / len(SAMPLE)) + 0.01
