@@ -8,10 +8,8 @@ atomically (temporary file + fsync + rename): a reader never sees half a file.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
-import tempfile
 from array import array
 from collections import Counter
 from contextlib import contextmanager
@@ -21,37 +19,11 @@ from typing import Iterable, Iterator
 
 from scripts.drift import bin_index
 from scripts.journal import blocking_lock, read_records
+from training.io import atomic_open, write_json, write_text  # noqa: F401 (write_json: used by runner, run_report)
 
 CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review",
                "model_name", "model_version", "model_sha256", "shard", "timestamp")
 DEFAULT_EDGES = [i / 10 for i in range(11)]
-
-
-@contextmanager
-def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator[io.IOBase]:
-    """Write to a temporary file beside `path`; fsync and rename it into place on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 @dataclass

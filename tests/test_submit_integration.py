@@ -18,22 +18,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.submit_fixtures import (
-        REPO,
-        assert_exactly_once,
-        count_records,
-        disruptable_torchserve,
-        read_csv,
-        read_jsonl,
-        recorded_paths,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    from submit_fixtures import (
+from tests.submit_fixtures import (
         REPO,
         assert_exactly_once,
         count_records,

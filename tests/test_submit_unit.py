@@ -16,20 +16,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.submit_fixtures import (
-        REPO,
-        FakeInferenceServer,
-        fake_reference,
-        read_csv,
-        read_jsonl,
-        recorded_paths,
-        run_submit,
-        submit_cmd,
-        write_photos,
-    )
-except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
-    from submit_fixtures import (
+from tests.submit_fixtures import (
         REPO,
         FakeInferenceServer,
         fake_reference,
@@ -589,10 +576,7 @@ def test_progress_bar_mode_runs_and_still_records_everything(tmp_path, server):
 
 
 def test_a_read_only_output_exits_6_and_leaves_the_manifest_intact(tmp_path, server):
-    try:
-        from tests.submit_fixtures import SmallVolume
-    except ImportError:
-        from submit_fixtures import SmallVolume
+    from tests.submit_fixtures import SmallVolume
     inbox = tmp_path / "inbox"
     write_photos(inbox, 4)
     with SmallVolume(tmp_path / "vol") as vol:

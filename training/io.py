@@ -1,20 +1,27 @@
-"""Atomic file writes: readers never see half a file, a crash leaves the old one."""
+"""Atomic file writes: readers never see half a file, a crash leaves the old one.
+
+Standard library only: the submitter's image (no torch) uses it too.
+"""
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[io.IOBase]:
+    """Write to a temporary file beside ``path``; fsync and rename it into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -23,9 +30,15 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
 def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -13,19 +13,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.submit_fixtures import (
-        REPO,
-        assert_exactly_once,
-        read_csv,
-        read_jsonl,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
-except ImportError:
-    from submit_fixtures import (
+from tests.submit_fixtures import (
         REPO,
         assert_exactly_once,
         read_csv,

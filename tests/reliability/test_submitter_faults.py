@@ -18,22 +18,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.submit_fixtures import (
-        REPO,
-        SmallVolume,
-        assert_exactly_once,
-        count_records,
-        disruptable_torchserve,
-        read_csv,
-        read_jsonl,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
-except ImportError:
-    from submit_fixtures import (
+from tests.submit_fixtures import (
         REPO,
         SmallVolume,
         assert_exactly_once,
