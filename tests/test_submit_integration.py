@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 
 from tests.submit_fixtures import (
-        REPO,
-        assert_exactly_once,
-        count_records,
-        disruptable_torchserve,
-        read_csv,
-        read_jsonl,
-        recorded_paths,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
+    REPO,
+    assert_exactly_once,
+    count_records,
+    disruptable_torchserve,
+    read_csv,
+    read_jsonl,
+    recorded_paths,
+    run_submit,
+    submit_cmd,
+    wait_for_records,
+    write_photos,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HANDLER_CODES = {"empty", "not_an_image", "corrupt", "too_large", "zero_size", "bad_base64", "bad_instance"}

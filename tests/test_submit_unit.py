@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 
 from tests.submit_fixtures import (
-        REPO,
-        FakeInferenceServer,
-        fake_reference,
-        read_csv,
-        read_jsonl,
-        recorded_paths,
-        run_submit,
-        submit_cmd,
-        write_photos,
-    )
+    REPO,
+    FakeInferenceServer,
+    fake_reference,
+    read_csv,
+    read_jsonl,
+    recorded_paths,
+    run_submit,
+    submit_cmd,
+    write_photos,
+)
 
 from scripts import drift
 from scripts.client import BatchFailed, InferenceClient

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.submit_fixtures import (
-        REPO,
-        assert_exactly_once,
-        read_csv,
-        read_jsonl,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
+    REPO,
+    assert_exactly_once,
+    read_csv,
+    read_jsonl,
+    run_submit,
+    submit_cmd,
+    wait_for_records,
+    write_photos,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 
 from tests.submit_fixtures import (
-        REPO,
-        SmallVolume,
-        assert_exactly_once,
-        count_records,
-        disruptable_torchserve,
-        read_csv,
-        read_jsonl,
-        run_submit,
-        submit_cmd,
-        wait_for_records,
-        write_photos,
-    )
+    REPO,
+    SmallVolume,
+    assert_exactly_once,
+    count_records,
+    disruptable_torchserve,
+    read_csv,
+    read_jsonl,
+    run_submit,
+    submit_cmd,
+    wait_for_records,
+    write_photos,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
