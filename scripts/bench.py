@@ -222,10 +222,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
         sweep = []
         if cfg.sweep:
+            write_inbox(tmp / "sweep_inbox", cfg.sweep_n)
             for ts_batch in (1, 8):
                 root = serve_with(Path(cfg.model_dir), tmp / f"sweep_{ts_batch}",
                                   ServeConfig(batch_size=ts_batch, max_batch_delay_ms=serve_cfg["max_batch_delay_ms"]))
-                write_inbox(tmp / "sweep_inbox", cfg.sweep_n) if not (tmp / "sweep_inbox").exists() else None
                 with LocalTorchServe(root, workdir=tmp / f"ts_sweep_{ts_batch}") as server:
                     for per_request in (1, 8, 32, 64, 128):
                         r = run_submitter(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",

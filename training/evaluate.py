@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from training.train import load_data, make_spec, pick_device
+    from training.train import load_data, make_arch, make_spec, pick_device
 
     model_dir = Path(args.model_dir)
     cfg = TrainConfig.from_json(model_dir / "train_config.json")
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg)
     ds = load_data(cfg, make_spec(cfg))
     spec = make_spec(cfg, ds)
-    arch = ArchConfig(in_channels=spec.channels, num_classes=len(ds.class_names), widths=cfg.widths,
-                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout)
+    arch = make_arch(cfg, spec, ds)
     from training.model import build_model
 
     model = build_model(arch)

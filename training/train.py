@@ -106,6 +106,11 @@ def make_spec(cfg: TrainConfig, ds: Dataset | None = None) -> PreprocessSpec:
     return PreprocessSpec(channels=cfg.channels, size=cfg.image_size, mean=mean, std=std)
 
 
+def make_arch(cfg: TrainConfig, spec: PreprocessSpec, ds: Dataset) -> ArchConfig:
+    return ArchConfig(in_channels=spec.channels, num_classes=len(ds.class_names), widths=cfg.widths,
+                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout)
+
+
 def make_optimizer(model: SEResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -179,8 +184,7 @@ def train(cfg: TrainConfig) -> Path:
     device = pick_device(cfg)
     ds = load_data(cfg, make_spec(cfg))
     spec = make_spec(cfg, ds)
-    arch = ArchConfig(in_channels=spec.channels, num_classes=len(ds.class_names), widths=cfg.widths,
-                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout)
+    arch = make_arch(cfg, spec, ds)
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     steps = len(ds.train) // cfg.batch_size
