@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the project needs: Java 17 and Fashion-MNIST (Debian packages, as root),
+# Installs what the project needs: Java 17, Fashion-MNIST and g++ (Debian packages, as root),
 # then .venv with the pinned Python dependencies and the project itself (editable).
 # Idempotent: a stamp keyed by the dependency files makes a second run quick.
 set -euo pipefail
@@ -18,6 +18,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: missing ${need_apt[*]}. Install them first, e.g.: sudo apt-get install ${need_apt[*]}" >&2
     exit 1
+  fi
+fi
+# Optional: torch.compile needs a C++ compiler for the faster training step (eager without it).
+if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing g++ with apt-get (for torch.compile in training)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  else
+    echo "setup: note: no g++; training will run in eager mode (slower). sudo apt-get install g++ fixes that" >&2
   fi
 fi
 

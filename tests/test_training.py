@@ -7,7 +7,7 @@ from training.train import main as train_main
 
 pytestmark = pytest.mark.slow
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
-        "--batch-size", "64", "--tsne-samples", "100", "--no-progress"]
+        "--batch-size", "64", "--tsne-samples", "100", "--no-progress", "--no-compile"]
 
 
 def test_short_run_learns_and_writes_the_report(tmp_path):
@@ -25,6 +25,22 @@ def test_short_run_learns_and_writes_the_report(tmp_path):
     assert sum(meta["reference"]["class_distribution"]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_compiled_training_learns_and_saves_plain_weights(tmp_path):
+    """The default path compiles the training forward; the saved weights must load without it."""
+    import torch
+
+    from training.artifact import load_model
+
+    out = tmp_path / "m"
+    args = [a for a in TINY if a != "--no-compile"]
+    assert train_main(args + ["--epochs", "2", "--output", str(out), "--tsne-samples", "0"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["compile"] is True
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] > 0.5
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state)  # no torch.compile wrapper in the artifact
+    load_model(out)
+
+
 def test_resume_continues_after_the_last_checkpoint(tmp_path, caplog):
     out = tmp_path / "m"
     args = TINY + ["--epochs", "1", "--output", str(out), "--tsne-samples", "0"]
@@ -40,3 +56,18 @@ def test_nan_loss_stops_with_a_clear_code(tmp_path, caplog):
     code = train_main(TINY + ["--epochs", "1", "--lr", "1e12", "--output", str(tmp_path / "m")])
     assert code == 3
     assert "lower --lr" in caplog.text
+
+
+def test_without_a_compiler_training_falls_back_to_eager(monkeypatch, caplog):
+    import torch
+
+    from training import train as train_mod
+    from training.config import TrainConfig
+    from training.model import ArchConfig, build_model
+
+    model = build_model(ArchConfig(widths=(8,), depths=(1,)))
+    monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING", logger="training"):
+        assert train_mod.compiled_forward(model, TrainConfig(), torch.device("cpu")) is model
+    assert "eager mode" in caplog.text
+    assert train_mod.compiled_forward(model, TrainConfig(compile=False), torch.device("cpu")) is model

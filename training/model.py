@@ -23,6 +23,9 @@ class ArchConfig:
     depths: tuple[int, ...] = (2, 2, 2)
     se_reduction: int = 8
     dropout: float = 0.1
+    # At inference, average the embeddings of each image and its mirror image (one batch of 2N).
+    # Part of the model, so training's evaluation and the served handler give the same answers.
+    flip_average: bool = False
 
     def __post_init__(self) -> None:
         if self.name != "se_resnet":
@@ -104,9 +107,24 @@ class SEResNet(nn.Module):
         # No zero-initialised residual gates: with only ~12 epochs they starve the residual
         # convolutions of gradient early on (measured: 74.6% vs 80.9% val after 200 steps).
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate-layer embedding (used for the t-SNE plot)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding of exactly the images given."""
         return self.blocks(self.stem(x)).mean((2, 3))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate-layer embedding the head sees (also used for the t-SNE plot).
+
+        With ``flip_average`` in eval mode it is the mean over each image and its horizontal mirror;
+        as the head is linear, the logits are then the mean of the two views' logits.
+        """
+        if self.training or not self.cfg.flip_average:
+            return self.embed(x)
+        n = x.shape[0]
+        both = torch.cat([x, x.flip(3)])
+        if x.is_contiguous(memory_format=torch.channels_last):
+            both = both.contiguous(memory_format=torch.channels_last)
+        f = self.embed(both)
+        return (f[:n] + f[n:]) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
