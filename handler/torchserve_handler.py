@@ -1,9 +1,10 @@
 """TorchServe adapter for the returns classifier: a thin layer over ``handler.core``.
 
-TorchServe hands ``handle`` a list with one row per request (server-side batching). Every photo
-of every request goes through one forward pass; the results are split back so that exactly one
-response per request is returned. A bad photo gets its own error object; a request with no valid
-photo gets HTTP 400 through TorchServe's per-request status. Exceptions mean real server faults.
+TorchServe hands ``handle`` a list with one row per request (server-side batching). The photos of
+all requests are classified together (one forward pass on a GPU, passes of 32 on a CPU), and the
+results are split back so that exactly one response per request is returned. A bad photo gets its
+own error object; a request with no valid photo gets HTTP 400 through TorchServe's per-request
+status. Exceptions mean real server faults.
 """
 from __future__ import annotations
 

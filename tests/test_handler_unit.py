@@ -141,3 +141,13 @@ def test_padding_to_a_bucket_changes_no_result(release_model_dir, fmnist_png):
     assert torch.allclose(clf.probabilities(pixels[:5]), alone, atol=1e-5)  # padded 5 -> 8
     assert torch.allclose(clf.probabilities(pixels)[:5], alone, atol=1e-5)  # padded 21 -> 32
     assert clf.probabilities(pixels).shape == (21, len(clf.meta.class_names))
+
+
+def test_cpu_passes_of_a_chunk_change_no_result(release_model_dir, fmnist_png, monkeypatch):
+    import handler.core
+
+    clf = Classifier(release_model_dir, threads=1, warmup=False)
+    pixels = clf.decode([fmnist_png(i) for i in range(21)]).pixels
+    whole = clf.probabilities(pixels)  # 21 <= CPU_CHUNK: one pass
+    monkeypatch.setattr(handler.core, "CPU_CHUNK", 8)  # passes of 8, 8 and 5 (padded to 8)
+    assert torch.allclose(clf.probabilities(pixels), whole, atol=1e-5)
