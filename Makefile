@@ -20,7 +20,7 @@ serve: archive  ## run TorchServe in the foreground on the archive
 demo: archive  ## the nightly job end to end on this machine
 	$(PY) -m scripts.demo --model-root $(DIST)
 
-test: setup  ## the whole suite (about 3 minutes on 2 idle cores)
+test: setup  ## the whole suite (about 4 minutes on 2 idle cores)
 	$(PY) -m pytest
 
 test-fast: setup  ## unit tests only
