@@ -71,6 +71,14 @@ def release_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def classifier(release_model_dir):
+    """The handler's core on the release model, in this process (no TorchServe)."""
+    from handler.core import Classifier
+
+    return Classifier(release_model_dir, warmup=False)
+
+
+@pytest.fixture(scope="session")
 def model_root(release_model_dir, tmp_path_factory) -> Path:
     """The release model packaged by `make archive`'s code into a temporary model root."""
     from training.archive import build_archive

@@ -18,18 +18,15 @@ def b64(data):
     return base64.b64encode(data).decode()
 
 
-def test_raw_png_and_jpeg(torchserve, fmnist_test, release_model_dir):
+def test_raw_png_and_jpeg(torchserve, fmnist_test, classifier):
     """PNG is lossless, so the served label is the true one; a JPEG (quality 75) can blur a
     pullover into a coat, so its served answer must equal the in-process core's on the same bytes."""
-    from handler.core import Classifier
-
     images, labels = fmnist_test
-    core = Classifier(release_model_dir, warmup=False)
     for fmt in ("PNG", "JPEG"):
         data = encode(images[1], fmt)
         r = requests.post(torchserve.inference_url + PRED, data=data, timeout=30)
         assert r.status_code == 200, r.text
-        body, local = r.json(), core.classify([data])[0]
+        body, local = r.json(), classifier.classify([data])[0]
         assert (body["label"], body["needs_review"]) == (local["label"], local["needs_review"])
         assert body["confidence"] == pytest.approx(local["confidence"], abs=1e-4)
         assert 0 < body["confidence"] <= 1 and len(body["model_sha256"]) == 64

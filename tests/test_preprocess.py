@@ -5,15 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.core import Classifier
 from training.data import load_image_folder
 from training.preprocess import ImageError, PreprocessSpec, bytes_to_tensor, bytes_to_uint8, decode_image, normalize
 from tests.conftest import encode
-
-
-@pytest.fixture(scope="module")
-def classifier(release_model_dir):
-    return Classifier(release_model_dir, warmup=False)
 
 
 def test_png_through_handler_equals_training_tensor(classifier, fmnist_test):
