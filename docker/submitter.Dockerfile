@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The nightly batch submitter (`returns-submit`), also used by the chart's verify-archive
-# initContainer (`python -m scripts.verify_archive`) and its `helm test` pod.
+# initContainer (`python -m returns_model.manifest`) and its `helm test` pod.
 # Small on purpose: no torch, no CUDA; the submitter needs only requests and kubernetes.
 #
 #   docker build -f docker/submitter.Dockerfile -t registry.example.com/returns-classifier/submitter:1.0.0 .
@@ -11,9 +11,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY requirements.txt pyproject.toml README.md ./
-COPY scripts/ scripts/
-COPY training/ training/
-COPY handler/ handler/
+COPY returns_model/ returns_model/
+COPY returns_submit/ returns_submit/
 # requirements.txt is a constraints file here: it pins the versions of what gets installed
 # (requests, kubernetes and their dependencies) without pulling in torch.
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \

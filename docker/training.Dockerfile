@@ -16,17 +16,20 @@ WORKDIR /src
 COPY requirements.txt pyproject.toml README.md ./
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         -r requirements.txt
-COPY scripts/ scripts/
+COPY returns_model/ returns_model/
+COPY returns_submit/ returns_submit/
 COPY training/ training/
 COPY handler/ handler/
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         --no-deps .
+# training/ and handler/ are source-tree packages (see pyproject.toml): the console scripts find them here.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/src \
     HOME=/tmp
 RUN groupadd --system --gid 10001 returns \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin returns
 USER 10001:10001
 WORKDIR /tmp
-ENTRYPOINT ["python", "-m", "training.train"]
+ENTRYPOINT ["returns-train"]

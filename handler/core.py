@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from handler.errors import PhotoError
-from training.artifact import content_digest, load_model, tree_hashes
-from training.preprocess import ImageError, bytes_to_uint8, normalize
+from returns_model.artifact import load_model
+from returns_model.manifest import content_digest, tree_hashes
+from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ class Classifier:
             try:
                 out.pixels.append(bytes_to_uint8(photo, self.spec))
                 out.outcomes.append(len(out.pixels) - 1)
-            except ImageError as exc:
-                out.outcomes.append(PhotoError(exc.code, exc.message))
+            except PhotoError as exc:
+                out.outcomes.append(exc)
         return out
 
     @torch.inference_mode()

@@ -1,12 +1,13 @@
-"""Errors the inference API answers with; each names its HTTP status."""
+"""The request-level error of the inference API. A bad photo is not a request error: it is a
+``returns_model.preprocess.PhotoError``, answered as that photo's result."""
 from __future__ import annotations
 
 from typing import Any
 
 
-class PhotoError(ValueError):
-    """One photo could not be classified; the rest of its request and batch go on (status 200,
-    or 400 when no photo of the request was valid). ``code`` is machine-readable."""
+class RequestError(ValueError):
+    """The request as a whole is malformed (bad JSON, too many instances): HTTP 400 (gRPC
+    INVALID_ARGUMENT), with ``{"error": {"code", "message"}}`` as the body."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -15,9 +16,3 @@ class PhotoError(ValueError):
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message}}
-
-
-class RequestError(PhotoError):
-    """The request as a whole is malformed (bad JSON, too many instances): HTTP 400."""
-
-    status = 400

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from handler.errors import PhotoError, RequestError
+from handler.errors import RequestError
+from returns_model.preprocess import PhotoError
 
 
 @dataclass

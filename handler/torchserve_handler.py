@@ -18,8 +18,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.core import BatchStats, Classifier, Work, available_cpus
-from handler.errors import PhotoError, RequestError
+from handler.errors import RequestError
 from handler.payload import ParsedRequest, parse_request
+from handler.serve_config import HandlerKnobs
+from returns_model.preprocess import PhotoError
 
 log = logging.getLogger(__name__)
 # TorchServe loads the one class defined in this module, so helpers live in handler.core.
@@ -32,17 +34,18 @@ COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConf
 class ReturnsClassifierHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
-        knobs = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        model_yaml = getattr(context, "model_yaml_config", None) or {}
+        knobs = HandlerKnobs.from_model_yaml(model_yaml)
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             device = torch.device(f"cuda:{gpu_id}")
         else:
             device = torch.device("cpu")
-        workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1) or 1)
-        threads = int(knobs.get("cpu_threads", 0)) or max(1, available_cpus() // workers)
-        self.max_instances = int(knobs.get("max_instances", 256))
+        workers = int(model_yaml.get("minWorkers", 1) or 1)
+        threads = knobs.cpu_threads or max(1, available_cpus() // workers)
+        self.max_instances = knobs.max_instances
         self.core = Classifier(props["model_dir"], device=device, threads=threads,
-                               max_image_pixels=int(knobs.get("max_image_pixels", 0)) or None)
+                               max_image_pixels=knobs.max_image_pixels)
         self.model = self.core.model
         self.device = device
         self.initialized = True

@@ -31,11 +31,13 @@ import torch
 
 from handler.core import Classifier, available_cpus
 from scripts.localserve import LocalTorchServe
-from training.archive import ServeConfig, build_archive
+from handler.serve_config import ServeConfig
+from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
+from training.archive import build_archive
 from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
-from training.io import write_bytes, write_json
+from returns_model.fileio import write_bytes, write_json
 
-PRED = "/predictions/returns-classifier"
+PRED = f"/predictions/{MODEL_NAME}"
 
 
 @dataclass
@@ -92,7 +94,7 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int) -> d
 
 def run_submitter(server: LocalTorchServe, inbox: Path, out: Path, batch: int, concurrency: int) -> dict[str, Any]:
     """returns-submit as its own process: wall time, its peak RSS and its run metadata."""
-    cmd = [sys.executable, "-m", "scripts.submit", "--inbox", str(inbox), "--output", str(out), "--endpoint",
+    cmd = [sys.executable, "-m", "returns_submit.cli", "--inbox", str(inbox), "--output", str(out), "--endpoint",
            server.inference_url, "--batch-size", str(batch), "--concurrency", str(concurrency), "--run-id", "bench",
            "--progress", "log", "--log-level", "WARNING"]
     t0 = time.perf_counter()
@@ -191,14 +193,14 @@ def plot(sweep: list[dict[str, Any]], path: Path) -> None:
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
     model_root = Path(cfg.model_root)
-    serve_cfg = json.loads((model_root / "artifact_manifest.json").read_text())["serve_config"]
+    serve_cfg = json.loads((model_root / MANIFEST_FILE).read_text())["serve_config"]
     threads = max(1, available_cpus() // serve_cfg["workers"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         pngs = write_inbox(tmp / "inbox", cfg.n)
         write_inbox(tmp / "inbox4", 4 * cfg.n)
         extracted = tmp / "extracted"
-        with zipfile.ZipFile(model_root / "model-store" / "returns-classifier.mar") as z:
+        with zipfile.ZipFile(model_root / MODEL_STORE / MAR_FILE) as z:
             z.extractall(extracted)
         forward_batch = cfg.batch_size * cfg.concurrency  # the largest forward the served path runs
         raw = raw_rates(extracted, pngs, forward_batch, threads)

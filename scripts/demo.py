@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from scripts.localserve import LocalTorchServe, ServerError
+from returns_model.names import MANIFEST_FILE
 from training.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_idx
 
 BROKEN = {
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: {len(truth)} photos and {len(BROKEN)} broken files in {inbox}; starting TorchServe...", flush=True)
     try:
         with LocalTorchServe(args.model_root, workdir=work / "torchserve") as server:
-            cmd = [sys.executable, "-m", "scripts.submit", "--inbox", str(inbox), "--output", str(output),
+            cmd = [sys.executable, "-m", "returns_submit.cli", "--inbox", str(inbox), "--output", str(output),
                    "--endpoint", server.inference_url, "--run-id", run_id, "--batch-size", "64", "--concurrency", "4",
-                   "--reference", str(Path(args.model_root) / "artifact_manifest.json"), "--progress", "log",
+                   "--reference", str(Path(args.model_root) / MANIFEST_FILE), "--progress", "log",
                    "--log-level", "WARNING"]
             code = subprocess.run(cmd).returncode
     except ServerError as exc:

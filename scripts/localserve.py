@@ -23,9 +23,9 @@ from typing import Any
 
 import requests
 
-from scripts.verify_archive import ArchiveRefused, verify
-
-MODEL_NAME = "returns-classifier"
+from handler.serve_config import Listen, ServeConfig, config_properties
+from returns_model.manifest import ArchiveRefused, verify
+from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
 
 
 class ServerError(RuntimeError):
@@ -38,18 +38,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_properties(path: Path) -> dict[str, str]:
-    props = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
-
-
 class LocalTorchServe:
-    """A TorchServe process on loopback serving ``<model_root>/model-store/returns-classifier.mar``."""
+    """A TorchServe process on loopback serving ``<model_root>/model-store/<MAR_FILE>``."""
 
     def __init__(self, model_root: str | Path, workdir: str | Path | None = None, verify_archive: bool = True,
                  **overrides: Any) -> None:
@@ -80,28 +70,28 @@ class LocalTorchServe:
 
     # --- lifecycle ---------------------------------------------------------
     def _write_config(self) -> Path:
-        props = read_properties(self.model_root / "config" / "config.properties")
-        props.pop("model_snapshot", None)  # we load the model explicitly; no stale snapshot
-        props.update({
-            "inference_address": self.inference_url,
-            "management_address": self.management_url,
-            "metrics_address": self.metrics_url,
-            "grpc_inference_port": str(self.ports["grpc"]),
-            "grpc_management_port": str(self.ports["grpc_mgmt"]),
-            "model_store": str(self.model_root / "model-store"),
-            "metrics_config": str(self.model_root / "config" / "metrics.yaml"),
-        })
-        props.update(self.overrides)
+        """The archive's serving settings (its manifest's serve_config) with loopback addresses.
+
+        No model_snapshot: the model is registered by ``--models``, with the workers and batching
+        of the .mar's own model-config.yaml.
+        """
+        try:
+            cfg = ServeConfig.from_dict(json.loads((self.model_root / MANIFEST_FILE).read_text())["serve_config"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ServerError(f"{self.model_root / MANIFEST_FILE}: no usable serve_config ({exc!r})") from None
+        listen = Listen(inference=self.inference_url, management=self.management_url, metrics=self.metrics_url,
+                        model_root=str(self.model_root), grpc_ports=(self.ports["grpc"], self.ports["grpc_mgmt"]))
+        text = config_properties(cfg, listen=listen, snapshot=False, overrides=self.overrides)
         path = self.workdir / "config.properties"
-        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        path.write_text(text)
         return path
 
     def _command(self, config: Path) -> list[str]:
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or shutil.which("torchserve")
         if torchserve is None:
             raise ServerError("the `torchserve` command is not installed; run `make setup`")
-        return [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(self.model_root / "model-store"),
-                "--ts-config", str(config), "--models", f"{MODEL_NAME}={MODEL_NAME}.mar"]
+        return [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(self.model_root / MODEL_STORE),
+                "--ts-config", str(config), "--models", f"{MODEL_NAME}={MAR_FILE}"]
 
     def start(self, timeout: float = 180.0, wait: bool = True) -> "LocalTorchServe":
         if self.verify_archive:

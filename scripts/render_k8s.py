@@ -11,13 +11,12 @@ chart. `--check` renders in memory and exits 1 when k8s/ differs (tests and CI u
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from returns_model.fileio import write_text
 from scripts import helm_render
 
 DEFAULT_OUTPUT = helm_render.REPO_ROOT / "k8s"
@@ -91,14 +90,6 @@ def differences(output: Path, tree: Mapping[str, Mapping[str, str]]) -> list[str
     return problems
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(content)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def write_tree(output: Path, tree: Mapping[str, Mapping[str, str]]) -> None:
     """Write every variant folder; files the chart no longer renders are removed."""
     output.mkdir(parents=True, exist_ok=True)
@@ -108,7 +99,7 @@ def write_tree(output: Path, tree: Mapping[str, Mapping[str, str]]) -> None:
         for stale in set(p.name for p in folder.iterdir()) - set(files):
             (folder / stale).unlink()
         for name, content in files.items():
-            _write_atomic(folder / name, content)
+            write_text(folder / name, content)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

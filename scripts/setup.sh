@@ -37,5 +37,9 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# training/, handler/ and scripts/ are source-tree packages (see pyproject.toml): put the checkout
+# on the venv's path so that their console scripts (returns-train, returns-archive, ...) work anywhere.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+pwd > "$site/returns-classifier-source-tree.pth"
 echo "$want" > "$STAMP"
 echo "setup: done ($(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)'))"

@@ -164,7 +164,7 @@ class FakeInferenceServer:
 # ---- running the submitter and reading what it wrote ------------------------------------
 
 def submit_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.submit", *args]
+    return [sys.executable, "-m", "returns_submit.cli", *args]
 
 
 def run_submit(*args: str, timeout: float = 120, env: dict | None = None, **kw) -> subprocess.CompletedProcess:

@@ -5,10 +5,10 @@ import zipfile
 import pytest
 import yaml
 
-from scripts.verify_archive import ArchiveRefused, verify
-from scripts.verify_archive import sha256_file
+from returns_model.manifest import ArchiveRefused, verify
+from returns_model.manifest import sha256_file
 from training.archive import mar_file_hashes
-from training.artifact import content_digest, tree_hashes
+from returns_model.manifest import content_digest, tree_hashes
 
 
 def test_layout_and_manifest_hashes(model_root):
@@ -29,8 +29,8 @@ def test_mar_carries_everything_serving_needs(model_root, release_model_dir, tmp
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         assert {"model.pt", "model.json", "index_to_name.json", "model-config.yaml", "torchserve_handler.py",
-                "training/preprocess.py", "training/model.py", "handler/core.py", "MAR-INF/MANIFEST.json"} <= names
-        assert not any(n.startswith("training/train") for n in names)  # only what serving imports
+                "returns_model/preprocess.py", "returns_model/network.py", "handler/core.py", "MAR-INF/MANIFEST.json"} <= names
+        assert not any(n.startswith(("training/", "returns_submit/", "scripts/")) for n in names)  # only what serving imports
         serve_cfg = yaml.safe_load(z.read("model-config.yaml"))
         meta = json.loads(z.read("model.json"))
         z.extractall(tmp_path)

@@ -108,7 +108,9 @@ def test_submitter_image() -> None:
     assert entrypoint and json.loads(entrypoint[-1]) == ["returns-submit"]
     assert not [arg for kw, arg in final if kw == "CMD"], "a CMD would become returns-submit's arguments"
     copies = " ".join(arg for kw, arg in steps if kw == "COPY")
-    assert "scripts/" in copies  # returns-submit and python -m scripts.verify_archive
+    # returns-submit and returns-verify-archive: the contract and the submitter, nothing with torch
+    assert "returns_model/" in copies and "returns_submit/" in copies
+    assert not re.search(r"\b(training|handler|scripts)/", copies), "the submitter image ships no torch code"
     runs = " ".join(arg for kw, arg in steps if kw == "RUN")
     assert "--constraint requirements.txt" in runs and '".[k8s]"' in runs
     assert not re.search(r"\btorch\b|\[model\]|\[serve\]|-r requirements", runs), "the submitter must not install torch"
@@ -125,7 +127,7 @@ def test_training_image() -> None:
     assert "-r requirements.txt" in runs  # the same pinned torch as `make train`
     assert "dataset-fashion-mnist" in runs
     entrypoint = [arg for kw, arg in final_stage(steps) if kw == "ENTRYPOINT"]
-    assert json.loads(entrypoint[-1]) == ["python", "-m", "training.train"]
+    assert json.loads(entrypoint[-1]) == ["returns-train"]
 
 
 def test_chart_runs_the_images_as_their_users() -> None:

@@ -85,7 +85,7 @@ def test_parse_all_instance_shapes():
 def test_malformed_requests_raise_with_a_code(row, code):
     with pytest.raises(RequestError) as err:
         parse_request(row, 10)
-    assert err.value.code == code and err.value.status == 400
+    assert err.value.code == code and err.value.to_dict()["error"]["code"] == code
 
 
 def test_form_urlencoded_photo_gets_a_hint():

@@ -424,7 +424,7 @@ def test_torchserve_mode_objects(renders: dict[str, hr.Rendered]) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert all("emptyDir" in volumes[m["name"]] for m in server["volumeMounts"] if m["mountPath"] in writable)
     (verify,) = pod["initContainers"]
-    assert verify["command"] == ["python", "-m", "scripts.verify_archive", "/mnt/models"]
+    assert verify["command"] == ["returns-verify-archive", "/mnt/models"]
     assert verify["volumeMounts"] == [{"name": "model", "mountPath": "/mnt/models", "readOnly": True},
                                       {"name": "tmp", "mountPath": "/tmp"}]
     assert pod["automountServiceAccountToken"] is False
@@ -515,8 +515,8 @@ def test_training_job(renders: dict[str, hr.Rendered]) -> None:
     pod = job["spec"]["template"]["spec"]
     (train,) = pod["initContainers"]
     (archive,) = pod["containers"]
-    assert train["command"] == ["python", "-m", "training.train"] and "--image-folder" in train["args"]
-    assert archive["command"] == ["python", "-m", "training.archive"]
+    assert train["command"] == ["returns-train"] and "--image-folder" in train["args"]
+    assert archive["command"] == ["returns-archive"]
     assert archive["args"] == ["--model-dir", "/mnt/work/release", "--output", "/mnt/models"]
     mounts = {m["mountPath"]: m for m in archive["volumeMounts"]}
     assert mounts["/mnt/models"]["name"] == "model" and mounts["/mnt/models"]["readOnly"] is False

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from training.model import ArchConfig, build_model
+from returns_model.network import ArchConfig, build_model
 
 
 def _model(flip_average: bool) -> torch.nn.Module:

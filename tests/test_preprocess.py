@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from training.data import load_image_folder
-from training.preprocess import ImageError, PreprocessSpec, bytes_to_tensor, bytes_to_uint8, decode_image, normalize
+from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_tensor, bytes_to_uint8, decode_image, normalize
 from tests.conftest import encode
 
 
@@ -53,17 +53,17 @@ def test_aspect_ratio_is_kept_by_letterboxing():
 
 @pytest.mark.parametrize("data,code", [(b"", "empty"), (b"\x00" * 100, "not_an_image"), (b"GIF89a\x01", "not_an_image")])
 def test_bad_bytes_get_a_code(data, code):
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(PhotoError) as err:
         decode_image(data)
     assert err.value.code == code
 
 
 def test_truncated_png_and_bomb_are_refused(fmnist_png):
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(PhotoError) as err:
         decode_image(fmnist_png(0)[:-40])
     assert err.value.code == "corrupt"
     buf = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buf, "PNG")  # 25 MP of zeros compresses to ~25 kB
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(PhotoError) as err:
         decode_image(buf.getvalue(), max_pixels=1_000_000)
     assert err.value.code == "too_large" and "5000x5000" in err.value.message

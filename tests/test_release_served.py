@@ -13,9 +13,9 @@ import pytest
 import requests
 import torch
 
-from training.artifact import load_model
+from returns_model.artifact import load_model
 from training.data import Split
-from training.train import predict_logits
+from training.evaluate import predict_logits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SAMPLE = list(range(0, 10000, 10))  # every 10th test image: spread over the whole test set

@@ -28,13 +28,13 @@ from tests.submit_fixtures import (
     write_photos,
 )
 
-from scripts import drift
-from scripts.client import BatchFailed, InferenceClient
-from scripts.inbox import Entry, Photo, Unreadable, read, shard_of, walk
-from scripts.journal import DoneSet, Journal, OutputLock, read_records
-from scripts.mover import complete_move, move, plan, safe_component
-from scripts.submit import get_args_parser, main
-from scripts.submit_errors import LockHeld, ProtocolError, RequestRejected
+from returns_submit import drift
+from returns_submit.client import BatchFailed, InferenceClient
+from returns_submit.inbox import Entry, Photo, Unreadable, read, shard_of, walk
+from returns_submit.journal import DoneSet, Journal, OutputLock, read_records
+from returns_submit.mover import complete_move, move, plan, safe_component
+from returns_submit.cli import get_args_parser, main
+from returns_submit.errors import LockHeld, ProtocolError, RequestRejected
 
 
 @pytest.fixture
@@ -481,7 +481,7 @@ def test_latest_names_the_newest_complete_run(tmp_path, server):
 
 
 def test_the_submitter_imports_no_torch():
-    code = "import sys, scripts.submit, scripts.runner; sys.exit('torch' in sys.modules)"
+    code = "import sys, returns_submit.cli, returns_submit.runner; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
@@ -547,7 +547,7 @@ def test_pod_metadata_is_read_through_the_kubernetes_client(monkeypatch):
 
     from kubernetes import client, config
 
-    from scripts import k8s_info
+    from returns_submit import k8s_info
 
     assert k8s_info.pod_info({}) is None  # outside a cluster
     calls = []

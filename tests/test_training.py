@@ -29,7 +29,7 @@ def test_compiled_training_learns_and_saves_plain_weights(tmp_path):
     """The default path compiles the training forward; the saved weights must load without it."""
     import torch
 
-    from training.artifact import load_model
+    from returns_model.artifact import load_model
 
     out = tmp_path / "m"
     args = [a for a in TINY if a != "--no-compile"]
@@ -63,7 +63,7 @@ def test_without_a_compiler_training_falls_back_to_eager(monkeypatch, caplog):
 
     from training import train as train_mod
     from training.config import TrainConfig
-    from training.model import ArchConfig, build_model
+    from returns_model.network import ArchConfig, build_model
 
     model = build_model(ArchConfig(widths=(8,), depths=(1,)))
     monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)

@@ -84,3 +84,21 @@ def risk_coverage(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torc
     risk = errors / counts
     coverage = counts / len(order)
     return coverage, risk, float(risk.mean())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration on the validation split decides: the temperature and the review threshold."""
+
+    temperature: float
+    threshold: Threshold
+    target_precision: float
+    n: int  # validation items it was fitted on
+
+
+def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, target_precision: float) -> Calibration:
+    """Fit the temperature, then choose the review threshold on the calibrated validation confidences."""
+    temperature = fit_temperature(val_logits, val_labels)
+    conf, pred = torch.softmax(val_logits / temperature, 1).max(1)
+    thr = choose_threshold(conf, pred == val_labels, target_precision)
+    return Calibration(temperature, thr, target_precision, len(val_labels))

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from returns_model.fileio import write_json
+from returns_model.network import ArchConfig
+from returns_model.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -52,8 +59,6 @@ class TrainConfig:
         return asdict(self)
 
     def write(self, path: Path) -> None:
-        from training.io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
@@ -67,3 +72,18 @@ class TrainConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def make_arch(cfg: TrainConfig, spec: PreprocessSpec, num_classes: int) -> ArchConfig:
+    return ArchConfig(in_channels=spec.channels, num_classes=num_classes, widths=cfg.widths,
+                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout,
+                      flip_average=cfg.flip_average and cfg.hflip)  # mirror views only if trained on them
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but CUDA is not available")
+    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    return dev

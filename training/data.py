@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from training.preprocess import ImageError, PreprocessSpec, bytes_to_uint8
+from returns_model.names import IMAGE_SUFFIXES
+from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8
+from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,6 @@ FASHION_MNIST_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class DataError(RuntimeError):
@@ -163,7 +164,7 @@ def _read_class_folders(root: Path, class_names: list[str], spec: PreprocessSpec
             data = path.read_bytes()
             try:
                 images.append(bytes_to_uint8(data, spec))
-            except ImageError as exc:
+            except PhotoError as exc:
                 log.warning("skipping %s: %s", path, exc.message)
                 continue
             labels.append(label)
@@ -195,3 +196,27 @@ def load_image_folder(root: Path, spec: PreprocessSpec, val_size: int, seed: int
     else:
         train, val = _holdout(train, min(val_size, max(1, len(train) // 10)), seed)
     return Dataset(train, val, test, class_names, f"image-folder:{root}", snapshot_hash(hashes), hashes)
+
+
+def make_spec(cfg: TrainConfig, ds: Dataset | None = None) -> PreprocessSpec:
+    """The preprocessing spec the model is trained with (and that model.json carries)."""
+    if cfg.image_folder is None:
+        return PreprocessSpec()  # Fashion-MNIST: 1x28x28 with its own statistics
+    if ds is None:  # statistics not known yet: a neutral spec to decode with
+        return PreprocessSpec(channels=cfg.channels, size=cfg.image_size,
+                              mean=(0.5,) * cfg.channels, std=(0.5,) * cfg.channels)
+    x = ds.train.images.float() / 255
+    mean = tuple(round(float(v), 4) for v in x.mean((0, 2, 3)))
+    std = tuple(round(max(float(v), 1e-3), 4) for v in x.std((0, 2, 3)))
+    return PreprocessSpec(channels=cfg.channels, size=cfg.image_size, mean=mean, std=std)
+
+
+def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> Dataset:
+    """The data set a training config names: Fashion-MNIST (IDX files) or a folder per class."""
+    if cfg.image_folder:
+        ds = load_image_folder(Path(cfg.image_folder), spec, cfg.val_size, cfg.seed)
+    else:
+        ds = load_fashion_mnist(Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_size, cfg.seed)
+    if cfg.train_subset:
+        ds.train = ds.train.subset(torch.arange(min(cfg.train_subset, len(ds.train))))
+    return ds

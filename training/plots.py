@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from training.io import write_bytes  # noqa: E402
+from returns_model.fileio import write_bytes  # noqa: E402
+from training.calibrate import expected_calibration_error  # noqa: E402
 
 MIN_BIN_ITEMS = 5
 
@@ -42,8 +43,6 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, class_names: list
 
 def reliability_diagram(raw_conf: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, path: Path,
                         bins: int = 15) -> None:
-    from training.calibrate import expected_calibration_error
-
     edges = torch.linspace(0, 1, bins + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
     for ax, c, title in ((axes[0], raw_conf, "before calibration"), (axes[1], conf, "after temperature scaling")):

@@ -1,14 +1,13 @@
-"""Train the SE-ResNet returns classifier, then calibrate, evaluate and write the model artifact.
+"""Train the SE-ResNet returns classifier, then calibrate, evaluate and write the model folder.
 
-    python -m training.train --output models/release          # the release model
-    python -m training.train --image-folder shop_photos/ ...  # a shop's own categories
+    returns-train --output models/release          # the release model
+    returns-train --image-folder shop_photos/ ...  # a shop's own categories
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -20,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from training.augment import random_crop, random_erasing, random_hflip
-from training.config import TrainConfig
-from training.data import Dataset, Split, load_fashion_mnist, load_image_folder
-from training.model import ArchConfig, SEResNet, build_model
-from training.preprocess import PreprocessSpec, normalize
+from returns_model.fileio import atomic_open
+from returns_model.network import SEResNet, build_model
+from returns_model.preprocess import PreprocessSpec, normalize
+from training.config import TrainConfig, make_arch, pick_device
+from training.data import Dataset, load_data, make_spec
+from training.evaluate import predict_logits
+from training.report import write_model_folder
 
 log = logging.getLogger("training")
 
@@ -81,43 +83,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but CUDA is not available")
-    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if dev.type == "cpu":
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    return dev
-
-
-def load_data(cfg: TrainConfig, spec: PreprocessSpec) -> Dataset:
-    if cfg.image_folder:
-        ds = load_image_folder(Path(cfg.image_folder), spec, cfg.val_size, cfg.seed)
-    else:
-        ds = load_fashion_mnist(Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_size, cfg.seed)
-    if cfg.train_subset:
-        ds.train = ds.train.subset(torch.arange(min(cfg.train_subset, len(ds.train))))
-    return ds
-
-
-def make_spec(cfg: TrainConfig, ds: Dataset | None = None) -> PreprocessSpec:
-    if cfg.image_folder is None:
-        return PreprocessSpec()  # Fashion-MNIST: 1x28x28 with its own statistics
-    if ds is None:  # statistics not known yet: a neutral spec to decode with
-        return PreprocessSpec(channels=cfg.channels, size=cfg.image_size,
-                              mean=(0.5,) * cfg.channels, std=(0.5,) * cfg.channels)
-    x = ds.train.images.float() / 255
-    mean = tuple(round(float(v), 4) for v in x.mean((0, 2, 3)))
-    std = tuple(round(max(float(v), 1e-3), 4) for v in x.std((0, 2, 3)))
-    return PreprocessSpec(channels=cfg.channels, size=cfg.image_size, mean=mean, std=std)
-
-
-def make_arch(cfg: TrainConfig, spec: PreprocessSpec, ds: Dataset) -> ArchConfig:
-    return ArchConfig(in_channels=spec.channels, num_classes=len(ds.class_names), widths=cfg.widths,
-                      depths=cfg.depths, se_reduction=cfg.se_reduction, dropout=cfg.dropout,
-                      flip_average=cfg.flip_average and cfg.hflip)  # mirror views only if trained on them
-
-
 def compiled_forward(model: SEResNet, cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The training forward, compiled where that can work; the module itself stays uncompiled.
 
@@ -143,21 +108,6 @@ def make_optimizer(model: SEResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-@torch.inference_mode()
-def predict_logits(model: SEResNet, split: Split, spec: PreprocessSpec, device: torch.device,
-                   batch_size: int = 512, with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (and optionally penultimate features) for a whole split, in order."""
-    model.eval()
-    logits, feats = [], []
-    for i in range(0, len(split), batch_size):
-        x = normalize(split.images[i:i + batch_size].to(device), spec).contiguous(memory_format=torch.channels_last)
-        f = model.features(x)
-        logits.append(model.head(f).float().cpu())
-        if with_features:
-            feats.append(f.float().cpu())
-    return torch.cat(logits), (torch.cat(feats) if with_features else None)
 
 
 def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
@@ -210,7 +160,7 @@ def train(cfg: TrainConfig) -> Path:
     device = pick_device(cfg)
     ds = load_data(cfg, make_spec(cfg))
     spec = make_spec(cfg, ds)
-    arch = make_arch(cfg, spec, ds)
+    arch = make_arch(cfg, spec, len(ds.class_names))
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     forward = compiled_forward(model, cfg, device)
@@ -252,15 +202,13 @@ def train(cfg: TrainConfig) -> Path:
             f.write(json.dumps(row) + "\n")
         log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  (%.0fs)", row["epoch"], cfg.epochs,
                  row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "epoch": epoch + 1,
-                    "config": json.dumps(cfg.to_dict(), sort_keys=True)}, ckpt_path.with_suffix(".tmp"))
-        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+        with atomic_open(ckpt_path, "wb") as f:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(), "epoch": epoch + 1,
+                        "config": json.dumps(cfg.to_dict(), sort_keys=True)}, f)
     train_seconds = time.time() - t_start
 
-    from training.evaluate import finalize
-
-    finalize(model, ds, spec, arch, cfg, device, out, train_seconds=train_seconds)
+    write_model_folder(model, ds, cfg, device, out, train_seconds=train_seconds)
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import requests
 from requests.adapters import HTTPAdapter
 
-from scripts.submit_errors import ProtocolError, RequestRejected, ServerUnreachable
+from returns_submit.errors import ProtocolError, RequestRejected, ServerUnreachable
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({404, 408, 409, 425, 429, 500, 502, 503, 504, 507})

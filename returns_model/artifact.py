@@ -5,7 +5,6 @@ architecture, class names, preprocessing spec, temperature, threshold, top-k.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 
 import torch
 
-from training.model import ArchConfig, SEResNet, build_model
-from training.preprocess import PreprocessSpec
+from returns_model.fileio import atomic_open, write_json
+from returns_model.names import META_FILE, MODEL_NAME, WEIGHTS_FILE
+from returns_model.network import ArchConfig, SEResNet, build_model
+from returns_model.preprocess import PreprocessSpec
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.pt"
-META_FILE = "model.json"
 
 
 class ArtifactError(RuntimeError):
@@ -34,7 +33,7 @@ class ModelMeta:
     threshold: float
     target_precision: float
     top_k: int = 3
-    model_name: str = "returns-classifier"
+    model_name: str = MODEL_NAME
     model_version: str = "1.0"
     coverage: float | None = None
     reference: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +71,7 @@ class ModelMeta:
                    preprocess=PreprocessSpec.from_dict(d["preprocess"]), temperature=float(cal["temperature"]),
                    threshold=float(cal["threshold"]), target_precision=float(cal["target_precision"]),
                    coverage=cal.get("coverage"), top_k=int(d.get("top_k", 3)),
-                   model_name=d.get("model_name", "returns-classifier"), model_version=str(d.get("model_version", "1.0")),
+                   model_name=d.get("model_name", MODEL_NAME), model_version=str(d.get("model_version", "1.0")),
                    reference=d.get("reference", {}), data=d.get("data", {}))
 
 
@@ -102,20 +101,12 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[SER
     return model.to(device).eval(), meta
 
 
-def content_digest(file_hashes: dict[str, str]) -> str:
-    """SHA-256 over sorted "name  sha256" lines: an archive's identity, computable from its extracted files.
-
-    ``make archive`` records it for the .mar's members; the handler computes it over its model
-    folder, so every answer names the exact archive that produced it.
-    """
-    return hashlib.sha256("".join(f"{n}  {h}\n" for n, h in sorted(file_hashes.items())).encode()).hexdigest()
+def save_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """``model.pt``: a plain CPU state_dict (loadable with ``weights_only=True``), written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_open(Path(model_dir) / WEIGHTS_FILE, "wb") as f:
+        torch.save(state, f)
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (POSIX relative names), skipping Python byte-code caches."""
-    root = Path(root)
-    out = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-            out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
+def write_meta(meta: ModelMeta, model_dir: Path) -> None:
+    write_json(Path(model_dir) / META_FILE, meta.to_dict())

@@ -19,7 +19,7 @@ from array import array
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from scripts.submit_errors import LockHeld, OutputNotWritable
+from returns_submit.errors import LockHeld, OutputNotWritable
 
 
 def path_key(rel: str) -> int:

@@ -16,7 +16,7 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
-from scripts.inbox import file_sha256, parent_dir
+from returns_submit.inbox import file_sha256, parent_dir
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")

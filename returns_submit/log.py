@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-log = logging.getLogger("scripts.submit")
+log = logging.getLogger("returns_submit")
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,9 +34,9 @@ def setup_logging(level: str, bar: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     else:
         handler.setFormatter(JsonFormatter())
-    # The submitter's own loggers only ("scripts.*"): main() may run inside another
+    # The submitter's own loggers only ("returns_submit.*"): main() may run inside another
     # program (the tests, the demo) whose root logger is not ours to rewire.
-    ours = logging.getLogger("scripts")
+    ours = logging.getLogger("returns_submit")
     for h in list(ours.handlers):
         ours.removeHandler(h)
     ours.addHandler(handler)

@@ -11,31 +11,13 @@ Stdlib only (the submitter image has no numpy/scipy).
 from __future__ import annotations
 
 import bisect
-import json
 import math
-from pathlib import Path
 from typing import Sequence
+
+from returns_model.manifest import Reference
 
 MIN_PHOTOS = 20  # below this the run is too small to say anything
 MIN_EXPECTED = 5.0  # sparse bins are merged until each expects this many photos
-
-
-def load_reference(path: Path | None) -> dict | None:
-    """The `reference` object of an artifact_manifest.json or model.json (or a folder
-    holding one of them); None without a path."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_dir():
-        path = next((p for p in (path / "artifact_manifest.json", path / "model.json") if p.exists()), path)
-    doc = json.loads(path.read_text())
-    ref = doc.get("reference", doc)
-    if "class_distribution" not in ref:
-        raise ValueError(f"{path} has no reference.class_distribution")
-    ref["_source"] = str(path)
-    ref["_archive_content_sha256"] = doc.get("archive_content_sha256")
-    ref["_mar_sha256"] = doc.get("mar_sha256")
-    return ref
 
 
 def bin_index(x: float, edges: Sequence[float]) -> int:
@@ -157,11 +139,12 @@ def compare(observed: Sequence[float], reference: Sequence[float], alpha: float)
     }
 
 
-def summarize(reference: dict | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
+def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
               alpha: float) -> dict:
     """The run_metadata `drift` object: per signal PSI, test and decision."""
-    if reference is None:
+    if ref is None:
         return {"available": False, "reason": "no --reference given (artifact_manifest.json or model.json)"}
+    reference = ref.body
     dist = reference["class_distribution"]
     n_ref = float(reference.get("n") or 0) or 1000.0
     expected = [p * n_ref for p in dist]
@@ -176,7 +159,7 @@ def summarize(reference: dict | None, class_counts: dict[int, int], confidence_c
     flags = [s["drift"] for s in signals.values() if s.get("drift") is not None]
     return {
         "available": True,
-        "reference": reference.get("_source"),
+        "reference": ref.source,
         "method": "chi-square test of homogeneity vs the reference counts; PSI reported alongside",
         "signals": signals,
         "drift": any(flags) if flags else None,

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from scripts.submit_errors import BadArguments
+from returns_model.names import MAX_INSTANCES, MODEL_NAME
+from returns_submit.errors import BadArguments
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MiB = 1024 * 1024
 
@@ -32,7 +32,7 @@ class SubmitConfig:
     output: Path | None = None
     endpoint: str = "http://127.0.0.1:8080"
     api: str = "predictions"  # or "v1" (KServe)
-    model: str = "returns-classifier"
+    model: str = MODEL_NAME
     batch_size: int = 16  # keep under the handler's max instances per request
     concurrency: int = 2
     timeout: float = 60.0  # seconds per HTTP request
@@ -75,6 +75,8 @@ class SubmitConfig:
         for name in ("timeout", "backoff", "backoff_max", "connect_deadline"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive")
+        if self.batch_size > MAX_INSTANCES:
+            problems.append(f"--batch-size {self.batch_size} is above the server's {MAX_INSTANCES} photos per request")
         if self.retries < 0:
             problems.append("--retries must be 0 or more")
         if not 0 <= self.shard_index < max(self.shard_count, 1):

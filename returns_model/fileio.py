@@ -1,6 +1,6 @@
 """Atomic file writes: readers never see half a file, a crash leaves the old one.
 
-Standard library only: the submitter's image (no torch) uses it too.
+Standard library only: the submitter's image (no torch) uses it too, and so do training and the tools.
 """
 from __future__ import annotations
 

@@ -21,14 +21,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from scripts import drift, k8s_info, manifests, run_report
-from scripts.client import Answer, BatchFailed, InferenceClient
-from scripts.inbox import Entry, Photo, Unreadable, lexists, read, shard_of, walk
-from scripts.journal import Journal, OutputLock, read_records, shard_file_names
-from scripts.mover import complete_move, move, plan, safe_component
-from scripts.run_report import utc_now
-from scripts.submit_config import SubmitConfig
-from scripts.submit_errors import (
+from returns_model.manifest import Reference, read_reference
+from returns_submit import k8s_info, outputs
+from returns_submit.client import Answer, BatchFailed, InferenceClient
+from returns_submit.inbox import Entry, Photo, Unreadable, lexists, read, shard_of, walk
+from returns_submit.journal import Journal, OutputLock, read_records, shard_file_names
+from returns_submit.mover import complete_move, move, plan, safe_component
+from returns_submit.outputs import utc_now
+from returns_submit.config import SubmitConfig
+from returns_submit.errors import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_TERMINATED,
@@ -37,7 +38,7 @@ from scripts.submit_errors import (
     ServerUnreachable,
     SubmitError,
 )
-from scripts.submit_log import Progress, event, want_bar
+from returns_submit.log import Progress, event, want_bar
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Runner:
                      "run_date": now.strftime("%Y-%m-%d"), "invocations": 0}
         state["invocations"] += 1
         try:
-            manifests.write_json(path, state)
+            outputs.write_json(path, state)
             # Running again means the run is not complete until this invocation says so.
             for marker in (self.run_dir / self.names["success"], self.run_dir / "_SUCCESS"):
                 marker.unlink(missing_ok=True)
@@ -129,10 +130,12 @@ class Runner:
             raise OutputNotWritable(f"cannot write to {self.run_dir}: {e}") from e
         return state
 
-    def _load_reference(self) -> dict | None:
+    def _load_reference(self) -> Reference | None:
+        if self.cfg.reference is None:
+            return None
         try:
-            return drift.load_reference(self.cfg.reference)
-        except (OSError, ValueError, KeyError) as e:
+            return read_reference(self.cfg.reference)
+        except (OSError, ValueError) as e:
             raise BadArguments(f"--reference {self.cfg.reference}: {e}") from e
 
     def _recover_moves(self) -> None:
@@ -313,9 +316,9 @@ class Runner:
     def _finish(self) -> int:
         cfg = self.cfg
         complete = self.fatal is None and not self.stop.is_set()
-        edges = (self.reference or {}).get("confidence_histogram", {}).get("edges")
+        edges = self.reference.body.get("confidence_histogram", {}).get("edges") if self.reference else None
         try:
-            summary = manifests.build_outputs(self.run_dir, [self.journal.predictions_path],
+            summary = outputs.build_outputs(self.run_dir, [self.journal.predictions_path],
                                               [self.journal.rejected_path], edges)
         except OSError as e:
             raise OutputNotWritable(f"cannot write the run's files in {self.run_dir}: {e}") from e
@@ -329,13 +332,14 @@ class Runner:
             code, status = EXIT_OK, "complete"
         meta = self._metadata(summary, status, code)
         try:
-            manifests.write_json(self.run_dir / self.names["metadata"], meta)
+            outputs.write_json(self.run_dir / self.names["metadata"], meta)
             if complete:
-                manifests.write_text(self.run_dir / self.names["success"], self.run_name + "\n")
+                outputs.write_text(self.run_dir / self.names["success"], self.run_name + "\n")
                 if cfg.shard_count == 1:
-                    manifests.update_latest(self.output, self.run_name, self.state["started_at"])
+                    outputs.update_latest(self.output, self.run_name, self.state["started_at"])
                 else:
-                    run_report.finalize_shards(self.output, self.run_dir, cfg, self.reference)
+                    outputs.finalize_shards(self.output, self.run_dir, cfg.run_id, cfg.shard_count,
+                                            cfg.max_error_rate, cfg.drift_alpha, cfg.as_json(), self.reference)
         except OSError as e:
             raise OutputNotWritable(f"cannot write the run's metadata in {self.run_dir}: {e}") from e
         level = {EXIT_OK: logging.INFO, EXIT_PARTIAL: logging.WARNING, EXIT_TERMINATED: logging.WARNING}
@@ -343,35 +347,30 @@ class Runner:
               exit_code=code, **meta["counts"], error=str(self.fatal) if self.fatal else None)
         return code
 
-    def _metadata(self, summary: manifests.Summary, status: str, code: int) -> dict:
+    def _metadata(self, summary: outputs.Summary, status: str, code: int) -> dict:
         cfg = self.cfg
-        body = run_report.summary_json(summary, self.reference)
-        body["counts"].update({
+        elapsed = self.progress.elapsed if hasattr(self, "progress") else 0.0
+        ended = utc_now()
+        extra_counts = {
             "skipped_non_image": self.skipped["non_image"], "skipped_hidden": self.skipped["hidden"],
             "skipped_symlink": self.skipped["symlink"], "skipped_unlistable": self.skipped["unlistable"],
             "other_shards": self.invocation["other_shards"],
             "resumed_skipped": self.invocation["resumed_skipped"],
             "move_failed": self.invocation["move_failed"],
-        })
-        elapsed = self.progress.elapsed if hasattr(self, "progress") else 0.0
-        ended = utc_now()
-        return {
-            "run_id": cfg.run_id, "status": status, "exit_code": code,
-            "started_at": self.state["started_at"], "ended_at": ended,
-            "invocations": self.state["invocations"],
-            "shard": {"index": cfg.shard_index, "count": cfg.shard_count},
-            **body,
-            "throughput": {"this_invocation_photos": self.invocation["processed"],
-                           "this_invocation_seconds": round(elapsed, 3),
-                           "images_per_second": round(self.invocation["processed"] / elapsed, 3)
-                           if elapsed > 0 else None},
-            "drift": run_report.drift_json(summary, self.reference, cfg.drift_alpha),
-            "error": str(self.fatal) if self.fatal else None,
-            "invocation": {**self.invocation, "ended_at": ended},
-            "kubernetes": k8s_info.pod_info(),
-            "config": cfg.as_json(),
-            "files": {k: v for k, v in self.names.items() if k != "state"},
         }
+        return outputs.run_metadata(
+            summary, self.reference, cfg.drift_alpha, run_id=cfg.run_id, status=status,
+            started_at=self.state["started_at"], ended_at=ended, shard_index=cfg.shard_index,
+            shard_count=cfg.shard_count, config=cfg.as_json(), extra_counts=extra_counts,
+            exit_code=code, invocations=self.state["invocations"],
+            throughput={"this_invocation_photos": self.invocation["processed"],
+                        "this_invocation_seconds": round(elapsed, 3),
+                        "images_per_second": round(self.invocation["processed"] / elapsed, 3)
+                        if elapsed > 0 else None},
+            error=str(self.fatal) if self.fatal else None,
+            invocation={**self.invocation, "ended_at": ended},
+            kubernetes=k8s_info.pod_info(),
+            files={k: v for k, v in self.names.items() if k != "state"})
 
 
 RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "top_k",

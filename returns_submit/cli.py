@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from scripts.runner import Runner
-from scripts.submit_config import ENV_VARS, SubmitConfig, default_run_id, env_defaults
-from scripts.submit_errors import (
+from returns_submit.runner import Runner
+from returns_submit.config import ENV_VARS, SubmitConfig, default_run_id, env_defaults
+from returns_submit.errors import (
     EXIT_BAD_ARGS,
     EXIT_INTERNAL,
     EXIT_LOCKED,
@@ -30,9 +30,9 @@ from scripts.submit_errors import (
     BadArguments,
     SubmitError,
 )
-from scripts.submit_log import event, setup_logging, want_bar
+from returns_submit.log import event, setup_logging, want_bar
 
-log = logging.getLogger("scripts.submit")
+log = logging.getLogger("returns_submit")
 
 EPILOG = f"""\
 exit codes:

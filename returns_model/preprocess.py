@@ -1,6 +1,6 @@
 """The one preprocessing source: image bytes -> the model's input tensor.
 
-Training's evaluation path, the TorchServe handler and the benchmarks all import
+Training's evaluation path, the server adapters and the benchmarks all import
 this module, and the .mar ships it, so the constants below live nowhere else.
 The spec itself travels with the weights (``model.json``), so a server never
 guesses the input size or normalisation.
@@ -15,19 +15,28 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from returns_model.names import MAX_IMAGE_PIXELS
+
 # Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
-DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel phone photo; larger is treated as a bomb
 
 
-class ImageError(ValueError):
-    """A photo that cannot be turned into a model input; ``code`` is machine-readable."""
+class PhotoError(ValueError):
+    """One photo cannot be turned into a model input; ``code`` is machine-readable.
+
+    The one per-photo error type: decoding raises it, request parsing returns it for a bad
+    instance, and a server answers it as that photo's result (HTTP 200 beside the other photos,
+    or 400 when no photo of the request was valid).
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class PreprocessSpec:
     std: tuple[float, ...] = FASHION_MNIST_STD
     # Letterbox colour (0 = black), matching Fashion-MNIST's black background.
     fill: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = MAX_IMAGE_PIXELS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,14 +73,14 @@ class PreprocessSpec:
         return cls(**d)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode bytes into a fully loaded PIL image (first frame of an animation).
 
-    Raises ImageError with a code: ``empty``, ``not_an_image``, ``too_large``,
+    Raises PhotoError with a code: ``empty``, ``not_an_image``, ``too_large``,
     ``zero_size`` or ``corrupt`` (truncated or damaged data).
     """
     if not data:
-        raise ImageError("empty", "the photo is empty (0 bytes)")
+        raise PhotoError("empty", "the photo is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Pillow warns before it errors on bombs; we check the size ourselves.
@@ -79,23 +88,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width == 0 or height == 0:
-                raise ImageError("zero_size", f"the photo has no pixels ({width}x{height})")
+                raise PhotoError("zero_size", f"the photo has no pixels ({width}x{height})")
             if width * height > max_pixels:
-                raise ImageError(
+                raise PhotoError(
                     "too_large",
                     f"the photo is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                 )
             img.seek(0)
             img.load()
-    except ImageError:
+    except PhotoError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "the bytes are not an image in a supported format "
+        raise PhotoError("not_an_image", "the bytes are not an image in a supported format "
                          "(PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError("too_large", f"the photo is too large to decode safely: {exc}") from None
+        raise PhotoError("too_large", f"the photo is too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError("corrupt", f"the photo is truncated or damaged: {exc}") from None
+        raise PhotoError("corrupt", f"the photo is truncated or damaged: {exc}") from None
     return img
 
 
@@ -129,7 +138,7 @@ def image_to_uint8(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def bytes_to_uint8(data: bytes, spec: PreprocessSpec) -> torch.Tensor:
-    """Image bytes -> ``uint8`` tensor ``[C, size, size]``; raises ImageError for bad photos."""
+    """Image bytes -> ``uint8`` tensor ``[C, size, size]``; raises PhotoError for bad photos."""
     return image_to_uint8(decode_image(data, spec.max_pixels), spec)
 
 

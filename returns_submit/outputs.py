@@ -1,5 +1,6 @@
-"""What a run leaves for its readers, derived from the journal: predictions.csv,
-review_queue.jsonl, run_metadata.json, `_SUCCESS` and `<output>/LATEST`.
+"""Every file a run leaves for its readers, derived from the journal: predictions.csv,
+review_queue.jsonl, run_metadata.json (one shard's, and the run's merged one), `_SUCCESS`
+and `<output>/LATEST`. (The journal's own append-only files are returns_submit.journal's.)
 
 Everything here is regenerated from the JSONL journal in one streaming pass, so it
 stays consistent with predictions.jsonl after any number of resumes, and is written
@@ -14,12 +15,16 @@ from array import array
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from scripts.drift import bin_index
-from scripts.journal import blocking_lock, read_records
-from training.io import atomic_open, write_json, write_text  # noqa: F401 (write_json: used by runner, run_report)
+from returns_model.fileio import atomic_open, write_json, write_text
+from returns_model.manifest import Reference
+from returns_submit import drift
+from returns_submit.drift import bin_index
+from returns_submit.journal import blocking_lock, read_records, shard_file_names
+from returns_submit.log import event
 
 CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review",
                "model_name", "model_version", "model_sha256", "shard", "timestamp")
@@ -177,3 +182,70 @@ def update_latest(output: Path, run_name: str, started_at: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_metadata(summary: Summary, reference: Reference | None, drift_alpha: float, *, run_id: str, status: str,
+                 started_at: str, shard_index: int | None, shard_count: int, config: dict,
+                 extra_counts: dict | None = None, ended_at: str | None = None, **sections: Any) -> dict:
+    """The run_metadata.json of one shard (``shard_index``) or of the merged run (``None``).
+
+    Both carry the same summary, model check and drift sections; ``sections`` adds what only
+    one of them has (a shard's invocation and throughput, the merged run's list of shards).
+    """
+    body = summary.as_json()
+    body["counts"].update(extra_counts or {})
+    server_sha = body["model"]["sha256"]
+    ref_sha = reference.archive_content_sha256 if reference else None
+    body["model"].update({
+        "reference_archive_content_sha256": ref_sha,
+        "reference_mar_sha256": reference.mar_sha256 if reference else None,
+        "matches_reference": server_sha == ref_sha if server_sha and ref_sha else None,
+    })
+    return {
+        "run_id": run_id, "status": status, "started_at": started_at, "ended_at": ended_at or utc_now(),
+        "shard": {"index": shard_index, "count": shard_count},
+        **body,
+        "drift": drift.summarize(reference, summary.class_ids, summary.reference_histogram, drift_alpha),
+        **sections,
+        "config": config,
+    }
+
+
+def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, max_error_rate: float,
+                    drift_alpha: float, config: dict, reference: Reference | None) -> bool:
+    """Whichever shard finds every shard's `_SUCCESS.shard-*` marker writes the run's merged
+    predictions/rejected JSONL, CSV, review queue, run_metadata.json, `_SUCCESS` and LATEST.
+    A lock in the run folder serialises shards finishing together. True if it did."""
+    fd = blocking_lock(run_dir / ".lock.finalize")
+    try:
+        names = [shard_file_names(i, shard_count) for i in range(shard_count)]
+        if not all((run_dir / n["success"]).exists() for n in names):
+            event("shard complete; waiting for the other shards")
+            return False
+        edges = reference.body.get("confidence_histogram", {}).get("edges") if reference else None
+        summary = build_outputs(run_dir, [run_dir / n["predictions"] for n in names],
+                                [run_dir / n["rejected"] for n in names], edges, merge=True)
+        shards = [_read_json(run_dir / n["metadata"]) for n in names]
+        starts = [s["started_at"] for s in shards if s and "started_at" in s]
+        meta = run_metadata(summary, reference, drift_alpha, run_id=run_id,
+                            status="partial" if summary.error_rate > max_error_rate else "complete",
+                            started_at=min(starts) if starts else utc_now(), shard_index=None,
+                            shard_count=shard_count, config={**config, "shard_index": None}, shards=shards)
+        write_json(run_dir / "run_metadata.json", meta)
+        write_text(run_dir / "_SUCCESS", run_dir.name + "\n")
+        update_latest(output, run_dir.name, meta["started_at"])
+        event("run complete: all shards done", shards=shard_count)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,136 @@
+"""The archive manifest (``artifact_manifest.json``) and the drift reference: hashes, the check
+before serving, and the one reader of the reference that the submitter compares a night against.
+
+    returns-verify-archive /mnt/models      # exit 0 = verified, 1 = refused
+
+Standard library only: it runs in the submitter image as an init container, and locally
+before `make serve`, so a tampered or half-copied archive is never served.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from returns_model.names import MANIFEST_FILE, META_FILE
+
+# Confidence histogram edges of the drift reference: most mass sits near 1, so the top is finely cut.
+REFERENCE_EDGES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0]
+
+
+class ArchiveRefused(RuntimeError):
+    """The archive is missing, or differs from what its manifest records."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(file_hashes: dict[str, str]) -> str:
+    """SHA-256 over sorted "name  sha256" lines: an archive's identity, computable from its extracted files.
+
+    ``make archive`` records it for the .mar's members; the handler computes it over its model
+    folder, so every answer names the exact archive that produced it.
+    """
+    return hashlib.sha256("".join(f"{n}  {h}\n" for n, h in sorted(file_hashes.items())).encode()).hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (POSIX relative names), skipping Python byte-code caches."""
+    root = Path(root)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            out[path.relative_to(root).as_posix()] = sha256_file(path)
+    return out
+
+
+def verify(model_root: Path) -> dict:
+    """Return the manifest when the archive matches it; raise ArchiveRefused otherwise."""
+    model_root = Path(model_root)
+    manifest_path = model_root / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        mar = model_root / manifest["mar_file"]
+        expected = manifest["mar_sha256"]
+    except FileNotFoundError:
+        raise ArchiveRefused(f"{manifest_path}: not found; build it with `make archive`") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveRefused(f"{manifest_path}: unreadable manifest ({exc!r})") from None
+    if not mar.resolve().is_relative_to(model_root.resolve()):
+        raise ArchiveRefused(f"{manifest_path}: mar_file {manifest['mar_file']!r} points outside {model_root}")
+    if not mar.is_file():
+        raise ArchiveRefused(f"{mar}: archive named by the manifest is missing")
+    actual = sha256_file(mar)
+    if actual != expected:
+        raise ArchiveRefused(f"{mar}: SHA-256 {actual} does not match {MANIFEST_FILE} ({expected}); "
+                             "the archive was changed or copied incompletely: refusing to serve it")
+    return manifest
+
+
+# --- the drift reference ------------------------------------------------------------------
+
+def make_reference(class_names: list[str], class_distribution: list[float], confidence_counts: list[int],
+                   n: int, source: str) -> dict[str, Any]:
+    """The reference object stored in model.json (and copied into the manifest): what a normal
+    night looks like, as predicted class mix and calibrated-confidence histogram."""
+    if len(confidence_counts) != len(REFERENCE_EDGES) - 1:
+        raise ValueError(f"{len(confidence_counts)} histogram counts for {len(REFERENCE_EDGES) - 1} bins")
+    return {"n": n, "source": source, "class_names": class_names,
+            "class_distribution": [round(float(v), 6) for v in class_distribution],
+            "confidence_histogram": {"edges": REFERENCE_EDGES, "counts": [int(c) for c in confidence_counts]}}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A drift reference as read from a manifest or model.json, with where it came from and which
+    archive it describes (so a run can say whether the server answered with that archive)."""
+
+    body: dict[str, Any]
+    source: str
+    archive_content_sha256: str | None = None
+    mar_sha256: str | None = None
+
+
+def read_reference(path: Path) -> Reference:
+    """The reference of an artifact_manifest.json or model.json, or of a folder holding one.
+
+    Raises OSError when unreadable and ValueError when the file has no usable reference.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = next((p for p in (path / MANIFEST_FILE, path / META_FILE) if p.exists()), path)
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    body = doc.get("reference", doc)
+    if not isinstance(body, dict) or not isinstance(body.get("class_distribution"), list):
+        raise ValueError(f"{path} has no reference.class_distribution")
+    return Reference(body=body, source=str(path), archive_content_sha256=doc.get("archive_content_sha256"),
+                     mar_sha256=doc.get("mar_sha256"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="returns-verify-archive",
+                                description=f"Verify a model root's .mar against its {MANIFEST_FILE}.")
+    p.add_argument("model_root", type=Path, help=f"folder with {MANIFEST_FILE} and model-store/")
+    args = p.parse_args(argv)
+    try:
+        manifest = verify(args.model_root)
+    except ArchiveRefused as exc:
+        print(f"verify_archive: REFUSED: {exc}", file=sys.stderr)
+        return 1
+    print(f"verify_archive: ok {manifest['mar_file']} sha256 {manifest['mar_sha256']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
