@@ -92,10 +92,22 @@ def printable_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell that a spreadsheet would run as a formula gets a leading single quote (OWASP's
+    advice for CSV injection); photo file names come from the outside world. Numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_row(r: dict) -> list:
-    return [printable_path(str(r.get("path"))), r.get("sha256"), r.get("label"), r.get("class_id"),
-            r.get("confidence"), str(bool(r.get("needs_review"))).lower(), r.get("model_name"),
-            r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
+    row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get("label"), r.get("class_id"),
+           r.get("confidence"), str(bool(r.get("needs_review"))).lower(), r.get("model_name"),
+           r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
+    return [spreadsheet_safe(v) for v in row]
 
 
 def review_item(r: dict) -> dict:

@@ -628,3 +628,20 @@ def test_an_empty_inbox_is_a_complete_run(tmp_path, server):
     assert meta["counts"]["seen"] == 0 and meta["error_rate"] == 0.0 and meta["average_confidence"] is None
     assert meta["drift"]["signals"]["class_mix"]["drift"] is None  # too few photos to judge
     assert read_csv(run / "predictions.csv") == [] and (run / "_SUCCESS").exists()
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path, server):
+    """Photo file names come from the outside world: =cmd|' /C calc'!A0 must stay text in Excel."""
+    hostile = ["=HYPERLINK(\"evil.example\").png", "+1+1.png", "-2.png", "@SUM(A1).png", "\tTAB.png", "\rCR.png",
+               "plain.png"]
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, len(hostile), names=hostile)
+    out = tmp_path / "out"
+    assert main(args(inbox, out, server.url, "--run-id", "csv")) == 0
+    rows = read_csv(out / "run_csv" / "predictions.csv")
+    paths = sorted(r["path"] for r in rows)
+    assert paths == sorted("'" + h if h[0] in "=+-@\t\r" else h for h in hostile)
+    assert all(not p.startswith(("=", "+", "-", "@", "\t", "\r")) for p in paths)
+    # The JSONL manifest keeps the true names; numbers in the CSV stay numbers.
+    assert sorted(r["path"] for r in read_jsonl(out / "run_csv" / "predictions.jsonl")) == sorted(hostile)
+    assert all(0 <= float(r["confidence"]) <= 1 for r in rows)
