@@ -22,13 +22,8 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
 
-class PhotoError(ValueError):
-    """One photo cannot be turned into a model input; ``code`` is machine-readable.
-
-    The one per-photo error type: decoding raises it, request parsing returns it for a bad
-    instance, and a server answers it as that photo's result (HTTP 200 beside the other photos,
-    or 400 when no photo of the request was valid).
-    """
+class CodedError(ValueError):
+    """An error a client reads: a machine-readable ``code`` and a message saying what was wrong."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -37,6 +32,15 @@ class PhotoError(ValueError):
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+class PhotoError(CodedError):
+    """One photo cannot be turned into a model input.
+
+    The one per-photo error type: decoding raises it, request parsing returns it for a bad
+    instance, and a server answers it as that photo's result (HTTP 200 beside the other photos,
+    or 400 when no photo of the request was valid).
+    """
 
 
 @dataclass(frozen=True)
