@@ -76,3 +76,17 @@ def test_tampered_archive_is_refused(model_root, tmp_path):
     mar.write_bytes(bytes(data))
     with pytest.raises(ArchiveRefused, match="does not match artifact_manifest.json"):
         verify(copy)
+
+
+def test_the_same_model_folder_gives_a_byte_identical_mar(model_root, release_model_dir, tmp_path):
+    """A SHA-256 pinned in the chart's values must mean one archive: no build times inside."""
+    from training.archive import build_archive
+
+    again = build_archive(release_model_dir, tmp_path / "again")
+    first = json.loads((model_root / "artifact_manifest.json").read_text())
+    assert again["mar_sha256"] == first["mar_sha256"]
+    assert (tmp_path / "again" / "model-store" / "returns-classifier.mar").read_bytes() == \
+        (model_root / "model-store" / "returns-classifier.mar").read_bytes()
+    with zipfile.ZipFile(model_root / "model-store" / "returns-classifier.mar") as z:
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert [i.filename for i in z.infolist()] == sorted(i.filename for i in z.infolist())

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -42,6 +43,35 @@ SHIPPED_PACKAGES = {
 }
 HANDLER_ENTRY = Path(handler.__file__).parent / "torchserve_handler.py"
 METRICS_YAML = Path(handler.__file__).parent / "metrics.yaml"
+
+
+# What a reproducible .mar records instead of the build time (the zip format's earliest date).
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+FIXED_CREATED_ON = "01/01/1980 00:00:00"
+
+
+def make_reproducible(mar: Path) -> None:
+    """Rewrite the .mar so the same model folder always gives the same bytes: members in name
+    order, one fixed timestamp and mode, and MAR-INF/MANIFEST.json without the build time.
+
+    torch-model-archiver stamps every member and the manifest with the current time, so a
+    SHA-256 pinned in the chart's values would change with every `make archive`.
+    """
+    with zipfile.ZipFile(mar) as src:
+        members = {i.filename: src.read(i) for i in src.infolist() if not i.is_dir()}
+    manifest = json.loads(members["MAR-INF/MANIFEST.json"])
+    manifest["createdOn"] = FIXED_CREATED_ON
+    members["MAR-INF/MANIFEST.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    tmp = mar.with_suffix(".mar.tmp")
+    with zipfile.ZipFile(tmp, "w") as dst:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16
+            dst.writestr(info, members[name], compresslevel=6)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(mar)
 
 
 def mar_file_hashes(mar: Path) -> dict[str, str]:
@@ -103,6 +133,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        make_reproducible(stage / MAR_FILE)
         mar = store / MAR_FILE
         shutil.move(str(stage / MAR_FILE), str(mar.with_suffix(".mar.tmp")))
         mar.with_suffix(".mar.tmp").replace(mar)
