@@ -142,7 +142,7 @@ class ReturnsClassifierModel(kserve.Model):
         photos = self._v2_photos(request)
         results = await self._classify(photos)
         if all("error" in r for r in results):
-            raise Rejected(_no_valid_photo(results), {"error": _no_valid_photo(results)})
+            raise Rejected(_no_valid_photo(results), {"error": _no_valid_photo(results), "result": results})
         ok = [r if "error" not in r else None for r in results]
         outputs = [
             InferOutput("label", [len(results)], "BYTES", [r["label"] if r else "" for r in ok]),
