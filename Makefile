@@ -3,7 +3,7 @@ PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
 
-.PHONY: setup train archive serve demo test test-fast bench k8s clean
+.PHONY: setup train archive serve serve-kserve demo test test-fast bench k8s clean
 
 setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
 	@bash scripts/setup.sh
@@ -16,6 +16,9 @@ archive: setup  ## package models/release as dist/model/{config,model-store,arti
 
 serve: archive  ## run TorchServe in the foreground on the archive
 	$(PY) -m scripts.localserve --model-root $(DIST)
+
+serve-kserve: archive  ## run the KServe predictor in the foreground on the archive: http://127.0.0.1:8080, gRPC 127.0.0.1:8081 (KServe 0.21 binds all interfaces)
+	.venv/bin/returns-kserve --model_dir $(DIST) --http_port 8080 --grpc_port 8081
 
 demo: archive  ## the nightly job end to end on this machine
 	$(PY) -m scripts.demo --model-root $(DIST)

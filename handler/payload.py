@@ -34,7 +34,8 @@ def _b64(value: Any, index: int) -> bytes | PhotoError:
         return PhotoError("bad_base64", f"instance {index}: not valid base64 ({exc})")
 
 
-def _instance(inst: Any, index: int) -> bytes | PhotoError:
+def instance_photo(inst: Any, index: int) -> bytes | PhotoError:
+    """One KServe instance (or a v2 BYTES element sent as base64 text) -> photo bytes, or its error."""
     if isinstance(inst, str):
         return _b64(inst, index)
     if isinstance(inst, dict):
@@ -59,7 +60,7 @@ def _from_json(doc: Any, max_instances: int) -> ParsedRequest:
     if len(instances) > max_instances:
         raise RequestError("too_many_instances",
                            f"{len(instances)} instances in one request; the limit is {max_instances}")
-    return ParsedRequest([_instance(inst, i) for i, inst in enumerate(instances)], batch=True)
+    return ParsedRequest([instance_photo(inst, i) for i, inst in enumerate(instances)], batch=True)
 
 
 def _looks_like_json(data: bytes) -> bool:

@@ -86,9 +86,10 @@ def get_args_parser(environ=None) -> argparse.ArgumentParser:
                           "drift summary", "reference"))
     s = p.add_argument_group("server")
     s.add_argument("--endpoint", default=default("endpoint"), help=h("inference base URL", "endpoint"))
-    s.add_argument("--api", choices=("predictions", "v1"), default=default("api"),
+    s.add_argument("--api", choices=("predictions", "v1", "v2"), default=default("api"),
                    help=h("predictions: POST /predictions/<model> (TorchServe); v1: POST "
-                          "/v1/models/<model>:predict (KServe)", "api"))
+                          "/v1/models/<model>:predict (KServe); v2: POST /v2/models/<model>/infer "
+                          "(Open Inference Protocol, the returns-kserve predictor)", "api"))
     s.add_argument("--model", default=default("model"), help=h("model name", "model"))
     s.add_argument("--token-file", type=Path, default=default("token_file"),
                    help=h("file holding the inference API token (sent as a Bearer token, re-read on 401)",

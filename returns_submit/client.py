@@ -9,6 +9,7 @@ counted for the run's metadata. The session's adapter therefore has `max_retries
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import threading
@@ -49,8 +50,12 @@ class InferenceClient:
                  token_file: Path | None = None, pool_size: int = 4,
                  should_stop: Callable[[], bool] = lambda: False, rng: random.Random | None = None):
         base = endpoint.rstrip("/")
-        self.url = f"{base}/predictions/{model}" if api == "predictions" else f"{base}/v1/models/{model}:predict"
-        self.ping_url = f"{base}/ping" if api == "predictions" else f"{base}/v1/models/{model}"
+        self.api = api
+        self.url, self.ping_url = {
+            "predictions": (f"{base}/predictions/{model}", f"{base}/ping"),
+            "v1": (f"{base}/v1/models/{model}:predict", f"{base}/v1/models/{model}"),
+            "v2": (f"{base}/v2/models/{model}/infer", f"{base}/v2/health/live"),
+        }[api]
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -108,7 +113,11 @@ class InferenceClient:
     def predict(self, photos: list[bytes]) -> Answer:
         """POST one batch; retry transient failures with backoff. Raises BatchFailed,
         RequestRejected (request-level 400) or ProtocolError (wrong number of answers)."""
-        body = {"instances": [{"b64": base64.b64encode(p).decode("ascii")} for p in photos]}
+        encoded = [base64.b64encode(p).decode("ascii") for p in photos]
+        if self.api == "v2":  # one BYTES input of shape [N], base64 text in JSON (docs/interfaces.md)
+            body = {"inputs": [{"name": "photos", "shape": [len(photos)], "datatype": "BYTES", "data": encoded}]}
+        else:
+            body = {"instances": [{"b64": b} for b in encoded]}
         last, server_error = "", False
         for attempt in range(self.retries + 1):
             if attempt:
@@ -134,6 +143,8 @@ class InferenceClient:
                 last, server_error = f"HTTP {r.status_code}: {r.text[:200]}", r.status_code >= 500
                 continue
             payload = _json_or_none(r)
+            if self.api == "v2" and isinstance(payload, dict):
+                payload = _v2_as_v1(payload)
             if r.status_code in (200, 400) and isinstance(payload, dict) and "predictions" in payload:
                 preds = payload["predictions"]
                 if not isinstance(preds, list) or len(preds) != len(photos):
@@ -151,6 +162,29 @@ class InferenceClient:
             raise ProtocolError(f"{self.url} answered HTTP {r.status_code} without `predictions`: {r.text[:200]}")
         raise BatchFailed(f"{self.url} failed after {self.retries + 1} attempts: {last}", server_error,
                           self.retries + 1)
+
+
+def _v2_as_v1(payload: dict) -> dict:
+    """A v2 answer in the v1 shape the rest of the client reads: the `result` output's JSON objects
+    become `predictions`; a 400's `{"error": "<code>: <message>"}` becomes `{"error": {code, message}}`.
+    Anything else is returned as is (and reported as a protocol error)."""
+    outputs = payload.get("outputs")
+    if isinstance(outputs, list):
+        result = next((o for o in outputs if isinstance(o, dict) and o.get("name") == "result"), None)
+        if result is None or not isinstance(result.get("data"), list):
+            return payload
+        try:
+            return {"predictions": [json.loads(x) for x in result["data"]]}
+        except (TypeError, ValueError):
+            return payload
+    if isinstance(payload.get("result"), list):  # 400: no valid photo; each photo's error
+        return {"predictions": payload["result"]}
+    if isinstance(payload.get("error"), str):
+        code, sep, message = payload["error"].partition(": ")
+        if not (sep and code.isidentifier()):
+            code, message = "bad_request", payload["error"]
+        return {"error": {"code": code, "message": message}}
+    return payload
 
 
 def _json_or_none(r: requests.Response):

@@ -31,7 +31,7 @@ class SubmitConfig:
     inbox: Path | None = None
     output: Path | None = None
     endpoint: str = "http://127.0.0.1:8080"
-    api: str = "predictions"  # or "v1" (KServe)
+    api: str = "predictions"  # or "v1" (KServe), "v2" (Open Inference Protocol, returns-kserve)
     model: str = MODEL_NAME
     batch_size: int = 16  # keep under the handler's max instances per request
     concurrency: int = 2
@@ -63,8 +63,8 @@ class SubmitConfig:
             problems.append(f"--inbox {self.inbox} is not a directory")
         elif self.inbox.resolve() == self.output.resolve():
             problems.append("--output must not be the inbox itself (a folder inside it is fine)")
-        if self.api not in ("predictions", "v1"):
-            problems.append(f"--api must be 'predictions' or 'v1', not {self.api!r}")
+        if self.api not in ("predictions", "v1", "v2"):
+            problems.append(f"--api must be 'predictions', 'v1' or 'v2', not {self.api!r}")
         if self.after not in ("keep", "move"):
             problems.append(f"--after must be 'keep' or 'move', not {self.after!r}")
         if not self.endpoint.startswith(("http://", "https://")):

@@ -1,0 +1,236 @@
+"""KServe predictor for the returns classifier: a ``kserve.Model`` over the same core as the
+TorchServe handler (``handler.core.Classifier``), so both answer with the same result objects.
+
+    returns-kserve --model_dir /mnt/models --http_port 8080 --grpc_port 8081
+
+Protocols (docs/interfaces.md has the contract):
+
+- v1 REST ``POST /v1/models/<name>:predict``: the TorchServe handler's rules (handler/payload.py):
+  ``{"instances": [...]}`` -> ``{"predictions": [...]}``, or one raw image body -> one result.
+- v2 REST ``POST /v2/models/<name>/infer`` and v2 gRPC ``ModelInfer``: one BYTES input of shape [N]
+  (base64 text in REST JSON, raw bytes in gRPC) -> outputs ``label``, ``confidence``,
+  ``needs_review`` and ``result`` (each photo's v1 result object as JSON, errors included).
+
+A bad photo gets its own error; a request in which no photo is valid, or a malformed request,
+gets HTTP 400 / gRPC INVALID_ARGUMENT. The model root is either what ``make archive`` writes
+(``artifact_manifest.json`` + ``model-store/*.mar``: the .mar's SHA-256 is verified, then it is
+extracted) or an extracted model folder (``model.json`` + ``model.pt``).
+
+One process holds the model and runs one classification at a time on its own thread, so the event
+loop stays free for health checks and metrics; scale out with replicas rather than ``--workers``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import tempfile
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import kserve
+import torch
+import yaml
+from fastapi.responses import JSONResponse
+from kserve import InferOutput, InferRequest, InferResponse, model_server
+from kserve.errors import InvalidInput
+from prometheus_client import Counter, Gauge
+
+from handler.core import BatchStats, Classifier, available_cpus
+from handler.errors import RequestError
+from handler.payload import instance_photo, parse_request
+from handler.serve_config import HandlerKnobs
+from returns_model.manifest import ArchiveRefused, verify
+from returns_model.names import META_FILE
+from returns_model.preprocess import PhotoError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG = "model-config.yaml"  # the serving knobs inside the .mar, as TorchServe reads them
+OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
+    {"name": "label", "datatype": "BYTES", "shape": [-1]},  # "" for a rejected photo
+    {"name": "confidence", "datatype": "FP32", "shape": [-1]},  # 0 for a rejected photo
+    {"name": "needs_review", "datatype": "BOOL", "shape": [-1]},  # true for a rejected photo
+    {"name": "result", "datatype": "BYTES", "shape": [-1]},  # the v1 result object (or error) as JSON
+]
+
+IMAGES = Counter("returns_images", "Photos received", ["model_name"])
+REJECTED = Counter("returns_rejected_images", "Photos rejected with a per-photo error", ["model_name"])
+LOW_CONFIDENCE = Counter("returns_low_confidence", "Photos below the review threshold", ["model_name"])
+AVERAGE_CONFIDENCE = Gauge("returns_average_confidence", "Mean confidence of the last request's photos",
+                           ["model_name"])
+
+
+class Rejected(InvalidInput):
+    """The request is malformed or none of its photos is valid: HTTP 400, gRPC INVALID_ARGUMENT.
+
+    ``body`` is the REST answer: the TorchServe handler's, so v1 clients see the same JSON.
+    """
+
+    def __init__(self, reason: str, body: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.body = body
+
+
+async def rejected_handler(_request: Any, exc: Rejected) -> JSONResponse:
+    return JSONResponse(status_code=400, content=exc.body)
+
+
+def resolve_model_dir(model_root: Path, scratch: Path) -> Path:
+    """An extracted model folder as is; a verified archive root extracted into ``scratch``.
+
+    Raises ArchiveRefused when the .mar is missing or differs from artifact_manifest.json.
+    """
+    if (model_root / META_FILE).is_file():
+        return model_root
+    manifest = verify(model_root)
+    with zipfile.ZipFile(model_root / manifest["mar_file"]) as mar:
+        mar.extractall(scratch)  # zipfile drops absolute paths and ".." from member names
+    return scratch
+
+
+def read_knobs(model_dir: Path) -> HandlerKnobs:
+    """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder)."""
+    path = model_dir / MODEL_CONFIG
+    return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
+
+
+class ReturnsClassifierModel(kserve.Model):
+    def __init__(self, name: str | None, model_dir: Path) -> None:
+        knobs = read_knobs(model_dir)
+        self.max_instances = knobs.max_instances
+        self.core = Classifier(model_dir, threads=knobs.cpu_threads or available_cpus(),
+                               max_image_pixels=knobs.max_image_pixels)
+        super().__init__(name or self.core.meta.model_name)
+        # One classification at a time, off the event loop (like TorchServe's single worker).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
+        self.ready = True
+        log.info("%s ready (%d threads), model %s sha256 %s", self.name, torch.get_num_threads(),
+                 self.core.meta.model_version, self.core.model_sha256)
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": "photos", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [dict(o) for o in OUTPUTS]
+
+    async def predict(self, payload: dict | bytes | InferRequest,
+                      headers: dict[str, str] | None = None) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            return await self._predict_v2(payload)
+        return await self._predict_v1(payload, (headers or {}).get("content-type"))
+
+    # --- v1 ------------------------------------------------------------------
+    async def _predict_v1(self, body: dict | bytes, content_type: str | None) -> dict[str, Any]:
+        try:
+            req = parse_request({"body": body}, self.max_instances, content_type)
+        except RequestError as exc:
+            raise Rejected(f"{exc.code}: {exc.message}", exc.to_dict()) from None
+        results = await self._classify(req.photos)
+        answer = {"predictions": results} if req.batch else results[0]
+        if all("error" in r for r in results):
+            raise Rejected(_no_valid_photo(results), answer)
+        return answer
+
+    # --- v2 ------------------------------------------------------------------
+    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        photos = self._v2_photos(request)
+        results = await self._classify(photos)
+        if all("error" in r for r in results):
+            raise Rejected(_no_valid_photo(results), {"error": _no_valid_photo(results), "result": results})
+        ok = [r if "error" not in r else None for r in results]
+        outputs = [
+            InferOutput("label", [len(results)], "BYTES", [r["label"] if r else "" for r in ok]),
+            InferOutput("confidence", [len(results)], "FP32", [r["confidence"] if r else 0.0 for r in ok]),
+            InferOutput("needs_review", [len(results)], "BOOL", [r["needs_review"] if r else True for r in ok]),
+            InferOutput("result", [len(results)], "BYTES", [json.dumps(r, separators=(",", ":")) for r in results]),
+        ]
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, outputs,
+                             model_version=self.core.meta.model_version,
+                             use_binary_outputs=request.use_binary_outputs,
+                             requested_outputs=request.request_outputs)
+
+    def _v2_photos(self, request: InferRequest) -> list[bytes | PhotoError]:
+        """The one BYTES input of shape [N] -> N photos (raw bytes from gRPC, base64 text from REST)."""
+        if len(request.inputs) != 1:
+            raise Rejected(f"bad_request: expected exactly one input (BYTES, shape [N]), got {len(request.inputs)}",
+                           {"error": "expected exactly one input of datatype BYTES and shape [N]"})
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+            reason = (f"bad_request: input {tensor.name!r} must be BYTES of shape [N] "
+                      f"(one encoded photo per element), got {tensor.datatype} {tensor.shape}")
+            raise Rejected(reason, {"error": reason})
+        n = tensor.shape[0]
+        if n < 1 or n > self.max_instances:
+            reason = f"too_many_instances: {n} photos in one request; allowed 1 to {self.max_instances}"
+            raise Rejected(reason, {"error": reason})
+        try:
+            items = list(tensor.as_numpy()) if tensor._raw_data is not None else list(tensor.data or [])
+        except Exception as exc:  # a binary tensor whose length prefixes do not add up
+            raise Rejected(f"bad_request: unreadable BYTES tensor: {exc}", {"error": str(exc)}) from None
+        if len(items) != n:
+            reason = f"bad_request: input {tensor.name!r} has shape [{n}] but {len(items)} elements"
+            raise Rejected(reason, {"error": reason})
+        return [bytes(x) if isinstance(x, (bytes, bytearray)) else instance_photo(x, i) for i, x in enumerate(items)]
+
+    # --- the core, on its own thread -------------------------------------------
+    async def _classify(self, photos: list[bytes | PhotoError]) -> list[dict[str, Any]]:
+        stats = BatchStats()
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._pool, self.core.classify, photos, stats)
+        if len(results) != len(photos):
+            raise RuntimeError(f"{len(photos)} photos in, {len(results)} results out")
+        IMAGES.labels(self.name).inc(stats.images)
+        REJECTED.labels(self.name).inc(stats.rejected)
+        LOW_CONFIDENCE.labels(self.name).inc(stats.low_confidence)
+        if stats.images > stats.rejected:
+            AVERAGE_CONFIDENCE.labels(self.name).set(stats.average_confidence)
+        return results
+
+
+def _no_valid_photo(results: list[dict[str, Any]]) -> str:
+    codes = sorted({r["error"]["code"] for r in results})
+    return f"no valid photo in the request ({len(results)} rejected: {', '.join(codes)}); " \
+           f"first: {results[0]['error']['message']}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="returns-kserve", parents=[model_server.parser],
+                                description="Serve the returns classifier with KServe's ModelServer "
+                                            "(v1 and v2 REST, v2 gRPC, /metrics).")
+    p.add_argument("--model_dir", default="/mnt/models", type=Path,
+                   help="model root: artifact_manifest.json + model-store/*.mar (verified, then extracted), "
+                        "or an extracted model folder with model.json and model.pt")
+    p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.workers != 1:
+        log.error("--workers must be 1: one process holds the model; run more replicas instead")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="returns-kserve-") as scratch:
+        try:
+            model_dir = resolve_model_dir(args.model_dir, Path(scratch))
+        except (ArchiveRefused, OSError, zipfile.BadZipFile, KeyError) as exc:
+            log.error("refusing to serve %s: %s", args.model_dir, exc)
+            return 1
+        model = ReturnsClassifierModel(args.model_name, model_dir)
+        model_server.app.add_exception_handler(Rejected, rejected_handler)
+        server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                                    max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers,
+                                    enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,
+                                    enable_latency_logging=args.enable_latency_logging,
+                                    access_log_format=args.access_log_format, event_loop=args.event_loop,
+                                    timeout_keep_alive=args.timeout_keep_alive)
+        server.start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
