@@ -126,6 +126,10 @@ def get_args_parser(environ=None) -> argparse.ArgumentParser:
                    help=h("rejected/seen above this exits 3 (partial)", "max_error_rate"))
     r.add_argument("--drift-alpha", type=float, default=default("drift_alpha"),
                    help=h("significance level of the drift tests", "drift_alpha"))
+    r.add_argument("--on-drift", choices=("record", "review", "fail"), default=default("on_drift"),
+                   help=h("a night whose confidences or unfamiliar share drift from the reference exits 8; "
+                          "record: only flag it, review: send all its photos to review, fail: publish nothing",
+                          "on_drift"))
     r.add_argument("--progress", choices=("auto", "bar", "log"), default=default("progress"),
                    help=h("auto: a bar on a terminal, JSON log lines otherwise", "progress"))
     r.add_argument("--log-level", default=default("log_level"),

@@ -49,6 +49,10 @@ class SubmitConfig:
     max_error_rate: float = 0.05
     reference: Path | None = None  # artifact_manifest.json or model.json with a `reference`
     drift_alpha: float = 0.01
+    # What a drifting night (confidence or unfamiliar share unlike the reference) does to its
+    # auto-accepts. "review": the guarantee assumes photos like the calibration set, which such a
+    # night is not, so nothing of it is auto-accepted; "record": only flag it; "fail": publish nothing.
+    on_drift: str = "review"
     max_image_bytes: int = 32 * MiB
     max_request_bytes: int = 40 * MiB  # raw bytes per request; base64 adds a third
     progress: str = "auto"  # auto: a bar on a terminal, JSON log lines otherwise
@@ -85,6 +89,8 @@ class SubmitConfig:
             problems.append("--max-error-rate must be in [0, 1]")
         if not 0.0 < self.drift_alpha < 1.0:
             problems.append("--drift-alpha must be in (0, 1)")
+        if self.on_drift not in ("record", "review", "fail"):
+            problems.append(f"--on-drift must be 'record', 'review' or 'fail', not {self.on_drift!r}")
         if not RUN_ID_PATTERN.match(self.run_id):
             problems.append(f"--run-id {self.run_id!r} must match {RUN_ID_PATTERN.pattern}")
         if self.token_file is not None and not self.token_file.is_file():

@@ -1,6 +1,8 @@
 """Drift of a night's predictions against the release model's validation reference.
 
-Two signals: the class mix and the confidence histogram. For each, the population
+Three signals: the class mix, the confidence histogram and the share of photos the server's gate
+flags as unfamiliar. Only the last two make a night "off" (`drift: true`): a changed class mix is
+a real wave of returns of one kind, not a fault, so it is reported but raises no alarm. For each, the population
 stability index (PSI) is reported, but the flag comes from a chi-square test of
 homogeneity (night vs reference counts), which accounts for the run's size: with 100
 photos and no drift at all, class-mix PSI already averages about (K-1)/n = 0.09, so a
@@ -139,11 +141,15 @@ def compare(observed: Sequence[float], reference: Sequence[float], alpha: float)
     }
 
 
+ALERTING = ("confidence", "unfamiliar")
+
+
 def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
-              alpha: float) -> dict:
-    """The run_metadata `drift` object: per signal PSI, test and decision."""
+              alpha: float, unfamiliar: int | None = None, classified: int = 0) -> dict:
+    """The run_metadata `drift` object: per signal PSI, test and decision, and whether the night is off."""
     if ref is None:
-        return {"available": False, "reason": "no --reference given (artifact_manifest.json or model.json)"}
+        return {"available": False, "drift": None,
+                "reason": "no --reference given (artifact_manifest.json or model.json)"}
     reference = ref.body
     dist = reference["class_distribution"]
     n_ref = float(reference.get("n") or 0) or 1000.0
@@ -156,11 +162,20 @@ def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_co
     hist = reference.get("confidence_histogram")
     if hist and confidence_counts is not None:
         signals["confidence"] = compare(confidence_counts, hist["counts"], alpha)
-    flags = [s["drift"] for s in signals.values() if s.get("drift") is not None]
+    rate = reference.get("unfamiliar_rate")
+    if rate is not None and unfamiliar is not None:
+        sig = compare([unfamiliar, classified - unfamiliar], [rate * n_ref, (1 - rate) * n_ref], alpha)
+        sig.update(rate=round(unfamiliar / classified, 6) if classified else None, reference_rate=rate)
+        if sig.get("drift") and classified and unfamiliar / classified <= rate:
+            sig["drift"] = False  # fewer unfamiliar photos than usual is no fault
+        signals["unfamiliar"] = sig
+    flags = [signals[k]["drift"] for k in ALERTING if k in signals and signals[k].get("drift") is not None]
     return {
         "available": True,
         "reference": ref.source,
         "method": "chi-square test of homogeneity vs the reference counts; PSI reported alongside",
         "signals": signals,
+        "alerting_signals": [k for k in ALERTING if k in signals],
+        "class_mix_shift": signals["class_mix"].get("drift"),
         "drift": any(flags) if flags else None,
     }

@@ -13,6 +13,7 @@ EXIT_UNREACHABLE = 4
 EXIT_LOCKED = 5
 EXIT_OUTPUT = 6
 EXIT_TERMINATED = 7
+EXIT_DRIFT = 8  # every photo recorded, but the night is off (drift); see --on-drift
 
 
 class SubmitError(RuntimeError):

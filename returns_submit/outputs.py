@@ -26,8 +26,10 @@ from returns_submit.drift import bin_index
 from returns_submit.journal import blocking_lock, read_records, shard_file_names
 from returns_submit.log import event
 
-CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review",
-               "model_name", "model_version", "model_sha256", "shard", "timestamp")
+CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review", "review_reason",
+               "unfamiliar_score", "model_name", "model_version", "model_sha256", "shard", "timestamp")
+# Why a photo goes to people: the server's reasons, and the night's when --on-drift review applies.
+REVIEW_REASONS = ("low_confidence", "unfamiliar", "night_drift")
 DEFAULT_EDGES = [i / 10 for i in range(11)]
 
 
@@ -37,6 +39,8 @@ class Summary:
 
     classified: int = 0
     needs_review: int = 0
+    unfamiliar: int = 0  # photos the server's gate flagged as unlike the training data
+    review_reasons: Counter = field(default_factory=Counter)
     rejected: int = 0
     retried: int = 0
     confidence_sum: float = 0.0
@@ -69,6 +73,8 @@ class Summary:
         return {
             "counts": {
                 "seen": self.seen, "classified": self.classified, "needs_review": self.needs_review,
+                "review_reasons": {r: self.review_reasons[r] for r in REVIEW_REASONS},
+                "unfamiliar": self.unfamiliar,
                 "rejected": self.rejected, "retried": self.retried,
                 "rejected_by_code": dict(sorted(self.rejected_by_code.items())),
             },
@@ -79,7 +85,9 @@ class Summary:
             },
             "error_rate": round(self.error_rate, 6),
             "average_confidence": round(self.confidence_sum / self.classified, 6) if self.classified else None,
-            "low_confidence_rate": round(self.needs_review / self.classified, 6) if self.classified else None,
+            "low_confidence_rate": round(self.review_reasons["low_confidence"] / self.classified, 6)
+            if self.classified else None,
+            "unfamiliar_rate": round(self.unfamiliar / self.classified, 6) if self.classified else None,
             "class_distribution": dict(sorted(self.labels.items())),
             "confidence_histogram": {"edges": DEFAULT_EDGES, "counts": self.histogram},
             "latency_ms": {"requests": len(self.latencies_ms), "p50": self.percentile(50),
@@ -103,28 +111,68 @@ def spreadsheet_safe(value: object) -> object:
     return value
 
 
-def csv_row(r: dict) -> list:
+def reasons_of(r: dict) -> list[str]:
+    """A record's review reasons; a server without them (an older model) reviews on confidence alone."""
+    reasons = r.get("review_reason")
+    if isinstance(reasons, list):
+        return [str(x) for x in reasons]
+    return ["low_confidence"] if r.get("needs_review") else []
+
+
+def csv_row(r: dict, reasons: list[str]) -> list:
     row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get("label"), r.get("class_id"),
-           r.get("confidence"), str(bool(r.get("needs_review"))).lower(), r.get("model_name"),
-           r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
+           r.get("confidence"), str(bool(reasons)).lower(), "+".join(reasons), r.get("unfamiliar_score"),
+           r.get("model_name"), r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
     return [spreadsheet_safe(v) for v in row]
 
 
-def review_item(r: dict) -> dict:
-    keys = ("path", "sha256", "label", "class_id", "confidence", "top_k", "archived_to",
+def review_item(r: dict, reasons: list[str]) -> dict:
+    keys = ("path", "sha256", "label", "class_id", "confidence", "unfamiliar_score", "top_k", "archived_to",
             "model_version", "shard", "timestamp")
-    return {k: r[k] for k in keys if k in r}
+    return {**{k: r[k] for k in keys if k in r}, "review_reason": reasons}
 
 
-def build_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path],
-                  reference_edges: list[float] | None, merge: bool = False) -> Summary:
-    """One streaming pass over the journal files: the summary, predictions.csv and
-    review_queue.jsonl; with `merge`, also predictions.jsonl and rejected.jsonl as the
-    concatenation of the shards' files."""
+def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None) -> Summary:
+    """One streaming pass over the journal files: counts and distributions, nothing written."""
     s = Summary()
     if reference_edges:
         s.reference_histogram = [0] * (len(reference_edges) - 1)
     last_batch = None
+    for r in _records(predictions):
+        s.classified += 1
+        conf = float(r.get("confidence", 0.0))
+        s.confidence_sum += conf
+        s.class_ids[int(r.get("class_id", -1))] += 1
+        s.labels[str(r.get("label"))] += 1
+        s.models[(r.get("model_name"), r.get("model_version"), r.get("model_sha256"))] += 1
+        s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
+        if s.reference_histogram is not None:
+            s.reference_histogram[bin_index(conf, reference_edges)] += 1
+        if r.get("attempts", 1) > 1:
+            s.retried += 1
+        batch = (r.get("shard"), r.get("batch"))
+        if batch != last_batch and r.get("request_ms") is not None:
+            s.latencies_ms.append(float(r["request_ms"]))  # a batch's lines are contiguous
+        last_batch = batch
+        reasons = reasons_of(r)
+        s.needs_review += bool(reasons)
+        s.review_reasons.update(reasons)
+        s.unfamiliar += "unfamiliar" in reasons
+    for r in _records(rejected):
+        s.rejected += 1
+        s.rejected_by_code[str(r.get("code"))] += 1
+        if r.get("attempts", 1) > 1:
+            s.retried += 1
+    return s
+
+
+def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], all_to_review: bool = False,
+                  merge: bool = False) -> None:
+    """predictions.csv and review_queue.jsonl from the journal files; with `merge`, also
+    predictions.jsonl and rejected.jsonl as the concatenation of the shards' files.
+
+    `all_to_review` (a drifting night under --on-drift review) sends every classified photo to
+    review with the reason `night_drift`; the journal keeps the server's own answers."""
     with atomic_open(run_dir / "predictions.csv", "w", encoding="utf-8", errors="backslashreplace",
                      newline="") as fcsv, \
             atomic_open(run_dir / "review_queue.jsonl", "w", encoding="utf-8") as freview, \
@@ -132,36 +180,16 @@ def build_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path],
         writer = csv.writer(fcsv)
         writer.writerow(CSV_COLUMNS)
         for r in _records(predictions):
-            s.classified += 1
-            conf = float(r.get("confidence", 0.0))
-            s.confidence_sum += conf
-            s.class_ids[int(r.get("class_id", -1))] += 1
-            s.labels[str(r.get("label"))] += 1
-            s.models[(r.get("model_name"), r.get("model_version"), r.get("model_sha256"))] += 1
-            s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
-            if s.reference_histogram is not None:
-                s.reference_histogram[bin_index(conf, reference_edges)] += 1
-            if r.get("attempts", 1) > 1:
-                s.retried += 1
-            batch = (r.get("shard"), r.get("batch"))
-            if batch != last_batch and r.get("request_ms") is not None:
-                s.latencies_ms.append(float(r["request_ms"]))  # a batch's lines are contiguous
-            last_batch = batch
-            writer.writerow(csv_row(r))
-            if r.get("needs_review"):
-                s.needs_review += 1
-                freview.write(json.dumps(review_item(r)) + "\n")
+            reasons = reasons_of(r) + (["night_drift"] if all_to_review else [])
+            writer.writerow(csv_row(r, reasons))
+            if reasons:
+                freview.write(json.dumps(review_item(r, reasons)) + "\n")
             if fpred is not None:
                 fpred.write(json.dumps(r) + "\n")
     with _maybe_merge(run_dir / "rejected.jsonl", merge) as frej:
-        for r in _records(rejected):
-            s.rejected += 1
-            s.rejected_by_code[str(r.get("code"))] += 1
-            if r.get("attempts", 1) > 1:
-                s.retried += 1
-            if frej is not None:
+        if frej is not None:
+            for r in _records(rejected):
                 frej.write(json.dumps(r) + "\n")
-    return s
 
 
 @contextmanager
@@ -200,7 +228,42 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def run_metadata(summary: Summary, reference: Reference | None, drift_alpha: float, *, run_id: str, status: str,
+ON_DRIFT = ("record", "review", "fail")
+
+
+@dataclass
+class Night:
+    """A run's records summarised, its drift judged, and what --on-drift makes of it."""
+
+    summary: Summary
+    drift: dict
+    action: str  # "none" (not drifting), "recorded", "all_to_review" or "failed"
+
+    @property
+    def off(self) -> bool:
+        return bool(self.drift.get("drift"))
+
+
+def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], reference: Reference | None,
+           drift_alpha: float, on_drift: str, merge: bool = False) -> Night:
+    """Summarise the journal files, judge the night's drift, then write the derived files
+    (with every photo sent to review when the night is off and --on-drift is `review`)."""
+    if on_drift not in ON_DRIFT:
+        raise ValueError(f"on_drift must be one of {ON_DRIFT}, not {on_drift!r}")
+    edges = reference.body.get("confidence_histogram", {}).get("edges") if reference else None
+    summary = summarize(predictions, rejected, edges)
+    judged = drift.summarize(reference, summary.class_ids, summary.reference_histogram, drift_alpha,
+                             unfamiliar=summary.unfamiliar, classified=summary.classified)
+    action = {"record": "recorded", "review": "all_to_review", "fail": "failed"}[on_drift] \
+        if judged.get("drift") else "none"
+    write_outputs(run_dir, predictions, rejected, all_to_review=action == "all_to_review", merge=merge)
+    if action == "all_to_review":
+        summary.review_reasons["night_drift"] = summary.classified
+        summary.needs_review = summary.classified
+    return Night(summary, {**judged, "on_drift": on_drift, "action": action}, action)
+
+
+def run_metadata(night: Night, reference: Reference | None, *, run_id: str, status: str,
                  started_at: str, shard_index: int | None, shard_count: int, config: dict,
                  extra_counts: dict | None = None, ended_at: str | None = None, **sections: Any) -> dict:
     """The run_metadata.json of one shard (``shard_index``) or of the merged run (``None``).
@@ -208,7 +271,7 @@ def run_metadata(summary: Summary, reference: Reference | None, drift_alpha: flo
     Both carry the same summary, model check and drift sections; ``sections`` adds what only
     one of them has (a shard's invocation and throughput, the merged run's list of shards).
     """
-    body = summary.as_json()
+    body = night.summary.as_json()
     body["counts"].update(extra_counts or {})
     server_sha = body["model"]["sha256"]
     ref_sha = reference.archive_content_sha256 if reference else None
@@ -220,15 +283,16 @@ def run_metadata(summary: Summary, reference: Reference | None, drift_alpha: flo
     return {
         "run_id": run_id, "status": status, "started_at": started_at, "ended_at": ended_at or utc_now(),
         "shard": {"index": shard_index, "count": shard_count},
+        "night_off": night.off,
         **body,
-        "drift": drift.summarize(reference, summary.class_ids, summary.reference_histogram, drift_alpha),
+        "drift": night.drift,
         **sections,
         "config": config,
     }
 
 
 def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, max_error_rate: float,
-                    drift_alpha: float, config: dict, reference: Reference | None) -> bool:
+                    drift_alpha: float, on_drift: str, config: dict, reference: Reference | None) -> bool:
     """Whichever shard finds every shard's `_SUCCESS.shard-*` marker writes the run's merged
     predictions/rejected JSONL, CSV, review queue, run_metadata.json, `_SUCCESS` and LATEST.
     A lock in the run folder serialises shards finishing together. True if it did."""
@@ -238,19 +302,21 @@ def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, 
         if not all((run_dir / n["success"]).exists() for n in names):
             event("shard complete; waiting for the other shards")
             return False
-        edges = reference.body.get("confidence_histogram", {}).get("edges") if reference else None
-        summary = build_outputs(run_dir, [run_dir / n["predictions"] for n in names],
-                                [run_dir / n["rejected"] for n in names], edges, merge=True)
+        night = derive(run_dir, [run_dir / n["predictions"] for n in names],
+                       [run_dir / n["rejected"] for n in names], reference, drift_alpha, on_drift, merge=True)
         shards = [_read_json(run_dir / n["metadata"]) for n in names]
         starts = [s["started_at"] for s in shards if s and "started_at" in s]
-        meta = run_metadata(summary, reference, drift_alpha, run_id=run_id,
-                            status="partial" if summary.error_rate > max_error_rate else "complete",
+        status = "partial" if night.summary.error_rate > max_error_rate else "complete"
+        if night.action == "failed":
+            status = "failed_drift"
+        meta = run_metadata(night, reference, run_id=run_id, status=status,
                             started_at=min(starts) if starts else utc_now(), shard_index=None,
                             shard_count=shard_count, config={**config, "shard_index": None}, shards=shards)
         write_json(run_dir / "run_metadata.json", meta)
-        write_text(run_dir / "_SUCCESS", run_dir.name + "\n")
-        update_latest(output, run_dir.name, meta["started_at"])
-        event("run complete: all shards done", shards=shard_count)
+        if night.action != "failed":  # a failed night is not published as the latest run
+            write_text(run_dir / "_SUCCESS", run_dir.name + "\n")
+            update_latest(output, run_dir.name, meta["started_at"])
+        event("run complete: all shards done", shards=shard_count, night_off=night.off)
         return True
     finally:
         os.close(fd)

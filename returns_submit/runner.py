@@ -30,6 +30,7 @@ from returns_submit.mover import complete_move, move, plan, safe_component
 from returns_submit.outputs import utc_now
 from returns_submit.config import SubmitConfig
 from returns_submit.errors import (
+    EXIT_DRIFT,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_TERMINATED,
@@ -316,38 +317,43 @@ class Runner:
     def _finish(self) -> int:
         cfg = self.cfg
         complete = self.fatal is None and not self.stop.is_set()
-        edges = self.reference.body.get("confidence_histogram", {}).get("edges") if self.reference else None
         try:
-            summary = outputs.build_outputs(self.run_dir, [self.journal.predictions_path],
-                                              [self.journal.rejected_path], edges)
+            night = outputs.derive(self.run_dir, [self.journal.predictions_path], [self.journal.rejected_path],
+                                   self.reference, cfg.drift_alpha, cfg.on_drift)
         except OSError as e:
             raise OutputNotWritable(f"cannot write the run's files in {self.run_dir}: {e}") from e
         if self.fatal is not None:
             code, status = self.fatal.exit_code, _status_of(self.fatal)
         elif self.stop.is_set():
             code, status = EXIT_TERMINATED, "interrupted"
-        elif summary.error_rate > cfg.max_error_rate:
+        elif night.summary.error_rate > cfg.max_error_rate:
             code, status = EXIT_PARTIAL, "partial"
+        elif night.off:  # every photo recorded, but the night is unlike the reference: alert
+            code, status = EXIT_DRIFT, "failed_drift" if night.action == "failed" else "complete"
         else:
             code, status = EXIT_OK, "complete"
-        meta = self._metadata(summary, status, code)
+        meta = self._metadata(night, status, code)
+        # A night failed for drift is recorded but not published: no _SUCCESS, LATEST unchanged.
+        publish = complete and night.action != "failed"
         try:
             outputs.write_json(self.run_dir / self.names["metadata"], meta)
-            if complete:
+            if publish:
                 outputs.write_text(self.run_dir / self.names["success"], self.run_name + "\n")
                 if cfg.shard_count == 1:
                     outputs.update_latest(self.output, self.run_name, self.state["started_at"])
                 else:
                     outputs.finalize_shards(self.output, self.run_dir, cfg.run_id, cfg.shard_count,
-                                            cfg.max_error_rate, cfg.drift_alpha, cfg.as_json(), self.reference)
+                                            cfg.max_error_rate, cfg.drift_alpha, cfg.on_drift, cfg.as_json(),
+                                            self.reference)
         except OSError as e:
             raise OutputNotWritable(f"cannot write the run's metadata in {self.run_dir}: {e}") from e
-        level = {EXIT_OK: logging.INFO, EXIT_PARTIAL: logging.WARNING, EXIT_TERMINATED: logging.WARNING}
+        level = {EXIT_OK: logging.INFO, EXIT_PARTIAL: logging.WARNING, EXIT_TERMINATED: logging.WARNING,
+                 EXIT_DRIFT: logging.WARNING}
         event("done", level=level.get(code, logging.ERROR), status=status,
               exit_code=code, **meta["counts"], error=str(self.fatal) if self.fatal else None)
         return code
 
-    def _metadata(self, summary: outputs.Summary, status: str, code: int) -> dict:
+    def _metadata(self, night: outputs.Night, status: str, code: int) -> dict:
         cfg = self.cfg
         elapsed = self.progress.elapsed if hasattr(self, "progress") else 0.0
         ended = utc_now()
@@ -359,7 +365,7 @@ class Runner:
             "move_failed": self.invocation["move_failed"],
         }
         return outputs.run_metadata(
-            summary, self.reference, cfg.drift_alpha, run_id=cfg.run_id, status=status,
+            night, self.reference, run_id=cfg.run_id, status=status,
             started_at=self.state["started_at"], ended_at=ended, shard_index=cfg.shard_index,
             shard_count=cfg.shard_count, config=cfg.as_json(), extra_counts=extra_counts,
             exit_code=code, invocations=self.state["invocations"],
@@ -373,7 +379,7 @@ class Runner:
             files={k: v for k, v in self.names.items() if k != "state"})
 
 
-RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "top_k",
+RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "review_reason", "unfamiliar_score", "top_k",
                "model_name", "model_version", "model_sha256")
 
 
