@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.setup-done
-want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-moto.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 
 need_apt=()
 if ! java -version 2>&1 | grep -q 'version "17'; then need_apt+=(openjdk-17-jre-headless); fi
@@ -36,6 +36,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# Test-only S3 server; --no-deps because botocore and kubernetes disagree on python-dateutil (see the file).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-moto.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 echo "$want" > "$STAMP"
 echo "setup: done ($(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)'))"
