@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.setup-done
-want=$(cat requirements.txt requirements-kserve.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-kserve.txt requirements-moto.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 
 need_apt=()
 if ! java -version 2>&1 | grep -q 'version "17'; then need_apt+=(openjdk-17-jre-headless); fi
@@ -38,6 +38,8 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 # kserve without its declared dependencies: requirements.txt pins them and explains the two it overrides.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-kserve.txt
+# Test-only S3 server; --no-deps because botocore and kubernetes disagree on python-dateutil (see the file).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-moto.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 # training/, handler/ and scripts/ are source-tree packages (see pyproject.toml): put the checkout
 # on the venv's path so that their console scripts (returns-train, returns-archive, ...) work anywhere.

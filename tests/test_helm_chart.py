@@ -382,8 +382,9 @@ def test_token_auth_wiring(variant: str, renders: dict[str, hr.Rendered], settin
     for cm in renders[variant].of_kind("ConfigMap"):
         props = properties(cm["data"]["config.properties"])
         assert props["disable_token_authorization"] == str(not token["enabled"]).lower()
-        args = renders[variant].one("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert ("--disable-token-auth" in args) is (not token["enabled"])
+        for deployment in renders[variant].of_kind("Deployment"):
+            args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert ("--disable-token-auth" in args) is (not token["enabled"])
 
 
 @pytest.mark.integration
@@ -404,7 +405,7 @@ def test_names_fit_kubernetes_limits(variant: str) -> None:
 def test_torchserve_mode_objects(renders: dict[str, hr.Rendered]) -> None:
     rendered = renders["default"]
     assert {o["kind"] for o in rendered.objects} >= {
-        "Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy", "CronJob",
+        "Deployment", "Service", "ConfigMap", "NetworkPolicy", "CronJob",
         "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Pod"}
     assert not rendered.of_kind("InferenceService")
     pod = rendered.one("Deployment")["spec"]["template"]["spec"]
@@ -412,7 +413,7 @@ def test_torchserve_mode_objects(renders: dict[str, hr.Rendered]) -> None:
     assert server["image"] == "docker.io/pytorch/torchserve:0.12.0-gpu"
     assert server["command"] == ["torchserve"]
     assert server["args"][:3] == ["--start", "--foreground", "--ncs"]
-    assert "returns-classifier=returns-classifier.mar" in server["args"]
+    assert "--models" not in server["args"]  # the model comes from model_snapshot
     assert server["args"][server["args"].index("--ts-config") + 1] == "/etc/torchserve/config.properties"
     assert env_of(server)["PYTHONDONTWRITEBYTECODE"] == "1"
     assert server["livenessProbe"]["httpGet"]["path"] == "/ping"
@@ -423,15 +424,21 @@ def test_torchserve_mode_objects(renders: dict[str, hr.Rendered]) -> None:
     assert {"/tmp", "/home/model-server/tmp", server["workingDir"]} <= writable
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert all("emptyDir" in volumes[m["name"]] for m in server["volumeMounts"] if m["mountPath"] in writable)
-    (verify,) = pod["initContainers"]
+    fetch, verify = pod["initContainers"]
+    assert fetch["command"] == ["returns-fetch-model"]
+    assert fetch["args"] == ["--dest", "/models/returns-classifier/1.0.0"]  # no source: the folder must exist
     assert verify["command"] == ["returns-verify-archive", "/mnt/models"]
-    assert verify["volumeMounts"] == [{"name": "model", "mountPath": "/mnt/models", "readOnly": True},
+    assert verify["volumeMounts"] == [{"name": "model", "mountPath": "/mnt/models", "readOnly": True,
+                                       "subPath": "returns-classifier/1.0.0"},
                                       {"name": "tmp", "mountPath": "/tmp"}]
     assert pod["automountServiceAccountToken"] is False
     service = rendered.one("Service")
     assert [p["port"] for p in service["spec"]["ports"]] == [8080, 8082]
-    assert service["spec"]["selector"] == rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
-    assert rendered.one("PodDisruptionBudget")["spec"]["selector"] == rendered.one("Deployment")["spec"]["selector"]
+    # The Service selects both tracks (stable and canary); each Deployment selects its own.
+    assert service["spec"]["selector"].items() < rendered.one("Deployment")["spec"]["selector"]["matchLabels"].items()
+    assert not rendered.of_kind("PodDisruptionBudget")  # one replica: a PDB would only block drains
+    pdb = renders["gpu"].one("PodDisruptionBudget")  # autoscaled from 2
+    assert pdb["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     props = properties(rendered.one("ConfigMap")["data"]["config.properties"])
     assert props["inference_address"] == "http://0.0.0.0:8080" and props["number_of_gpu"] == "1"
     assert props["max_request_size"] == str(64 * 1024 * 1024)
@@ -463,7 +470,9 @@ def test_kserve_mode(renders: dict[str, hr.Rendered], settings: dict[str, dict[s
     predictor = isvc["spec"]["predictor"]
     model = predictor["model"]
     assert model["modelFormat"] == {"name": "pytorch"} and model["protocolVersion"] == "v1"
-    assert model["storageUri"] == "pvc://returns-classifier-model/releases/current"
+    assert model["storageUri"] == "pvc://returns-classifier-model/releases/returns-classifier/1.1.0"
+    assert [c["name"] for c in predictor["initContainers"]] == ["fetch-model", "verify-archive"]
+    assert "canaryTrafficPercent" not in predictor
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 3)
     labels = {**isvc["metadata"].get("labels", {}), **predictor.get("labels", {})}
     assert not any("envelope" in key.lower() for key in labels)  # the handler parses KServe v1 itself
@@ -487,8 +496,8 @@ def test_network_policy_admits_only_clients(variant: str, renders: dict[str, hr.
     tester = rendered.one("Pod")["metadata"]["labels"]
     assert any(peer.items() <= tester.items() for peer in peers)
     assert inference["ports"] == [{"port": 8080, "protocol": "TCP"}]
-    if values["serving"]["mode"] == "torchserve":
-        pod_labels = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    for deployment in rendered.of_kind("Deployment"):  # stable and canary
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert [r["ports"][0]["port"] for r in rest] == ([8082] if values["metrics"]["enabled"] else [])
 
@@ -512,14 +521,23 @@ def test_submitter_rbac_is_least_privilege(renders: dict[str, hr.Rendered]) -> N
 def test_training_job(renders: dict[str, hr.Rendered]) -> None:
     assert not renders["default"].of_kind("Job")
     job = renders["training"].one("Job")
+    assert job["metadata"]["name"] == "returns-classifier-train-1-0-0"  # one Job per version: never patched
     pod = job["spec"]["template"]["spec"]
     (train,) = pod["initContainers"]
     (archive,) = pod["containers"]
-    assert train["command"] == ["returns-train"] and "--image-folder" in train["args"]
-    assert archive["command"] == ["returns-archive"]
+    # Console scripts, skipped when the version folder is already complete (a Job re-created after its TTL).
+    for container, script in ((train, "returns-train"), (archive, "returns-archive")):
+        assert container["command"][:2] == ["sh", "-c"] and container["command"][3] == script
+        assert container["command"][2].startswith("if [ -e /mnt/models/artifact_manifest.json ]; then")
+        assert container["command"][2].endswith(f'exec {script} "$@"')
+    assert "--image-folder" in train["args"]
+    other = hr.render({**variant_values("training"), "model": {"version": "1.1.0"}}).one("Job")
+    assert other["metadata"]["name"] == "returns-classifier-train-1-1-0"
     assert archive["args"] == ["--model-dir", "/mnt/work/release", "--output", "/mnt/models"]
     mounts = {m["mountPath"]: m for m in archive["volumeMounts"]}
     assert mounts["/mnt/models"]["name"] == "model" and mounts["/mnt/models"]["readOnly"] is False
+    assert mounts["/mnt/models"]["subPath"] == "returns-classifier/1.0.0"
+    assert mounts["/mnt/work"]["subPath"] == ".training/1.0.0"
 
 
 @pytest.mark.integration
@@ -529,7 +547,11 @@ def test_existing_claims_are_used(renders: dict[str, hr.Rendered]) -> None:
     pod, container = cronjob_container(rendered)
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["inbox"]["subPath"] == "inbox" and mounts["output"]["subPath"] == "nightly"
-    assert mounts["model"]["subPath"] == "returns-classifier/1.0"
+    assert mounts["model"]["subPath"] == "teams/returns/returns-classifier/1.0.0"
+    fetch = rendered.one("Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetch["args"][fetch["args"].index("--source") + 1] == "/mnt/model-source/releases/returns-classifier-1.0.0.tar"
+    assert {"name": "model-source", "mountPath": "/mnt/model-source", "readOnly": True} in fetch["volumeMounts"]
+    assert {"name": "model", "mountPath": "/models", "subPath": "teams/returns"} in fetch["volumeMounts"]
     assert len(renders["default"].of_kind("PersistentVolumeClaim")) == 3
 
 
@@ -608,3 +630,227 @@ def test_readiness_script_needs_a_ready_worker(workers: list[dict[str, str]], re
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- day two: versions, rollouts, canaries, knobs ----------------------------------------------
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def version_values(version: str, sha: str, mode: str = "torchserve") -> dict[str, Any]:
+    return {"model": {"version": version, "sha256": sha,
+                      "source": {"url": f"https://artifacts.example.com/returns-classifier/{version}.tar"}},
+            "serving": {"mode": mode}}
+
+
+def serving_template(rendered: hr.Rendered) -> dict[str, Any]:
+    """What decides the serving pods: the Deployment's pod template or the InferenceService's predictor."""
+    if rendered.of_kind("InferenceService"):
+        return rendered.one("InferenceService")["spec"]["predictor"]
+    (stable,) = [d for d in rendered.of_kind("Deployment") if d["metadata"]["labels"]["returns-classifier/track"] == "stable"]
+    return stable["spec"]["template"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["torchserve", "kserve"])
+def test_install_upgrade_rollback_follow_the_version(mode: str) -> None:
+    """helm install at A, upgrade to B, rollback to A: the serving pods follow, every render validates."""
+    a, b, back = (hr.render(version_values(v, sha, mode)) for v, sha in (("1.0.0", SHA_A), ("1.1.0", SHA_B), ("1.0.0", SHA_A)))
+    for rendered in (a, b, back):
+        assert hr.validate_objects(rendered.objects) == []
+    assert serving_template(a) != serving_template(b)  # a new rollout / a new revision
+    assert serving_template(back) == serving_template(a)  # rollback restores A exactly
+    assert [o for o in back.objects] == [o for o in a.objects]
+    for rendered, version, sha in ((a, "1.0.0", SHA_A), (b, "1.1.0", SHA_B)):
+        template = serving_template(rendered)
+        pod = template.get("spec", template)
+        fetch = pod["initContainers"][0]
+        assert fetch["args"][:2] == ["--dest", f"/models/returns-classifier/{version}"]
+        assert fetch["args"][fetch["args"].index("--sha256") + 1] == sha
+        assert fetch["args"][fetch["args"].index("--source") + 1].endswith(f"/{version}.tar")
+        verify = pod["initContainers"][1]
+        assert verify["volumeMounts"][0]["subPath"] == f"returns-classifier/{version}"
+        if mode == "kserve":
+            assert template["model"]["storageUri"] == f"pvc://returns-classifier-model/returns-classifier/{version}"
+            assert template["labels"]["returns-classifier/model-version"] == version
+        else:
+            assert template["metadata"]["labels"]["returns-classifier/model-version"] == version
+            mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["/mnt/models"]["subPath"] == f"returns-classifier/{version}"
+        # The nightly job compares with the version that is served.
+        _, submitter = cronjob_container(rendered)
+        model_mount = [m for m in submitter["volumeMounts"] if m["name"] == "model"][0]
+        assert model_mount["subPath"] == f"returns-classifier/{version}"
+
+
+@pytest.mark.integration
+def test_rolling_update_suits_a_gpu_pool(renders: dict[str, hr.Rendered]) -> None:
+    strategy = renders["default"].one("Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    recreate = hr.render({"serving": {"torchserve": {"strategy": {"type": "Recreate"}}}})
+    assert recreate.one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.integration
+def test_torchserve_canary(renders: dict[str, hr.Rendered]) -> None:
+    rendered = renders["canary"]
+    deployments = {d["metadata"]["labels"]["returns-classifier/track"]: d for d in rendered.of_kind("Deployment")}
+    stable, canary = deployments["stable"], deployments["canary"]
+    assert canary["metadata"]["name"] == "returns-classifier-canary"
+    assert (stable["spec"]["replicas"], canary["spec"]["replicas"]) == (3, 1)
+    service = rendered.one("Service")["spec"]["selector"]
+    for d, version in ((stable, "1.0.0"), (canary, "1.1.0")):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert service.items() <= labels.items()  # one Service in front of both
+        assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert labels["returns-classifier/model-version"] == version
+    # Disjoint selectors: neither Deployment adopts the other's pods.
+    assert stable["spec"]["selector"]["matchLabels"]["returns-classifier/track"] == "stable"
+    assert canary["spec"]["selector"]["matchLabels"]["returns-classifier/track"] == "canary"
+    fetch = canary["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetch["args"][fetch["args"].index("--source") + 1].endswith("/1.1.0.tar")
+    assert "Promote: helm upgrade" in rendered.notes and "--set model.version=1.1.0" in rendered.notes
+    with pytest.raises(helm.HelmRenderError, match="must differ from model.version"):
+        hr.render({"serving": {"canary": {"enabled": True, "version": "1.0.0"}}})
+
+
+@pytest.mark.integration
+def test_kserve_canary_keeps_the_previous_revision(renders: dict[str, hr.Rendered]) -> None:
+    predictor = renders["kserve-canary"].one("InferenceService")["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10
+    assert renders["kserve-canary"].one("InferenceService")["metadata"]["annotations"][
+        "serving.kserve.io/deploymentMode"] == "Serverless"
+    assert "Promote: helm upgrade" in renders["kserve-canary"].notes
+    with pytest.raises(helm.HelmRenderError, match="needs serving.kserve.deploymentMode=Serverless"):
+        hr.render({"serving": {"mode": "kserve", "kserve": {"canaryTrafficPercent": 10}}})
+
+
+@pytest.mark.integration
+def test_s3_source_takes_credentials_from_a_secret(renders: dict[str, hr.Rendered]) -> None:
+    fetch = renders["kserve"].one("InferenceService")["spec"]["predictor"]["initContainers"][0]
+    args = fetch["args"]
+    assert args[args.index("--source") + 1] == "s3://models/returns-classifier/1.1.0.tar"
+    assert args[args.index("--s3-endpoint") + 1] == "http://minio.storage.svc:9000"
+    assert args[args.index("--s3-region") + 1] == "us-east-1"
+    assert fetch["envFrom"] == [{"secretRef": {"name": "returns-classifier-s3"}}]
+    with pytest.raises(helm.HelmRenderError, match="existingSecret is required for an s3"):
+        hr.render({"model": {"sha256": SHA_A, "source": {"url": "s3://models/a.tar"}}})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad", [
+    {"model": {"source": {"url": "https://artifacts.example.com/a.tar"}}},  # no pinned digest
+    {"model": {"sha256": "ABC"}},
+    {"model": {"version": "1.0.0/../../etc"}},
+    {"model": {"version": ""}},
+    {"serving": {"canary": {"enabled": True}}},  # no canary version
+    {"serving": {"canary": {"enabled": True, "version": "1.1.0", "sourceUrl": "https://x.example.com/b.tar"}}},
+    {"serving": {"kserve": {"canaryTrafficPercent": 120}}},
+    {"serving": {"torchserve": {"strategy": {"type": "BlueGreen"}}}},
+], ids=lambda bad: json.dumps(bad, separators=(",", ":")))
+def test_schema_rejects_bad_model_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        hr.render(bad)
+
+
+@pytest.mark.integration
+def test_workers_and_batching_reach_torchserve() -> None:
+    """The archive's model-config.yaml pins minWorkers = maxWorkers = 1; the chart's model_snapshot,
+    applied after it by TorchServe, carries the values instead."""
+    knobs = {"defaultWorkersPerModel": 3, "batchSize": 16, "maxBatchDelay": 20, "defaultResponseTimeout": 90}
+    cm = hr.render({"serving": {"torchserve": knobs}}).one("ConfigMap")
+    props = properties(cm["data"]["config.properties"])
+    snapshot = json.loads(props["model_snapshot"])
+    assert snapshot["modelCount"] == 1
+    (entry,) = snapshot["models"]["returns-classifier"].values()
+    assert entry == {"defaultVersion": True, "marName": "returns-classifier.mar", "minWorkers": 3, "maxWorkers": 3,
+                     "batchSize": 16, "maxBatchDelay": 20, "responseTimeout": 90}
+    assert props["default_workers_per_model"] == "3" and props["default_response_timeout"] == "90"
+
+
+@pytest.mark.integration
+def test_serving_extras_are_rendered() -> None:
+    extras = {"extraEnv": [{"name": "OMP_NUM_THREADS", "value": "4"}],
+              "extraVolumes": [{"name": "cache", "emptyDir": {}}],
+              "extraVolumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+              "extraContainers": [{"name": "log-shipper", "image": "busybox:1.37.0"}]}
+    rendered = hr.render({"serving": extras})
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in server["env"]
+    assert {"name": "cache", "mountPath": "/cache"} in server["volumeMounts"]
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve", "log-shipper"]
+    predictor = hr.render({"serving": {**extras, "extraContainers": [], "mode": "kserve"}}).one("InferenceService")["spec"]["predictor"]
+    assert {"name": "cache", "mountPath": "/cache"} in predictor["model"]["volumeMounts"]
+    assert {"name": "cache", "emptyDir": {}} in predictor["volumes"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cronjob_fails_fast_where_retrying_cannot_help(variant: str, renders: dict[str, hr.Rendered]) -> None:
+    rules = renders[variant].one("CronJob")["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert fail == [{"action": "FailJob", "onExitCodes": {"containerName": "submit", "operator": "In", "values": [2, 3, 5, 8]}}]
+
+
+@pytest.mark.integration
+def test_sharded_values_work_without_token_auth(renders: dict[str, hr.Rendered], settings: dict[str, dict[str, Any]]) -> None:
+    values = settings["sharded"]
+    assert values["serving"]["tokenAuth"]["enabled"] is False and values["networkPolicy"]["enabled"] is True
+    assert renders["sharded"].one("NetworkPolicy")
+    assert renders["sharded"].one("PodDisruptionBudget")  # 4 replicas
+
+
+@pytest.mark.integration
+def test_spread_example_selects_this_release(settings: dict[str, dict[str, Any]], renders: dict[str, hr.Rendered]) -> None:
+    (constraint,) = settings["gpu"]["serving"]["topologySpreadConstraints"]
+    selector = constraint["labelSelector"]["matchLabels"]
+    assert selector["app.kubernetes.io/instance"] == hr.RELEASE_NAME
+    labels = renders["gpu"].one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+@pytest.mark.integration
+def test_notes_warn_about_read_write_once_with_several_pods(renders: dict[str, hr.Rendered]) -> None:
+    assert "WARNING" not in renders["default"].notes and "WARNING" not in renders["cpu"].notes
+    several = hr.render({**variant_values("cpu"), "serving": {**variant_values("cpu")["serving"], "replicaCount": 2}})
+    assert "WARNING: claim(s) model, inbox, output are ReadWriteOnce" in several.notes
+    shards = hr.render({**variant_values("cpu"), "nightly": {"shards": 4}})
+    assert "4 nightly shards" in shards.notes
+
+
+def _kubectl_run_pod(notes: str) -> dict[str, Any]:
+    """The pod `kubectl run` would create from NOTES' command, --overrides applied as a strategic merge."""
+    command = re.search(r"kubectl run -n \S+ (\S+) .*?--image=(\S+) .*?--overrides='([^']+)'", notes, re.S)
+    assert command, "no kubectl run example with --overrides in NOTES"
+    name, image, overrides = command.group(1), command.group(2), json.loads(command.group(3))
+    assert "--override-type=strategic" in notes  # containers merge by name instead of being replaced
+    pod = {"spec": {"containers": [{"name": name, "image": image}]}}
+    pod["spec"]["securityContext"] = overrides["spec"]["securityContext"]
+    for override in overrides["spec"]["containers"]:
+        (target,) = [c for c in pod["spec"]["containers"] if c["name"] == override["name"]]
+        target.update(override)
+    return pod
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["default", "kserve"])
+def test_notes_curl_pod_passes_restricted_pod_security(variant: str, renders: dict[str, hr.Rendered]) -> None:
+    pod = _kubectl_run_pod(renders[variant].notes)["spec"]
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] > 0  # curlimages/curl's user is a name: give the uid
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    (curl,) = pod["containers"]
+    sc = curl["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert hr.validate_object({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "curl"}, "spec": pod}) == []
+
+
+@pytest.mark.integration
+def test_readme_parameters_table_is_up_to_date() -> None:
+    from scripts import chart_readme
+
+    readme = (hr.CHART_DIR / "README.md").read_text(encoding="utf-8")
+    assert chart_readme.update(readme, chart_readme.parameters_table()) == readme, \
+        "helm/returns-classifier/README.md is out of date: run python -m scripts.chart_readme"

@@ -23,7 +23,7 @@ import pytest
 import requests
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
-from tests.submit_fixtures import REPO, assert_exactly_once, read_jsonl, run_submit, write_photos
+from tests.submit_fixtures import assert_exactly_once, read_jsonl, run_submit, write_photos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "returns-classifier"

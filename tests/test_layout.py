@@ -17,7 +17,8 @@ ALLOWED = {
     "training": {"training", "returns_model", "handler"},  # the archive builder packages the handler
     "scripts": set(PACKAGES),
 }
-STDLIB_CONTRACT = ("returns_model.names", "returns_model.fileio", "returns_model.manifest")
+STDLIB_CONTRACT = ("returns_model.names", "returns_model.fileio", "returns_model.manifest",
+                   "returns_model.fetch")
 
 
 def project_imports() -> dict[str, set[str]]:

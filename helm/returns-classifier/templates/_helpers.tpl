@@ -146,14 +146,142 @@ Name of the ConfigMap holding config.properties and the readiness script.
 {{- end }}
 
 {{/*
-The model volume's storageUri for KServe: pvc://<claim>[/<path>].
+Folder of one model version inside the model claim: [<persistence.model.path>/]<model.name>/<version>.
+Call with (dict "ctx" $ "version" "1.0.0").
+*/}}
+{{- define "returns-classifier.versionPath" -}}
+{{- $root := .ctx.Values.persistence.model.path | trimAll "/" }}
+{{- $rel := printf "%s/%s" .ctx.Values.model.name (toString .version) }}
+{{- if $root }}{{ printf "%s/%s" $root $rel }}{{ else }}{{ $rel }}{{ end }}
+{{- end }}
+
+{{/*
+KServe's storageUri: the version folder on the model claim, pvc://<claim>/<version path>. A new
+model.version is a new storageUri, hence a new revision.
 */}}
 {{- define "returns-classifier.storageUri" -}}
-{{- $claim := include "returns-classifier.claimName" (dict "ctx" . "volume" "model") }}
-{{- with .Values.persistence.model.path | trimAll "/" }}
-{{- printf "pvc://%s/%s" $claim . }}
-{{- else }}
-{{- printf "pvc://%s" $claim }}
+{{- printf "pvc://%s/%s" (include "returns-classifier.claimName" (dict "ctx" . "volume" "model")) (include "returns-classifier.versionPath" (dict "ctx" . "version" .Values.model.version)) }}
+{{- end }}
+
+{{/*
+Labels that say which model version a serving pod runs and which track (stable or canary) it
+belongs to. Call with (dict "ctx" $ "version" "1.0.0" "track" "stable").
+*/}}
+{{- define "returns-classifier.versionLabels" -}}
+returns-classifier/model-version: {{ .version | toString | quote }}
+returns-classifier/track: {{ .track }}
+{{- end }}
+
+{{/*
+The init containers that make a model version available, identical in both serving modes:
+fetch-model (returns-fetch-model: fetch the version's tar when its folder is missing, check the
+pinned SHA-256, unpack atomically) and, when serving.verifyArchive.enabled, verify-archive
+(returns-verify-archive: the .mar against artifact_manifest.json). Both run the submitter image
+(standard library only). Call with (dict "ctx" $ "version" v "sha256" s "url" u).
+*/}}
+{{- define "returns-classifier.modelInitContainers" -}}
+{{- $ctx := .ctx }}
+{{- $src := $ctx.Values.model.source }}
+{{- $url := .url | default "" }}
+{{- $image := include "returns-classifier.image" (dict "image" $ctx.Values.nightly.image "ctx" $ctx) }}
+- name: fetch-model
+  image: {{ $image }}
+  imagePullPolicy: {{ $ctx.Values.nightly.image.pullPolicy }}
+  command: ["returns-fetch-model"]
+  args:
+    - --dest
+    - {{ printf "/models/%s/%s" $ctx.Values.model.name (toString .version) | quote }}
+    {{- if $url }}
+    - --source
+    {{- if $src.existingClaim }}
+    - {{ printf "/mnt/model-source/%s" ($url | trimPrefix "/") | quote }}
+    {{- else }}
+    - {{ $url | quote }}
+    {{- end }}
+    - --sha256
+    - {{ required (printf "a pinned SHA-256 is required to fetch model version %s from %s" (toString .version) $url) .sha256 | quote }}
+    - --timeout
+    - {{ $src.timeoutSeconds | quote }}
+    {{- if hasPrefix "s3://" $url }}
+    - --s3-region
+    - {{ $src.s3.region | quote }}
+    {{- with $src.s3.endpoint }}
+    - --s3-endpoint
+    - {{ . | quote }}
+    {{- end }}
+    {{- end }}
+    {{- else if .sha256 }}
+    - --sha256
+    - {{ .sha256 | quote }}
+    {{- end }}
+  env:
+    - name: PYTHONDONTWRITEBYTECODE
+      value: "1"
+  {{- if hasPrefix "s3://" $url }}
+  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN.
+  envFrom:
+    - secretRef:
+        name: {{ required "model.source.s3.existingSecret is required for an s3:// model source" $src.s3.existingSecret }}
+  {{- end }}
+  securityContext:
+    {{- include "returns-classifier.containerSecurityContext" $ctx | nindent 4 }}
+  resources:
+    requests:
+      cpu: 100m
+      memory: 64Mi
+    limits:
+      memory: 256Mi
+  volumeMounts:
+    # The model root, writable: the version folder is renamed into place here.
+    - name: model
+      mountPath: /models
+      {{- with $ctx.Values.persistence.model.path | trimAll "/" }}
+      subPath: {{ . }}
+      {{- end }}
+    {{- if $src.existingClaim }}
+    - name: model-source
+      mountPath: /mnt/model-source
+      readOnly: true
+    {{- end }}
+    - name: tmp
+      mountPath: /tmp
+{{- if $ctx.Values.serving.verifyArchive.enabled }}
+# Refuse to serve an archive whose SHA-256 differs from artifact_manifest.json.
+- name: verify-archive
+  image: {{ $image }}
+  imagePullPolicy: {{ $ctx.Values.nightly.image.pullPolicy }}
+  command: ["returns-verify-archive", "/mnt/models"]
+  env:
+    - name: PYTHONDONTWRITEBYTECODE
+      value: "1"
+  securityContext:
+    {{- include "returns-classifier.containerSecurityContext" $ctx | nindent 4 }}
+  resources:
+    requests:
+      cpu: 100m
+      memory: 64Mi
+    limits:
+      memory: 256Mi
+  volumeMounts:
+    {{- include "returns-classifier.modelMount" (dict "ctx" $ctx "mountPath" "/mnt/models" "readOnly" true "version" .version) | nindent 4 }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/*
+The volumes the model init containers need: the model claim (writable, for fetch-model) and the
+source claim when model.source.existingClaim is set.
+*/}}
+{{- define "returns-classifier.modelVolumes" -}}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ include "returns-classifier.claimName" (dict "ctx" . "volume" "model") }}
+{{- with .Values.model.source.existingClaim }}
+- name: model-source
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
 {{- end }}
 {{- end }}
 
@@ -262,15 +390,13 @@ The token Secret's volume, when TorchServe token auth is on.
 {{- end }}
 
 {{/*
-Mount of the model volume (the archive's folder inside the claim). Call with
-(dict "ctx" $ "mountPath" "/mnt/models" "readOnly" true).
+Mount of one model version's folder. Call with
+(dict "ctx" $ "mountPath" "/mnt/models" "readOnly" true "version" "1.0.0").
 */}}
 {{- define "returns-classifier.modelMount" -}}
 - name: model
   mountPath: {{ .mountPath }}
-  {{- with .ctx.Values.persistence.model.path | trimAll "/" }}
-  subPath: {{ . }}
-  {{- end }}
+  subPath: {{ include "returns-classifier.versionPath" (dict "ctx" .ctx "version" .version) }}
   readOnly: {{ .readOnly }}
 {{- end }}
 
@@ -297,10 +423,10 @@ Volume mounts of the training containers: the archive folder, a work folder for 
 (".training" on the same claim), optional photos, and scratch space.
 */}}
 {{- define "returns-classifier.trainingMounts" -}}
-{{ include "returns-classifier.modelMount" (dict "ctx" . "mountPath" "/mnt/models" "readOnly" false) }}
+{{ include "returns-classifier.modelMount" (dict "ctx" . "mountPath" "/mnt/models" "readOnly" false "version" .Values.model.version) }}
 - name: model
   mountPath: /mnt/work
-  subPath: .training
+  subPath: {{ list (.Values.persistence.model.path | trimAll "/") ".training" (toString .Values.model.version) | compact | join "/" }}
 {{- if .Values.training.dataClaim }}
 - name: data
   mountPath: /data/images
