@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from returns_model.artifact import load_model
+from returns_model.gate import LayerTap, UnfamiliarGate
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 
@@ -58,6 +59,7 @@ class BatchStats:
     images: int = 0
     rejected: int = 0
     low_confidence: int = 0
+    unfamiliar: int = 0
     average_confidence: float = 0.0
     decode_ms: float = 0.0
     forward_ms: float = 0.0
@@ -95,6 +97,9 @@ class Classifier:
         self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
         self.amp = self.device.type == "cuda"
         self._labels = self.meta.class_names
+        # The unfamiliar-photo gate reads an inner layer during the normal forward pass (a hook).
+        self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
+        self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
         if warmup:  # the first real request should not pay for lazy initialisation
             size = (1, self.spec.channels, self.spec.size, self.spec.size)
             for n in (1, 8):
@@ -115,18 +120,24 @@ class Classifier:
                 out.outcomes.append(exc)
         return out
 
-    @torch.inference_mode()
     def probabilities(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 images -> calibrated class probabilities ``[N, K]`` (float32, CPU).
+        """uint8 images -> calibrated class probabilities ``[N, K]`` (float32, CPU)."""
+        return self.scores(pixels)[0]
+
+    @torch.inference_mode()
+    def scores(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 images -> calibrated probabilities ``[N, K]`` and unfamiliarity ``[N]`` (None without a gate).
 
         A GPU takes the whole batch in one forward pass; a CPU takes it in passes of ``CPU_CHUNK``.
         """
         if not pixels:
-            return torch.empty(0, len(self._labels))
+            return torch.empty(0, len(self._labels)), (torch.empty(0) if self.gate else None)
         step = CPU_CHUNK if self.device.type == "cpu" else len(pixels)
-        return torch.cat([self._forward(pixels[i:i + step]) for i in range(0, len(pixels), step)])
+        parts = [self._forward(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+        probs = torch.cat([p for p, _ in parts])
+        return probs, (torch.cat([u for _, u in parts]) if self.gate else None)
 
-    def _forward(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = len(pixels)
         batch = torch.stack(pixels)
         if bucket(n) > n:
@@ -136,20 +147,33 @@ class Classifier:
         x = normalize(batch, self.spec).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.model(x)
-        return torch.softmax(logits[:n].float() / self.meta.temperature, dim=1).cpu()
+        probs = torch.softmax(logits[:n].float() / self.meta.temperature, dim=1).cpu()
+        if self.gate is None:
+            return probs, None
+        unfamiliar = self.gate.score(self._tap.pooled(len(batch))[:n], pixels=batch[:n]).float().cpu()
+        return probs, unfamiliar
 
-    def describe(self, probs: torch.Tensor) -> list[dict[str, Any]]:
-        """Calibrated probabilities -> one result object per row."""
+    def describe(self, probs: torch.Tensor, unfamiliar: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Calibrated probabilities (and unfamiliarity) -> one result object per row.
+
+        A photo goes to review when its confidence is under the certified threshold
+        (``low_confidence``), when the gate finds it unlike the training data (``unfamiliar``), or both.
+        """
         k = min(self.meta.top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
+        flags = self.gate.flag(unfamiliar).tolist() if self.gate is not None else [False] * len(probs)
+        scores = unfamiliar.tolist() if unfamiliar is not None else [None] * len(probs)
         results = []
-        for p_row, i_row in zip(top_p.tolist(), top_i.tolist()):
+        for p_row, i_row, flagged, score in zip(top_p.tolist(), top_i.tolist(), flags, scores):
             conf, cls = p_row[0], i_row[0]
+            reasons = [r for r, on in (("low_confidence", conf < self.meta.threshold), ("unfamiliar", flagged)) if on]
             results.append({
                 "label": self._labels[cls],
                 "class_id": cls,
                 "confidence": round(conf, 6),
-                "needs_review": conf < self.meta.threshold,
+                "needs_review": bool(reasons),
+                "review_reason": reasons,
+                "unfamiliar_score": round(score, 4) if score is not None else None,
                 "top_k": [{"label": self._labels[c], "class_id": c, "probability": round(p, 6)}
                           for p, c in zip(p_row, i_row)],
                 "model_name": self.meta.model_name,
@@ -162,14 +186,15 @@ class Classifier:
     def classify_decoded(self, decoded: Decoded, stats: BatchStats | None = None) -> list[dict[str, Any]]:
         """Forward the good photos once; put results and errors back in the photos' order."""
         t0 = time.perf_counter()
-        probs = self.probabilities(decoded.pixels)
-        results = self.describe(probs)
+        probs, unfamiliar = self.scores(decoded.pixels)
+        results = self.describe(probs, unfamiliar)
         if stats is not None:
             conf = probs.max(1)[0] if len(probs) else torch.empty(0)
             stats.forward_ms = (time.perf_counter() - t0) * 1000
             stats.images = len(decoded.outcomes)
             stats.rejected = len(decoded.outcomes) - len(decoded.pixels)
             stats.low_confidence = int((conf < self.meta.threshold).sum())
+            stats.unfamiliar = sum("unfamiliar" in r["review_reason"] for r in results)
             stats.average_confidence = float(conf.mean()) if len(conf) else 0.0
         return [o.to_dict() if isinstance(o, PhotoError) else results[o] for o in decoded.outcomes]
 

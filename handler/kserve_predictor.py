@@ -61,6 +61,7 @@ OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
 IMAGES = Counter("returns_images", "Photos received", ["model_name"])
 REJECTED = Counter("returns_rejected_images", "Photos rejected with a per-photo error", ["model_name"])
 LOW_CONFIDENCE = Counter("returns_low_confidence", "Photos below the review threshold", ["model_name"])
+UNFAMILIAR = Counter("returns_unfamiliar", "Photos the gate found unlike the training data", ["model_name"])
 AVERAGE_CONFIDENCE = Gauge("returns_average_confidence", "Mean confidence of the last request's photos",
                            ["model_name"])
 
@@ -187,6 +188,7 @@ class ReturnsClassifierModel(kserve.Model):
         IMAGES.labels(self.name).inc(stats.images)
         REJECTED.labels(self.name).inc(stats.rejected)
         LOW_CONFIDENCE.labels(self.name).inc(stats.low_confidence)
+        UNFAMILIAR.labels(self.name).inc(stats.unfamiliar)
         if stats.images > stats.rejected:
             AVERAGE_CONFIDENCE.labels(self.name).set(stats.average_confidence)
         return results

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 # TorchServe loads the one class defined in this module, so helpers live in handler.core.
 # Custom metrics, declared in metrics.yaml (TorchServe's Prometheus mode exports declared metrics only).
 GAUGES = {"ImagesPerBatch": "images", "RejectedImagesPerBatch": "rejected", "LowConfidencePerBatch": "low_confidence",
-          "AverageConfidence": "average_confidence", "DecodeTimeMs": "decode_ms", "ForwardTimeMs": "forward_ms"}
-COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConfidenceTotal": "low_confidence"}
+          "UnfamiliarPerBatch": "unfamiliar", "AverageConfidence": "average_confidence", "DecodeTimeMs": "decode_ms",
+          "ForwardTimeMs": "forward_ms"}
+COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConfidenceTotal": "low_confidence",
+            "UnfamiliarTotal": "unfamiliar"}
 
 
 class ReturnsClassifierHandler(BaseHandler):

@@ -38,6 +38,10 @@ class ModelMeta:
     coverage: float | None = None
     reference: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    # The threshold's guarantee (training/certify.py: target, delta, calibration size, bound) and the
+    # unfamiliar-photo gate (returns_model/gate.py). Older model folders have neither.
+    certificate: dict[str, Any] | None = None
+    unfamiliar: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.arch.num_classes:
@@ -56,7 +60,9 @@ class ModelMeta:
             "class_names": self.class_names,
             "preprocess": self.preprocess.to_dict(),
             "calibration": {"temperature": self.temperature, "threshold": self.threshold,
-                            "target_precision": self.target_precision, "coverage": self.coverage},
+                            "target_precision": self.target_precision, "coverage": self.coverage,
+                            "certificate": self.certificate},
+            "unfamiliar": self.unfamiliar,
             "top_k": self.top_k,
             "reference": self.reference,
             "data": self.data,
@@ -72,7 +78,8 @@ class ModelMeta:
                    threshold=float(cal["threshold"]), target_precision=float(cal["target_precision"]),
                    coverage=cal.get("coverage"), top_k=int(d.get("top_k", 3)),
                    model_name=d.get("model_name", MODEL_NAME), model_version=str(d.get("model_version", "1.0")),
-                   reference=d.get("reference", {}), data=d.get("data", {}))
+                   reference=d.get("reference", {}), data=d.get("data", {}),
+                   certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"))
 
 
 def read_meta(model_dir: Path) -> ModelMeta:

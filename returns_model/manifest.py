@@ -79,14 +79,18 @@ def verify(model_root: Path) -> dict:
 # --- the drift reference ------------------------------------------------------------------
 
 def make_reference(class_names: list[str], class_distribution: list[float], confidence_counts: list[int],
-                   n: int, source: str) -> dict[str, Any]:
+                   n: int, source: str, unfamiliar_rate: float | None = None) -> dict[str, Any]:
     """The reference object stored in model.json (and copied into the manifest): what a normal
-    night looks like, as predicted class mix and calibrated-confidence histogram."""
+    night looks like, as predicted class mix, calibrated-confidence histogram and the share of
+    photos the unfamiliar gate flags."""
     if len(confidence_counts) != len(REFERENCE_EDGES) - 1:
         raise ValueError(f"{len(confidence_counts)} histogram counts for {len(REFERENCE_EDGES) - 1} bins")
-    return {"n": n, "source": source, "class_names": class_names,
-            "class_distribution": [round(float(v), 6) for v in class_distribution],
-            "confidence_histogram": {"edges": REFERENCE_EDGES, "counts": [int(c) for c in confidence_counts]}}
+    ref = {"n": n, "source": source, "class_names": class_names,
+           "class_distribution": [round(float(v), 6) for v in class_distribution],
+           "confidence_histogram": {"edges": REFERENCE_EDGES, "counts": [int(c) for c in confidence_counts]}}
+    if unfamiliar_rate is not None:
+        ref["unfamiliar_rate"] = round(float(unfamiliar_rate), 6)
+    return ref
 
 
 @dataclass(frozen=True)

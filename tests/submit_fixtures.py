@@ -66,8 +66,9 @@ class FakeInferenceServer:
 
     def __init__(self, model: str = "returns-classifier", *, fail_first=(), delay_s: float = 0.0,
                  max_instances: int = 64, token: str | None = None, poison: bytes | None = None,
-                 wrong_length: bool = False, fail_after: int | None = None):
+                 wrong_length: bool = False, fail_after: int | None = None, unfamiliar_share: float = 0.02):
         self.model = model
+        self.unfamiliar_share = unfamiliar_share  # share of photos the fake gate flags
         self.fail_first = list(fail_first)
         self.delay_s = delay_s
         self.max_instances = max_instances
@@ -155,8 +156,11 @@ class FakeInferenceServer:
         h = hashlib.sha256(data).digest()
         cid = h[0] % len(CLASSES)
         conf = 0.3 + 0.7 * h[1] / 255
+        unfamiliar = int.from_bytes(h[2:4], "big") / 65536 < self.unfamiliar_share
+        reasons = [r for r, on in (("low_confidence", conf < 0.6), ("unfamiliar", unfamiliar)) if on]
         return {"label": CLASSES[cid], "class_id": cid, "confidence": round(conf, 4),
-                "needs_review": conf < 0.6,
+                "needs_review": bool(reasons), "review_reason": reasons,
+                "unfamiliar_score": 2.0 if unfamiliar else 0.1,
                 "top_k": [{"label": CLASSES[cid], "class_id": cid, "probability": round(conf, 4)}],
                 "model_name": self.model, "model_version": "1.0", "model_sha256": self.sha}
 
@@ -200,11 +204,13 @@ def inbox_rel_paths(inbox: Path) -> list[str]:
     return sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def fake_reference(class_names=CLASSES, n: int = 5000) -> dict:
+def fake_reference(class_names=CLASSES, n: int = 5000, class_distribution=None) -> dict:
     k = len(class_names)
     edges = [i / 10 for i in range(11)]
-    return {"reference": {"n": n, "class_names": list(class_names), "class_distribution": [1 / k] * k,
-                          "confidence_histogram": {"edges": edges, "counts": [0, 0, 0] + [n // 7] * 7}},
+    return {"reference": {"n": n, "class_names": list(class_names),
+                          "class_distribution": class_distribution or [1 / k] * k,
+                          "confidence_histogram": {"edges": edges, "counts": [0, 0, 0] + [n // 7] * 7},
+                          "unfamiliar_rate": 0.02},
             "archive_content_sha256": "ab" * 32, "mar_sha256": "cd" * 32}
 
 

@@ -1,7 +1,7 @@
 """Temperature scaling, ECE and the routing threshold on constructed data."""
 import torch
 
-from training.calibrate import choose_threshold, expected_calibration_error, fit_temperature, nll, risk_coverage
+from training.calibrate import calibrate, expected_calibration_error, fit_temperature, nll, risk_coverage
 
 
 def overconfident(n=4000, k=10, seed=0):
@@ -23,24 +23,15 @@ def test_temperature_lowers_nll_of_an_overconfident_model():
     assert expected_calibration_error(probs_after[0], correct) < expected_calibration_error(probs_before[0], correct)
 
 
-def test_threshold_is_the_lowest_meeting_the_target():
-    # 10 items by falling confidence; the 4th and 9th are wrong.
-    conf = torch.tensor([0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90])
-    correct = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
-    t = choose_threshold(conf, correct, target_precision=0.85)
-    # Precision at cut k: 3/3, 3/4, 4/5, 5/6=.833, 6/7=.857, 7/8=.875, 7/9=.778, 8/10=.8 -> lowest ok cut is 0.92
-    assert abs(t.threshold - 0.92) < 1e-6 and abs(t.coverage - 0.8) < 1e-9 and t.precision >= 0.85
-    strict = choose_threshold(conf, correct, target_precision=1.0)
-    assert abs(strict.threshold - 0.97) < 1e-6 and abs(strict.coverage - 0.3) < 1e-9
-
-
-def test_ties_are_never_split_and_impossible_targets_review_everything():
-    conf = torch.tensor([0.9, 0.9, 0.8])
-    correct = torch.tensor([1, 0, 1], dtype=torch.bool)
-    t = choose_threshold(conf, correct, target_precision=0.6)
-    assert abs(t.threshold - 0.8) < 1e-6 and t.coverage == 1.0  # 0.9 alone is 1/2 < 0.6
-    none = choose_threshold(torch.tensor([0.7, 0.6]), torch.tensor([0, 0], dtype=torch.bool), 0.99)
-    assert none.coverage == 0.0 and none.threshold > 0.7
+def test_calibrate_certifies_the_served_rule_flagged_photos_are_never_accepted():
+    logits, labels = overconfident(n=6000, seed=1)
+    cal = calibrate(logits, labels, target_precision=0.9, delta=0.05)
+    assert cal.temperature > 2.0 and not cal.certificate.accept_nothing
+    assert cal.certificate.precision_lower_bound >= 0.9 and cal.threshold == cal.certificate.threshold
+    # Flag every other photo: flagged photos never count as accepted, so about half the coverage remains.
+    flagged = torch.arange(len(labels)) % 2 == 0
+    gated = calibrate(logits, labels, target_precision=0.9, delta=0.05, flagged=flagged)
+    assert 0 < gated.certificate.coverage <= 0.5 * cal.certificate.coverage + 0.02
 
 
 def test_risk_coverage_curve_ends_at_the_error_rate():

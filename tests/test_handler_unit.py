@@ -102,9 +102,12 @@ def test_core_classifies_real_images_and_keeps_order(release_model_dir, fmnist_p
     good = out[:10] + out[11:]
     assert sum(r["class_id"] == int(labels[i]) for i, r in enumerate(good)) >= 15
     r = good[0]
-    assert set(r) == {"label", "class_id", "confidence", "needs_review", "top_k", "model_name", "model_version",
-                      "model_sha256"}
-    assert r["needs_review"] == (r["confidence"] < clf.meta.threshold)
+    assert set(r) == {"label", "class_id", "confidence", "needs_review", "review_reason", "unfamiliar_score", "top_k",
+                      "model_name", "model_version", "model_sha256"}
+    for r in good:  # the served rule: low confidence, unfamiliar, or both
+        low, unf = r["confidence"] < clf.meta.threshold, r["unfamiliar_score"] > clf.gate.cutoff
+        assert r["review_reason"] == [x for x, on in (("low_confidence", low), ("unfamiliar", unf)) if on]
+        assert r["needs_review"] == (low or unf)
     assert r["top_k"][0]["label"] == r["label"] and len(r["top_k"]) == clf.meta.top_k
 
 

@@ -645,3 +645,60 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path, server
     # The JSONL manifest keeps the true names; numbers in the CSV stay numbers.
     assert sorted(r["path"] for r in read_jsonl(out / "run_csv" / "predictions.jsonl")) == sorted(hostile)
     assert all(0 <= float(r["confidence"]) <= 1 for r in rows)
+
+
+# ---- nights that are off --------------------------------------------------------------------------
+
+def _night(tmp_path, share: float, *extra: str, reference: dict | None = None):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 300)
+    ref = tmp_path / "artifact_manifest.json"
+    ref.write_text(json.dumps(reference or fake_reference()))
+    out = tmp_path / "out"
+    with FakeInferenceServer(unfamiliar_share=share) as s:
+        code = main(args(inbox, out, s.url, "--run-id", "n", "--reference", str(ref), *extra))
+    run = out / "run_n"
+    return code, run, json.loads((run / "run_metadata.json").read_text()), out
+
+
+def test_an_ordinary_night_is_not_off_and_counts_each_review_reason(tmp_path):
+    code, run, meta, out = _night(tmp_path, 0.02)
+    assert code == 0 and meta["night_off"] is False and meta["drift"]["drift"] is False
+    preds = read_jsonl(run / "predictions.jsonl")
+    reasons = meta["counts"]["review_reasons"]
+    assert reasons["unfamiliar"] == sum("unfamiliar" in r["review_reason"] for r in preds)
+    assert reasons["low_confidence"] == sum("low_confidence" in r["review_reason"] for r in preds)
+    assert reasons["night_drift"] == 0 and meta["drift"]["action"] == "none"
+    assert meta["low_confidence_rate"] == round(reasons["low_confidence"] / 300, 6)
+    assert meta["unfamiliar_rate"] == round(reasons["unfamiliar"] / 300, 6)
+
+
+def test_a_drifting_night_goes_to_review_by_default_and_exits_8(tmp_path):
+    code, run, meta, out = _night(tmp_path, 0.3)
+    assert code == 8 and meta["status"] == "complete" and meta["exit_code"] == 8
+    assert meta["night_off"] is True and meta["drift"]["signals"]["unfamiliar"]["drift"] is True
+    assert meta["drift"]["on_drift"] == "review" and meta["drift"]["action"] == "all_to_review"
+    queue = read_jsonl(run / "review_queue.jsonl")
+    assert len(queue) == 300 and all("night_drift" in q["review_reason"] for q in queue)
+    assert all(r["needs_review"] == "true" for r in read_csv(run / "predictions.csv"))
+    assert meta["counts"]["review_reasons"]["night_drift"] == 300 == meta["counts"]["needs_review"]
+    # The journal keeps the server's own answers; the night is published (LATEST) for review.
+    assert sum(r["needs_review"] for r in read_jsonl(run / "predictions.jsonl")) < 300
+    assert (run / "_SUCCESS").exists() and (out / "LATEST").read_text().strip() == "run_n"
+
+
+def test_on_drift_record_only_flags_and_fail_publishes_nothing(tmp_path):
+    code, run, meta, _ = _night(tmp_path / "a", 0.3, "--on-drift", "record")
+    assert code == 8 and meta["drift"]["action"] == "recorded"
+    assert len(read_jsonl(run / "review_queue.jsonl")) == meta["counts"]["needs_review"] < 300
+    code, run, meta, out = _night(tmp_path / "b", 0.3, "--on-drift", "fail")
+    assert code == 8 and meta["status"] == "failed_drift" and meta["drift"]["action"] == "failed"
+    assert not (run / "_SUCCESS").exists() and not (out / "LATEST").exists()
+    assert len(read_jsonl(run / "predictions.jsonl")) == 300  # every photo still recorded
+
+
+def test_a_new_class_mix_alone_is_a_wave_of_returns_not_a_fault(tmp_path):
+    skewed = [0.91] + [0.01] * 9  # the reference saw almost only one class
+    code, run, meta, _ = _night(tmp_path, 0.02, reference=fake_reference(class_distribution=skewed))
+    assert meta["drift"]["signals"]["class_mix"]["drift"] is True and meta["drift"]["class_mix_shift"] is True
+    assert code == 0 and meta["night_off"] is False and meta["drift"]["drift"] is False

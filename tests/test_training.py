@@ -7,7 +7,7 @@ from training.train import main as train_main
 
 pytestmark = pytest.mark.slow
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
-        "--batch-size", "64", "--tsne-samples", "100", "--no-progress", "--no-compile"]
+        "--batch-size", "64", "--tsne-samples", "100", "--no-progress", "--no-compile", "--trust-photos", "40"]
 
 
 def test_short_run_learns_and_writes_the_report(tmp_path):

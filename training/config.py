@@ -43,6 +43,10 @@ class TrainConfig:
     erasing_p: float = 0.1
     # calibration and routing
     target_precision: float = 0.99
+    delta: float = 0.05  # the certified threshold fails its precision with probability at most delta
+    unfamiliar_rate: float = 0.02  # share of ordinary validation photos the unfamiliar gate may flag
+    gate_layer: str = ""  # block whose pooled output the gate reads; "" = the middle block (blocks.3 of 6)
+    trust_photos: int = 1000  # photos of each unfamiliar kind in the trust report
     top_k: int = 3
     # run
     seed: int = 0

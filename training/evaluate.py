@@ -39,13 +39,16 @@ def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, class_names: list
     return out
 
 
-def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration,
-                 class_names: list[str]) -> dict[str, Any]:
-    """Accuracy, calibration and the review threshold's effect on the test split."""
+def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, class_names: list[str],
+                 flagged: torch.Tensor | None = None) -> dict[str, Any]:
+    """Accuracy, calibration and the served review rule's effect on the test split: a photo is
+    auto-accepted when its calibrated confidence reaches the certified threshold and the gate
+    does not flag it."""
     raw_conf, pred = F.softmax(logits, 1).max(1)
     conf = F.softmax(logits / cal.temperature, 1).max(1)[0]
     correct = pred == labels
-    accepted = conf >= cal.threshold.threshold
+    flagged = torch.zeros_like(correct) if flagged is None else flagged
+    accepted = (conf >= cal.threshold) & ~flagged
     _, _, aurc = risk_coverage(conf, correct)
     per_class = per_class_scores(pred, labels, class_names)
     return {
@@ -58,11 +61,13 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration,
         "ece_before_calibration": expected_calibration_error(raw_conf, correct),
         "ece_after_calibration": expected_calibration_error(conf, correct),
         "temperature": cal.temperature,
-        "target_precision": cal.target_precision,
-        "threshold": cal.threshold.threshold,
-        "val_size": cal.n,
-        "val_coverage_at_target": cal.threshold.coverage,
-        "val_precision_at_threshold": cal.threshold.precision,
+        "target_precision": cal.certificate.target_precision,
+        "threshold": cal.threshold,
+        "certificate": cal.certificate.to_dict(),
+        "val_size": cal.certificate.n_calibration,
+        "val_coverage_at_target": cal.certificate.coverage,
+        "val_precision_at_threshold": cal.certificate.observed_precision,
+        "test_flagged_unfamiliar": float(flagged.float().mean()),
         "test_coverage_at_threshold": float(accepted.float().mean()),
         "test_precision_at_threshold": float(correct[accepted].float().mean()) if accepted.any() else None,
         "aurc": aurc,

@@ -67,18 +67,65 @@ def reliability_diagram(raw_conf: torch.Tensor, conf: torch.Tensor, correct: tor
     _save(fig, path)
 
 
-def risk_coverage_curve(coverage: torch.Tensor, risk: torch.Tensor, thr, test_coverage: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(coverage.numpy(), risk.numpy(), label="test set")
-    ax.axhline(1 - thr.target_precision, ls="--", color="grey", label=f"risk target {1 - thr.target_precision:.0%}")
-    ax.axvline(test_coverage, ls=":", color="red",
-               label=f"threshold {thr.threshold:.3f}: {test_coverage:.1%} auto-accepted")
+def risk_coverage_curve(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], cert, served: dict[str, float],
+                        path: Path) -> None:
+    """Risk against coverage (most confident first) per split, with the certified threshold's
+    operating points and the risk the guarantee promises not to exceed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, (coverage, risk) in curves.items():
+        ax.plot(coverage.numpy(), risk.numpy(), label=f"{name} (AURC {float(risk.mean()):.4f})")
+    alpha = 1 - cert.target_precision
+    ax.axhline(alpha, ls="--", color="grey", label=f"risk target {alpha:.0%} (precision {cert.target_precision:.0%})")
+    if not cert.accept_nothing:
+        ax.plot([cert.coverage], [1 - cert.observed_precision], "o", color="black",
+                label=f"certified on validation: t={cert.threshold:.3f}, bound {1 - cert.precision_lower_bound:.2%} "
+                      f"(delta {cert.delta:g})")
+    for name, cov in served.items():
+        ax.axvline(cov, ls=":", color="red", label=f"{name}: {cov:.1%} auto-accepted (served rule)")
     ax.set_xlabel("coverage (share auto-accepted, most confident first)")
     ax.set_ylabel("risk (error rate of accepted items)")
-    ax.set_title(f"Risk-coverage (AURC {float(risk.mean()):.4f})")
+    ax.set_title("Risk-coverage and the certified threshold")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, max(0.12, float(risk.max()) * 1.05))
-    ax.legend()
+    ax.set_ylim(0, 0.08)
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)
+
+
+def unfamiliar_histograms(ordinary: torch.Tensor, kinds: dict[str, torch.Tensor], cutoff: float, path: Path) -> None:
+    """The gate's score for ordinary test photos and for each kind of unfamiliar photo."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    hi = float(max([ordinary.max()] + [v.max() for v in kinds.values()]))
+    bins = torch.linspace(float(min([ordinary.min()] + [v.min() for v in kinds.values()])), min(hi, 12.0), 80).numpy()
+    ax.hist(ordinary.clamp(max=bins[-1]).numpy(), bins=bins, density=True, alpha=0.6, color="black",
+            label=f"ordinary test photos (n={len(ordinary)})")
+    for name, v in kinds.items():
+        ax.hist(v.clamp(max=bins[-1]).numpy(), bins=bins, density=True, histtype="step", label=name)
+    ax.axvline(cutoff, color="red", ls="--", label=f"cutoff {cutoff:.3f} (2% of validation)")
+    ax.set_xlabel("unfamiliarity score (clipped at 12)")
+    ax.set_ylabel("density")
+    ax.set_title("Unfamiliar-photo gate: ordinary vs unfamiliar photos")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def routed_shares(shares: dict[str, dict[str, float]], path: Path) -> None:
+    """Share of each kind sent to review, split by reason."""
+    names = list(shares)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    x = range(len(names))
+    ax.bar(x, [shares[n]["routed_to_review"] for n in names], color="tab:blue", label="routed to review")
+    ax.bar(x, [shares[n]["flagged_unfamiliar"] for n in names], width=0.4, color="tab:orange",
+           label="of which flagged unfamiliar")
+    ax.axhline(0.95, ls="--", color="grey", label="target 95%")
+    for i, n in enumerate(names):
+        ax.text(i, min(shares[n]["routed_to_review"] + 0.01, 1.02), f"{shares[n]['routed_to_review']:.1%}",
+                ha="center", fontsize=7)
+    ax.set_xticks(list(x), [f"{n}\n({shares[n]['group']})" for n in names], fontsize=7, rotation=30)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of photos")
+    ax.set_title("Where unfamiliar photos go (ordinary test photos for comparison)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
     _save(fig, path)
 
 

@@ -24,29 +24,39 @@ import torch.nn.functional as F
 from returns_model.artifact import ModelMeta, load_model, save_weights, write_meta
 from returns_model.fileio import write_json
 from returns_model.manifest import REFERENCE_EDGES, make_reference
-from returns_model.network import SEResNet
+from returns_model.network import ArchConfig, SEResNet
 from returns_model.preprocess import PreprocessSpec
 from training import plots
 from training.calibrate import Calibration, calibrate, risk_coverage
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.evaluate import predict_logits, test_metrics
+from training.gate_fit import choose_cutoff, fit_statistics, forward_with_tap
+from training.trust import trust_report
 
 log = logging.getLogger("training.report")
 
 
-def drift_reference(probs: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    """What the submitter compares a night's run against: predicted class mix and confidence histogram."""
+def drift_reference(probs: torch.Tensor, class_names: list[str], unfamiliar_rate: float | None) -> dict[str, Any]:
+    """What the submitter compares a night's run against: predicted class mix, confidence histogram
+    and the share of photos the gate flags."""
     conf, pred = probs.max(1)
     mix = torch.bincount(pred, minlength=len(class_names)).double() / len(pred)
     counts = torch.histogram(conf.double(), bins=torch.tensor(REFERENCE_EDGES, dtype=torch.float64))[0]
-    return make_reference(class_names, mix.tolist(), counts.tolist(), len(pred), "validation split, calibrated")
+    return make_reference(class_names, mix.tolist(), counts.tolist(), len(pred), "validation split, calibrated",
+                          unfamiliar_rate)
+
+
+def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
+    """The block the gate reads: the configured one, else the middle block of the network."""
+    return cfg.gate_layer or f"blocks.{sum(arch.depths) // 2}"
 
 
 def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: torch.device, out: Path,
                        train_seconds: float | None = None, save: bool = True,
                        meta: ModelMeta | None = None) -> dict[str, Any]:
-    """Calibrate on validation, evaluate on test, and write the model folder and its report.
+    """Fit the gate, calibrate and certify on validation, evaluate on test, and write the model
+    folder with its report and trust report.
 
     ``meta`` (re-reporting an existing model) supplies the architecture and preprocessing;
     otherwise they come from the training config.
@@ -56,45 +66,63 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     arch = meta.arch if meta else make_arch(cfg, spec, len(ds.class_names))
     if save:
         save_weights(model, out)
-    val_logits, _ = predict_logits(model, ds.val, spec, device)
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision)
-    log.info("temperature %.4f; threshold %.4f gives %.1f%% coverage at %.2f%% validation precision",
-             cal.temperature, cal.threshold.threshold, 100 * cal.threshold.coverage, 100 * cal.threshold.precision)
-    test_logits, feats = predict_logits(model, ds.test, spec, device, with_features=True)
-    metrics = test_metrics(test_logits, ds.test.labels, cal, ds.class_names)
+    layer = gate_layer(cfg, arch)
+    # The gate: statistics of the training split's inner embedding, cutoff on the validation split.
+    _, train_tap = forward_with_tap(model, ds.train.images, spec, layer)
+    gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, arch.num_classes)
+    val_logits, val_tap = forward_with_tap(model, ds.val.images, spec, layer)
+    gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
+    val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
+    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
+    cert = cal.certificate
+    log.info("temperature %.4f; gate flags %.1f%% of validation; certified threshold %.4f: %s",
+             cal.temperature, 100 * float(val_flagged.float().mean()), cert.threshold, cert.reason)
+    test_logits, test_tap = forward_with_tap(model, ds.test.images, spec, layer)
+    test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
+    metrics = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
     metrics["train_seconds"] = round(train_seconds, 1) if train_seconds is not None else None
     metrics["data_snapshot_sha256"] = ds.snapshot_sha256
+    val_probs = F.softmax(val_logits / cal.temperature, 1)
     new_meta = ModelMeta(arch=arch, class_names=ds.class_names, preprocess=spec, temperature=cal.temperature,
-                         threshold=cal.threshold.threshold, target_precision=cal.target_precision,
+                         threshold=cert.threshold, target_precision=cert.target_precision,
                          top_k=min(cfg.top_k, arch.num_classes), model_version=cfg.model_version,
-                         coverage=cal.threshold.coverage,
-                         reference=drift_reference(F.softmax(val_logits / cal.temperature, 1), ds.class_names),
+                         coverage=cert.coverage, certificate=cert.to_dict(), unfamiliar=gate.to_dict(),
+                         reference=drift_reference(val_probs, ds.class_names, float(val_flagged.float().mean())),
                          data={"source": ds.source, "snapshot_sha256": ds.snapshot_sha256, "files": ds.files})
     if meta is not None:  # keep what the re-report does not recompute (name, version, top-k)
         new_meta = replace(new_meta, model_name=meta.model_name, model_version=meta.model_version, top_k=meta.top_k)
     write_meta(new_meta, out)
     write_json(out / "metrics.json", metrics)
-    _plots(test_logits, feats, ds, cal, cfg, out)
-    log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f, test coverage %.3f at threshold",
+    _plots(val_logits, test_logits, model, spec, ds, cal, metrics, cfg, out)
+    trust = trust_report(out, ds.test.images, ds.test.labels, cfg.trust_photos, cfg.seed)
+    metrics["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
+                        "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
+    write_json(out / "metrics.json", metrics)
+    log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; served rule: %.1f%% auto-accepted at %.2f%% precision",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece_before_calibration"],
-             metrics["ece_after_calibration"], metrics["test_coverage_at_threshold"])
+             metrics["ece_after_calibration"], 100 * metrics["test_coverage_at_threshold"],
+             100 * (metrics["test_precision_at_threshold"] or 0))
     return metrics
 
 
-def _plots(test_logits: torch.Tensor, feats: torch.Tensor, ds: Dataset, cal: Calibration, cfg: TrainConfig,
-           out: Path) -> None:
+def _plots(val_logits: torch.Tensor, test_logits: torch.Tensor, model: SEResNet, spec: PreprocessSpec, ds: Dataset,
+           cal: Calibration, metrics: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
     labels = ds.test.labels
     raw_conf, pred = F.softmax(test_logits, 1).max(1)
     conf = F.softmax(test_logits / cal.temperature, 1).max(1)[0]
     correct = pred == labels
-    coverage, risk, _ = risk_coverage(conf, correct)
+    val_conf, val_pred = F.softmax(val_logits / cal.temperature, 1).max(1)
+    curves = {"validation (calibration)": risk_coverage(val_conf, val_pred == ds.val.labels)[:2],
+              "test": risk_coverage(conf, correct)[:2]}
     plots.confusion_matrix(pred, labels, ds.class_names, out / "confusion_matrix.png")
     plots.reliability_diagram(raw_conf, conf, correct, out / "reliability_diagram.png")
-    plots.risk_coverage_curve(coverage, risk, cal.threshold, float((conf >= cal.threshold.threshold).float().mean()),
+    plots.risk_coverage_curve(curves, cal.certificate, {"test": metrics["test_coverage_at_threshold"]},
                               out / "risk_coverage.png")
     n = min(cfg.tsne_samples, len(labels))
     if n >= 50:
-        plots.tsne_embeddings(feats[:n], labels[:n], ds.class_names, out / "tsne_embeddings.png", seed=cfg.seed)
+        _, feats = predict_logits(model, ds.test.subset(torch.arange(n)), spec, next(model.parameters()).device,
+                                  with_features=True)
+        plots.tsne_embeddings(feats, labels[:n], ds.class_names, out / "tsne_embeddings.png", seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--erasing-p", type=float, default=d.erasing_p)
     p.add_argument("--target-precision", type=float, default=d.target_precision,
                    help="precision the auto-accepted items must reach; sets the review threshold")
+    p.add_argument("--delta", type=float, default=d.delta,
+                   help="the threshold is certified to reach --target-precision with probability 1 - delta")
+    p.add_argument("--unfamiliar-rate", type=float, default=d.unfamiliar_rate,
+                   help="share of ordinary validation photos the unfamiliar-photo gate may flag")
+    p.add_argument("--gate-layer", default=d.gate_layer, help="block the gate reads (default: the middle one)")
+    p.add_argument("--trust-photos", type=int, default=d.trust_photos,
+                   help="photos of each unfamiliar kind in the trust report")
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)

@@ -1,0 +1,86 @@
+"""Fit the unfamiliar-photo gate (returns_model/gate.py): statistics on the training split, cutoff on
+the validation split. training/trust.py runs it as part of a model's trust step.
+
+Math
+----
+Class means ``mu_k`` and the tied covariance ``S = (1/N) sum_i (e_i - mu_{y_i})(e_i - mu_{y_i})^T`` of the
+tapped embedding over the *training* split (55,000 photos; 48 dims gives ~1,100 photos per
+covariance entry, so no shrinkage beyond a 1e-6 ridge is needed). The scales (median, q99 of the
+distance; median, q01 of the total variation) also come from training photos. The cutoff is the
+``(1 - rate)`` order statistic of the scores of the *validation* photos, which the statistics never
+saw, so the flagged share of new ordinary photos is ~``rate`` (2%). No unfamiliar photo, and no
+label of a validation photo, chooses any number.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from returns_model.gate import GateError, LayerTap, UnfamiliarGate, min_mahalanobis, total_variation
+from returns_model.network import SEResNet
+from returns_model.preprocess import PreprocessSpec, normalize
+
+DEFAULT_LAYER = "blocks.3"
+DEFAULT_RATE = 0.02
+RIDGE = 1e-6
+
+
+def fit_statistics(emb: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor, layer: str,
+                   num_classes: int) -> UnfamiliarGate:
+    """Class means, tied precision and score scales from training-split embeddings (no cutoff yet)."""
+    if len(emb) != len(labels) or len(emb) != len(pixels):
+        raise GateError(f"{len(emb)} embeddings, {len(labels)} labels and {len(pixels)} images must match")
+    emb = emb.double()
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts < emb.shape[1]).any():
+        raise GateError(f"every class needs at least {emb.shape[1]} training photos; counts {counts.tolist()}")
+    means = torch.stack([emb[labels == k].mean(0) for k in range(num_classes)])
+    resid = emb - means[labels]
+    cov = resid.T @ resid / len(emb)
+    cov += RIDGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    precision = torch.linalg.inv(cov)
+    precision = (precision + precision.T) / 2
+    d = min_mahalanobis(emb.float(), means.float(), precision.float())
+    tv = total_variation(pixels)
+    q = torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)
+    dq, tq = torch.quantile(d.double(), q), torch.quantile(tv.double(), q)
+    return UnfamiliarGate(layer=layer, means=means.float().tolist(), precision=precision.float().tolist(),
+                          distance_median=float(dq[1]), distance_q99=float(dq[2]),
+                          tv_median=float(tq[1]), tv_q01=float(tq[0]),
+                          info={"fitted_on": f"training split, {len(emb)} photos"})
+
+
+def choose_cutoff(gate: UnfamiliarGate, emb: torch.Tensor, pixels: torch.Tensor, rate: float = DEFAULT_RATE,
+                  source: str = "validation split") -> UnfamiliarGate:
+    """Set the cutoff so at most ``rate`` of these held-out ordinary photos score above it."""
+    if not 0 < rate < 1:
+        raise GateError(f"flag rate must be in (0, 1), got {rate}")
+    s = torch.sort(gate.score(emb, pixels=pixels).double(), descending=True).values
+    k = math.floor(rate * len(s))  # the k highest scores are flagged (fewer where tied)
+    if k == 0:
+        raise GateError(f"{len(s)} held-out photos are too few to set a {rate:.1%} flag rate")
+    gate.cutoff = float(s[k])
+    flagged = float((s > gate.cutoff).double().mean())
+    gate.info.update({"cutoff_chosen_on": f"{source}, {len(s)} photos", "target_flag_rate": rate,
+                      "flagged_share_at_cutoff": flagged})
+    return gate
+
+
+@torch.inference_mode()
+def forward_with_tap(model: SEResNet, images: torch.Tensor, spec: PreprocessSpec, layer: str,
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the pooled, flip-averaged output of ``layer`` for uint8 images, in one forward pass
+    per batch (the model's own forward, as served)."""
+    device = next(model.parameters()).device
+    tap = LayerTap(model, layer)
+    logits, tapped = [], []
+    try:
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i:i + batch_size].to(device), spec).contiguous(memory_format=torch.channels_last)
+            logits.append(model(x).float().cpu())
+            tapped.append(tap.pooled(len(x)).cpu())
+    finally:
+        tap.close()
+    return torch.cat(logits), torch.cat(tapped)

@@ -1,0 +1,87 @@
+"""The trust report: how the served review rule treats ordinary photos and photos unlike the
+training data, measured through the serving core itself (handler.core.Classifier).
+
+    trust.json                  test coverage and precision under the served rule, each unfamiliar
+                                kind's share routed to review (and why), a mixed night
+    unfamiliar_scores.png       the gate's score for ordinary photos and for each kind
+    unfamiliar_routed.png       the share of each kind sent to review
+
+Kinds come in groups (training/unfamiliar.py): `tuning` kinds were looked at while designing the
+gate, `held_out` and `confirmation` kinds only ever reported. training/report.py calls this after
+writing model.json, so `make train` and `returns-report` both produce it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handler.core import Classifier
+from returns_model.fileio import write_json
+from training import plots, unfamiliar
+
+MIXED_NIGHT_SHARE = 0.15  # unfamiliar photos in the mixed night
+
+
+def _group(kind: str) -> str:
+    if kind in unfamiliar.TUNING_KINDS:
+        return "tuning"
+    return "held_out" if kind in unfamiliar.HELD_OUT_KINDS else "confirmation"
+
+
+def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
+    out = []
+    for i in range(0, len(pixels), 256):
+        probs, unf = clf.scores(pixels[i:i + 256])
+        out.extend(clf.describe(probs, unf))
+    return out
+
+
+def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.Tensor, photos_per_kind: int,
+                 seed: int = 0) -> dict[str, Any]:
+    """Measure the served rule on the test split and on every kind of unfamiliar photo; write the report."""
+    model_dir = Path(model_dir)
+    clf = Classifier(model_dir, warmup=False)
+    ordinary = _served(clf, list(test_images))
+    pred = torch.tensor([r["class_id"] for r in ordinary])
+    correct = pred == test_labels
+    accepted = torch.tensor([not r["needs_review"] for r in ordinary])
+    scores = {"ordinary": torch.tensor([r["unfamiliar_score"] or 0.0 for r in ordinary])}
+    test = {"n": len(ordinary), "accuracy": float(correct.float().mean()),
+            "coverage": float(accepted.float().mean()),
+            "precision": float(correct[accepted].float().mean()) if accepted.any() else None,
+            "flagged_unfamiliar": sum("unfamiliar" in r["review_reason"] for r in ordinary) / len(ordinary)}
+    kinds: dict[str, dict[str, Any]] = {}
+    routed_pool: list[bool] = []
+    images_np = test_images[:, 0].numpy()
+    for kind in unfamiliar.ALL_KINDS:
+        results = clf.classify(unfamiliar.make(kind, photos_per_kind, seed, images_np))
+        routed = [bool(r.get("needs_review", True)) for r in results]  # a rejected photo is never accepted
+        routed_pool.extend(routed)
+        kinds[kind] = {
+            "group": _group(kind), "n": len(results),
+            "routed_to_review": sum(routed) / len(results),
+            "flagged_unfamiliar": sum("unfamiliar" in r.get("review_reason", []) for r in results) / len(results),
+            "low_confidence": sum("low_confidence" in r.get("review_reason", []) for r in results) / len(results),
+            "rejected_as_bad_photo": sum("error" in r for r in results) / len(results),
+        }
+        scores[kind] = torch.tensor([r["unfamiliar_score"] for r in results if r.get("unfamiliar_score") is not None])
+    # A night of ordinary photos with 15% unfamiliar ones of every kind (seeded draw from the pool).
+    n_unf = min(len(routed_pool), round(len(ordinary) * MIXED_NIGHT_SHARE / (1 - MIXED_NIGHT_SHARE)))
+    pick = torch.randperm(len(routed_pool), generator=torch.Generator().manual_seed(seed))[:n_unf]
+    night = {"ordinary": len(ordinary), "unfamiliar": n_unf,
+             "unfamiliar_routed_to_review": float(torch.tensor(routed_pool)[pick].float().mean()),
+             "ordinary_auto_accepted": test["coverage"], "ordinary_accepted_precision": test["precision"]}
+    report = {"measured_with": "handler.core.Classifier on this model folder (the served code path)",
+              "threshold": clf.meta.threshold, "certificate": clf.meta.certificate,
+              "gate": {k: v for k, v in (clf.meta.unfamiliar or {}).items() if k not in ("means", "precision")},
+              "test": test, "unfamiliar_kinds": kinds, "mixed_night": night}
+    write_json(model_dir / "trust.json", report)
+    if clf.gate is not None:
+        plots.unfamiliar_histograms(scores["ordinary"], {k: v for k, v in scores.items() if k != "ordinary" and len(v)},
+                                    clf.gate.cutoff, model_dir / "unfamiliar_scores.png")
+    plots.routed_shares({"ordinary test": {"group": "ordinary", "routed_to_review": 1 - test["coverage"],
+                                           "flagged_unfamiliar": test["flagged_unfamiliar"]}, **kinds},
+                        model_dir / "unfamiliar_routed.png")
+    return report
