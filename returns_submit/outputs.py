@@ -23,6 +23,7 @@ from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
 from returns_submit import drift
 from returns_submit.drift import bin_index
+from returns_submit.faults import fault_point
 from returns_submit.journal import blocking_lock, read_records, shard_file_names
 from returns_submit.log import event
 
@@ -148,6 +149,7 @@ def build_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path],
                 s.latencies_ms.append(float(r["request_ms"]))  # a batch's lines are contiguous
             last_batch = batch
             writer.writerow(csv_row(r))
+            fault_point("during_manifest_rewrite")  # test-only: returns_submit/faults.py
             if r.get("needs_review"):
                 s.needs_review += 1
                 freview.write(json.dumps(review_item(r)) + "\n")
