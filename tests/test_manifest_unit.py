@@ -52,7 +52,8 @@ def test_verify_accepts_an_intact_archive_and_returns_its_manifest(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda r: (r / "model-store" / "returns-classifier.mar").write_bytes(b"PK fake archive!"), "does not match"),
+    (lambda r: (r / "model-store" / "returns-classifier.mar").write_bytes(b"PK fake archive!"),
+     "does not match artifact_manifest.json .*; the archive was changed or copied incompletely: refusing to serve it"),
     (lambda r: (r / "model-store" / "returns-classifier.mar").unlink(), "is missing"),
     (lambda r: (r / "artifact_manifest.json").unlink(), "not found"),
     (lambda r: (r / "artifact_manifest.json").write_text("{not json"), "unreadable manifest"),
@@ -111,8 +112,27 @@ def test_read_reference_from_a_manifest_a_model_json_or_their_folder(tmp_path):
     assert read_reference(tmp_path / "n").source.endswith("model.json")
 
 
-@pytest.mark.parametrize("doc", [[1, 2], {"reference": "x"}, {"reference": {"class_distribution": "x"}}, {}])
-def test_read_reference_refuses_files_without_one(tmp_path, doc):
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], "is not a JSON object"),
+    ({"reference": "x"}, "has no reference.class_distribution"),
+    ({"reference": {"class_distribution": "x"}}, "has no reference.class_distribution"),
+    ({}, "has no reference.class_distribution"),
+])
+def test_read_reference_refuses_files_without_one(tmp_path, doc, message):
     (tmp_path / "r.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message) as e:
         read_reference(tmp_path / "r.json")
+    assert str(tmp_path / "r.json") in str(e.value)  # the message names the file
+
+
+def test_read_reference_of_a_folder_without_either_file_is_an_os_error(tmp_path):
+    with pytest.raises(OSError):  # what --reference turns into a clear bad-argument error
+        read_reference(tmp_path)
+
+
+def test_verify_cli_names_itself_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: returns-verify-archive") and "artifact_manifest.json" in out
