@@ -232,6 +232,38 @@ def test_bin_index_clips_and_includes_the_last_edge():
     assert [drift.bin_index(x, edges) for x in (-1, 0.0, 0.49, 0.5, 0.95, 1.0, 2)] == [0, 0, 0, 1, 2, 2, 2]
 
 
+def test_compare_reports_every_documented_field_exactly():
+    """A 2 x 3 table worked by hand: chi2 = sum (count - expected)^2 / expected over both rows."""
+    observed, reference = [10.0, 20.0, 30.0], [30.0, 30.0, 40.0]
+    out = drift.compare(observed, reference, alpha=0.05)
+    n, n_ref = 60, 100
+    chi2 = 0.0
+    for o, r in zip(observed, reference):
+        col = o + r
+        chi2 += (o - n * col / 160) ** 2 / (n * col / 160) + (r - n_ref * col / 160) ** 2 / (n_ref * col / 160)
+    scale = 1 / n + 1 / n_ref
+    assert set(out) == {"n", "n_reference", "psi", "chi2", "df", "p_value", "psi_expected_no_drift",
+                        "psi_critical", "alpha", "drift"}
+    assert (out["n"], out["n_reference"], out["df"], out["alpha"]) == (60, 100, 2, 0.05)
+    assert out["chi2"] == round(chi2, 4) and out["p_value"] == pytest.approx(math.exp(-chi2 / 2), rel=1e-9)
+    assert out["psi"] == round(drift.psi(observed, reference), 6)
+    assert out["psi_expected_no_drift"] == round(2 * scale, 6)
+    assert out["psi_critical"] == round(drift.chi2_isf(0.05, 2) * scale, 6)
+    assert out["drift"] is (out["p_value"] < 0.05)
+
+
+def test_compare_decides_from_20_photos_and_needs_a_reference():
+    ref = [50.0, 50.0]
+    small = drift.compare([10.0, 9.0], ref, alpha=0.01)
+    assert small["drift"] is None and small["reason"] == "fewer than 20 photos" and small["n"] == 19
+    assert set(small) == {"n", "n_reference", "psi", "drift", "reason"}
+    assert drift.compare([10.0, 10.0], ref, alpha=0.01)["drift"] is False  # exactly 20: decided
+    assert drift.compare([10.0, 10.0], [0.0, 0.0], alpha=0.01)["drift"] is None
+    assert drift.compare([10.0, 10.0], [0.5, 0.5], alpha=0.01)["drift"] is not None  # a tiny reference still counts
+    one = drift.compare([25.0, 0.0], [100.0, 0.0], alpha=0.01)
+    assert one["drift"] is None and one["reason"] == "a single bin after merging sparse bins"
+
+
 # ---- the HTTP client ------------------------------------------------------------------------
 
 def photo_bytes(tmp_path, n):
