@@ -9,6 +9,7 @@ import http.server
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -194,10 +195,22 @@ def test_builtin_objects_match_kubernetes_schemas(renders: dict[str, hr.Rendered
     assert hr.validate_objects(objects) == []
 
 
+def require_crds() -> None:
+    """The CRD schemas live outside the repository (../shared/crds). Without them the custom-resource
+    checks cannot run: say so, as a skip on a developer's machine and as a failure in CI (where
+    shared/ is always laid beside the clone), never by dropping the checks silently."""
+    missing = [f for f in hr.CRD_FILES.values() if not (hr.CRD_DIR / f).is_file()]
+    if missing:
+        reason = (f"CRD schemas missing from {hr.CRD_DIR} ({', '.join(missing)}): InferenceService and "
+                  "ServiceMonitor objects are NOT validated; put a checkout next to shared/crds")
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.mark.integration
 def test_custom_resources_match_crd_schemas(renders: dict[str, hr.Rendered]) -> None:
-    if not hr.CRD_DIR.is_dir():
-        pytest.skip(f"CRD schemas not found at {hr.CRD_DIR} (a checkout next to shared/crds is expected)")
+    require_crds()
     objects = [o for r in renders.values() for o in r.objects if hr.is_custom(o)]
     assert {o["kind"] for o in objects} == {"InferenceService", "ServiceMonitor"}
     assert hr.validate_objects(objects) == []
@@ -212,16 +225,20 @@ def test_validation_is_strict(renders: dict[str, hr.Rendered]) -> None:
     cronjob = json.loads(json.dumps(renders["default"].one("CronJob")))
     cronjob["spec"]["concurrencyPolicy"] = 3
     assert hr.validate_object(cronjob)
-    if hr.CRD_DIR.is_dir():
-        isvc = json.loads(json.dumps(renders["kserve"].one("InferenceService")))
-        isvc["spec"]["predictor"]["containers"][0]["commandz"] = ["returns-kserve"]
-        assert hr.validate_object(isvc)
-        isvc = json.loads(json.dumps(renders["kserve-torchserve"].one("InferenceService")))
-        isvc["spec"]["predictor"]["model"]["storageURI"] = "pvc://typo"
-        assert hr.validate_object(isvc)
-        monitor = json.loads(json.dumps(renders["gpu"].one("ServiceMonitor")))
-        monitor["metadata"]["labelz"] = {}
-        assert hr.validate_object(monitor) == ["metadata.<root>: Additional properties are not allowed ('labelz' was unexpected)"]
+
+
+@pytest.mark.integration
+def test_crd_validation_is_strict(renders: dict[str, hr.Rendered]) -> None:
+    require_crds()
+    isvc = json.loads(json.dumps(renders["kserve"].one("InferenceService")))
+    isvc["spec"]["predictor"]["containers"][0]["commandz"] = ["returns-kserve"]
+    assert hr.validate_object(isvc)
+    isvc = json.loads(json.dumps(renders["kserve-torchserve"].one("InferenceService")))
+    isvc["spec"]["predictor"]["model"]["storageURI"] = "pvc://typo"
+    assert hr.validate_object(isvc)
+    monitor = json.loads(json.dumps(renders["gpu"].one("ServiceMonitor")))
+    monitor["metadata"]["labelz"] = {}
+    assert hr.validate_object(monitor) == ["metadata.<root>: Additional properties are not allowed ('labelz' was unexpected)"]
 
 
 # --- invariants ---------------------------------------------------------------------------------

@@ -82,3 +82,15 @@ def test_variants_differ_where_they_should() -> None:
     for variant in (gpu, cpu, kserve):
         assert variant["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
         assert "NetworkPolicy" in variant
+
+
+def test_custom_resources_in_k8s_match_their_crds() -> None:
+    """The kustomize folders' custom resources (KServe's InferenceService), checked against
+    ../shared/crds: a clear skip or, in CI, a failure when the schemas are missing."""
+    from tests.test_helm_chart import require_crds
+
+    custom = [o for v in ("torchserve-gpu", "torchserve-cpu", "kserve")
+              for o in load_variant(render_k8s.DEFAULT_OUTPUT / v) if hr.is_custom(o)]
+    assert "InferenceService" in {o["kind"] for o in custom}
+    require_crds()
+    assert hr.validate_objects(custom) == []
