@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from returns_submit.journal import Journal, read_records
-from returns_submit.outputs import CSV_COLUMNS, build_outputs, printable_path, spreadsheet_safe
+from returns_submit.outputs import CSV_COLUMNS, derive, printable_path, spreadsheet_safe
 
 # A relative path as os.scandir gives it: any bytes but NUL, decoded with surrogateescape.
 file_names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b).map(os.fsdecode)
@@ -52,7 +52,7 @@ def test_csv_quotes_commas_quotes_and_new_lines_in_names(tmp_path):
     names = ["a,b.png", 'say "cheese".png', "line\nbreak.png", 'all,of "them"\r\n.png', "semi;colon.png",
              "tab\tinside.png", "plain.png", "caf\udce9.png"]
     j = write_journal(tmp_path, [record(n, i, needs_review=i % 2 == 0) for i, n in enumerate(names)])
-    summary = build_outputs(tmp_path, [j.predictions_path], [j.rejected_path], None)
+    summary = derive(tmp_path, [j.predictions_path], [j.rejected_path], None, 0.01, "record").summary
     assert summary.classified == len(names) and summary.needs_review == 4
     assert csv_paths(tmp_path) == [spreadsheet_safe(printable_path(n)) for n in names]
     assert csv_paths(tmp_path)[-1] == "caf\\xe9.png"  # not UTF-8 on disk: escaped in the CSV
@@ -66,7 +66,7 @@ def test_any_file_name_round_trips_through_csv_and_jsonl(names):
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
         j = write_journal(run, [record(n, i, needs_review=True) for i, n in enumerate(names)])
-        build_outputs(run, [j.predictions_path], [j.rejected_path], None)
+        derive(run, [j.predictions_path], [j.rejected_path], None, 0.01, "record").summary
         assert csv_paths(run) == [spreadsheet_safe(printable_path(n)) for n in names]
         assert [r["path"] for r in read_records(j.predictions_path)] == names
         review = [json.loads(line) for line in (run / "review_queue.jsonl").read_text().splitlines()]
