@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping
 
-from returns_model.fileio import write_json
+from returns_model.fileio import fsync_dir, write_json
 from returns_model.names import MANIFEST_FILE as MANIFEST
 
 RECORD = "fetch_record.json"  # written by this tool into the version folder: source and digest
@@ -247,16 +247,8 @@ def unpack(tar_path: Path, into: Path) -> None:
         raise BadArchive(f"the archive has no top-level {MANIFEST} (found {names}); pack the version folder's "
                          "contents: tar -C <version folder> -cf <name>-<version>.tar .")
     for path in sorted(into.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(into)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path)
+    fsync_dir(into)
 
 
 # --- the version folder -------------------------------------------------------------------------
@@ -313,7 +305,7 @@ def fetch(dest: Path, source: str, sha256: str, opts: FetchOptions = FetchOption
         except OSError:
             if not present(dest, sha256):  # another pod may have won the race with the same archive
                 raise
-        _fsync(dest.parent)
+        fsync_dir(dest.parent)
         return "fetched"
     except OSError as exc:
         raise DestinationError(f"{dest}: cannot write the version folder ({exc})") from None

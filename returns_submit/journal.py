@@ -19,6 +19,7 @@ from array import array
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from returns_model.fileio import fsync_dir
 from returns_submit.errors import LockHeld, OutputNotWritable
 
 
@@ -140,14 +141,6 @@ class Journal:
             except OSError:
                 pass
         self._files = {}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputLock:

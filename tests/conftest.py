@@ -116,3 +116,12 @@ def spread_photos(oracle, fmnist_test):
     images, _ = fmnist_test
     sample = spread_sample(oracle, images)
     return [(e, encode(images[e.index])) for e in sample]
+
+
+@pytest.fixture
+def server():
+    """A fake inference server on loopback (tests/submit_fixtures.py), one per test."""
+    from tests.submit_fixtures import FakeInferenceServer
+
+    with FakeInferenceServer() as s:
+        yield s

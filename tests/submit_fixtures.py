@@ -167,6 +167,12 @@ class FakeInferenceServer:
 
 # ---- running the submitter and reading what it wrote ------------------------------------
 
+def submit_args(inbox: Path, out: Path, url: str, *extra: str, connect_deadline: str = "2") -> list[str]:
+    """returns-submit's arguments for a test run: short backoffs, log progress."""
+    return ["--inbox", str(inbox), "--output", str(out), "--endpoint", url, "--progress", "log",
+            "--backoff", "0.01", "--backoff-max", "0.05", "--connect-deadline", connect_deadline, *extra]
+
+
 def submit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "returns_submit.cli", *args]
 

@@ -7,7 +7,6 @@ logic must know exactly the complete lines after a kill at any byte.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import tempfile

@@ -11,20 +11,13 @@ from pathlib import Path
 import pytest
 
 from returns_submit.faults import FAULT_ENV, POINTS
-from tests.submit_fixtures import (FakeInferenceServer, assert_exactly_once, read_csv, read_jsonl, run_submit,
+from tests.submit_fixtures import (submit_args, assert_exactly_once, read_csv, read_jsonl, run_submit,
                                    write_photos)
 
 
-@pytest.fixture
-def server():
-    with FakeInferenceServer() as s:
-        yield s
-
-
 def args(inbox: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return ["--inbox", str(inbox), "--output", str(out), "--endpoint", url, "--progress", "log",
-            "--backoff", "0.01", "--backoff-max", "0.05", "--connect-deadline", "5", "--run-id", "f",
-            "--batch-size", "3", "--concurrency", "1", "--after", "move", "--max-error-rate", "1", *extra]
+    return submit_args(inbox, out, url, "--run-id", "f", "--batch-size", "3", "--concurrency", "1",
+                       "--after", "move", "--max-error-rate", "1", *extra, connect_deadline="5")
 
 
 def make_inbox(root: Path) -> tuple[Path, set[str]]:

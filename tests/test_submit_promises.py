@@ -14,19 +14,11 @@ import pytest
 from returns_submit.cli import main
 from returns_submit.client import InferenceClient
 from returns_submit.errors import ProtocolError
-from tests.submit_fixtures import (CLASSES, FakeInferenceServer, SmallVolume, fake_reference, read_jsonl,
+from tests.submit_fixtures import (submit_args, CLASSES, FakeInferenceServer, SmallVolume, fake_reference, read_jsonl,
                                    write_photos)
 
 
-@pytest.fixture
-def server():
-    with FakeInferenceServer() as s:
-        yield s
-
-
-def args(inbox: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return ["--inbox", str(inbox), "--output", str(out), "--endpoint", url, "--progress", "log",
-            "--backoff", "0.01", "--backoff-max", "0.05", "--connect-deadline", "2", *extra]
+args = submit_args
 
 
 def metadata(out: Path, run_id: str) -> dict:
@@ -37,8 +29,9 @@ def metadata(out: Path, run_id: str) -> dict:
 
 def test_run_metadata_drift_flag_is_true_for_a_drifting_night_and_false_for_a_normal_one(tmp_path, server):
     """The fake server's classes are uniform over the 10 labels (a hash of the bytes), as is the
-    first reference: a normal night. Against a reference where 91% of photos are bags, the same
-    night has drifted."""
+    reference, and it flags 2% of photos unfamiliar, as the reference expects: a normal night. The
+    same photos from a server that flags 30% are a night that is off. A reference where 91% of
+    photos are bags shifts the class mix, which is reported but is no fault on its own."""
     inbox = tmp_path / "inbox"
     write_photos(inbox, 200)
     normal = tmp_path / "normal.json"
@@ -47,26 +40,30 @@ def test_run_metadata_drift_flag_is_true_for_a_drifting_night_and_false_for_a_no
     skewed_doc["reference"]["class_distribution"] = [0.01] * 8 + [0.91, 0.01]
     skewed = tmp_path / "skewed.json"
     skewed.write_text(json.dumps(skewed_doc))
-    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "normal", "--reference", str(normal))) == 0
-    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "drift", "--reference", str(skewed))) == 0
-    calm, drifted = metadata(tmp_path / "out", "normal")["drift"], metadata(tmp_path / "out", "drift")["drift"]
+    out = tmp_path / "out"
+    assert main(args(inbox, out, server.url, "--run-id", "normal", "--reference", str(normal))) == 0
+    assert main(args(inbox, out, server.url, "--run-id", "mix", "--reference", str(skewed))) == 0
+    with FakeInferenceServer(unfamiliar_share=0.3) as odd:
+        assert main(args(inbox, out, odd.url, "--run-id", "drift", "--reference", str(normal))) == 8
+    calm, mix, drifted = (metadata(out, r)["drift"] for r in ("normal", "mix", "drift"))
     assert calm["available"] and calm["drift"] is False
     assert calm["signals"]["class_mix"]["drift"] is False and calm["signals"]["confidence"]["drift"] is False
-    assert drifted["drift"] is True and drifted["signals"]["class_mix"]["drift"] is True
-    assert drifted["signals"]["class_mix"]["p_value"] < 0.01 < calm["signals"]["class_mix"]["p_value"]
+    assert mix["signals"]["class_mix"]["drift"] is True and mix["class_mix_shift"] is True and mix["drift"] is False
+    assert mix["signals"]["class_mix"]["p_value"] < 0.01 < calm["signals"]["class_mix"]["p_value"]
+    assert drifted["drift"] is True and drifted["signals"]["unfamiliar"]["drift"] is True
 
 
-def test_sharded_run_metadata_carries_the_drift_flag_too(tmp_path, server):
+def test_sharded_run_metadata_carries_the_drift_flag_too(tmp_path):
     inbox = tmp_path / "inbox"
     write_photos(inbox, 120)
-    skewed_doc = fake_reference()
-    skewed_doc["reference"]["class_distribution"] = [0.91] + [0.01] * 9
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps(skewed_doc))
-    common = args(inbox, tmp_path / "out", server.url, "--run-id", "s", "--shard-count", "2", "--reference", str(ref))
-    assert main([*common, "--shard-index", "0"]) == 0 and main([*common, "--shard-index", "1"]) == 0
+    ref.write_text(json.dumps(fake_reference()))
+    with FakeInferenceServer(unfamiliar_share=0.3) as odd:
+        common = args(inbox, tmp_path / "out", odd.url, "--run-id", "s", "--shard-count", "2",
+                      "--reference", str(ref), "--on-drift", "record")
+        assert main([*common, "--shard-index", "0"]) == 8 and main([*common, "--shard-index", "1"]) == 8
     meta = metadata(tmp_path / "out", "s")
-    assert meta["shard"]["index"] is None and meta["drift"]["drift"] is True
+    assert meta["shard"]["index"] is None and meta["drift"]["drift"] is True and meta["night_off"] is True
 
 
 # ---- the client's retries -----------------------------------------------------------------------
@@ -231,9 +228,10 @@ def test_low_confidence_rate_is_the_share_of_classified_photos_needing_review(tm
     assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "lc", "--max-error-rate", "1")) == 0
     preds = read_jsonl(tmp_path / "out" / "run_lc" / "predictions.jsonl")
     review = sum(p["needs_review"] for p in preds)
-    assert 0 < review < len(preds) == 60
+    low = sum("low_confidence" in p["review_reason"] for p in preds)
+    assert 0 < low <= review < len(preds) == 60
     meta = metadata(tmp_path / "out", "lc")
-    assert meta["low_confidence_rate"] == round(review / 60, 6)  # rejected photos are not in the denominator
+    assert meta["low_confidence_rate"] == round(low / 60, 6)  # rejected photos are not in the denominator
     assert meta["counts"]["needs_review"] == review
     assert meta["average_confidence"] == pytest.approx(sum(p["confidence"] for p in preds) / 60, abs=1e-6)
     assert sum(meta["class_distribution"].values()) == 60 and set(meta["class_distribution"]) <= set(CLASSES)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.submit_fixtures import (
+from tests.submit_fixtures import (submit_args, 
     REPO,
     FakeInferenceServer,
     fake_reference,
@@ -38,15 +38,7 @@ from returns_submit.cli import get_args_parser, main
 from returns_submit.errors import LockHeld, ProtocolError, RequestRejected
 
 
-@pytest.fixture
-def server():
-    with FakeInferenceServer() as s:
-        yield s
-
-
-def args(inbox: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return ["--inbox", str(inbox), "--output", str(out), "--endpoint", url, "--progress", "log",
-            "--backoff", "0.01", "--backoff-max", "0.05", "--connect-deadline", "2", *extra]
+args = submit_args
 
 
 # ---- the inbox ----------------------------------------------------------------------------
@@ -776,3 +768,13 @@ def test_a_new_class_mix_alone_is_a_wave_of_returns_not_a_fault(tmp_path):
     code, run, meta, _ = _night(tmp_path, 0.02, reference=fake_reference(class_distribution=skewed))
     assert meta["drift"]["signals"]["class_mix"]["drift"] is True and meta["drift"]["class_mix_shift"] is True
     assert code == 0 and meta["night_off"] is False and meta["drift"]["drift"] is False
+
+
+def test_the_unfamiliar_share_test_is_exact_for_small_nights():
+    # 4 expected at 2% of 200: a chi-square table could not judge it; the binomial test can.
+    assert drift.binomial_sf(0, 200, 0.02) == 1.0
+    assert drift.binomial_sf(1, 10, 0.5) == pytest.approx(1 - 0.5 ** 10)
+    assert drift.unfamiliar_share(61, 200, 0.02, 0.01)["drift"] is True
+    assert drift.unfamiliar_share(5, 200, 0.02, 0.01)["drift"] is False  # 2.5%: chance
+    assert drift.unfamiliar_share(0, 200, 0.02, 0.01)["drift"] is False  # fewer than usual is no fault
+    assert drift.unfamiliar_share(3, 10, 0.02, 0.01)["drift"] is None  # too few photos to judge
