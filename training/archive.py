@@ -38,7 +38,7 @@ log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_PACKAGES = {
     "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
-                      "artifact.py"],
+                      "artifact.py", "gate.py"],
     "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py"],
 }
 HANDLER_ENTRY = Path(handler.__file__).parent / "torchserve_handler.py"
