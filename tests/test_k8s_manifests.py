@@ -75,8 +75,10 @@ def test_variants_differ_where_they_should() -> None:
     cpu_server = cpu["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu_limits["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in cpu_server["resources"]["limits"]
-    assert cpu_server["image"].endswith(":0.12.0-cpu")
+    assert cpu_server["image"].endswith("/returns-classifier/torchserve:1.0.0-cpu")
     assert "InferenceService" in kserve and not {"Deployment", "Service"} & set(kserve)
+    (predictor,) = kserve["InferenceService"]["spec"]["predictor"]["containers"]  # the predictor runtime
+    assert predictor["command"] == ["returns-kserve"] and predictor["image"].endswith("/returns-classifier/predictor:1.0.0")
     for variant in (gpu, cpu, kserve):
         assert variant["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
         assert "NetworkPolicy" in variant

@@ -447,6 +447,14 @@ lines. Call with (dict "ctx" $ "file" "files/x.py" "indent" 4).
 {{- end }}
 
 {{/*
+"true" when the InferenceService runs on Knative: deploymentMode Knative (KServe 0.16+) or its
+earlier name Serverless. RawDeployment and Standard are plain Deployments.
+*/}}
+{{- define "returns-classifier.kserveKnative" -}}
+{{- has .Values.serving.kserve.deploymentMode (list "Knative" "Serverless") }}
+{{- end }}
+
+{{/*
 Volume mounts of the retrain Job: the champion's model folder (read-only), the candidate's work
 folder and version folder, the decisions, the photos (the results volume with its archive, and the
 inbox; all read-only) and scratch space. Call with (dict "ctx" $ "candidate" "1.1.0").
