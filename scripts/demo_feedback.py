@@ -114,9 +114,9 @@ def night_photos(night: int, ds, n_ordinary: int, n_shifted: int, n_junk: int, u
     return out
 
 
-def classify_night(model_dir: Path, photos, inbox: Path, run_dir: Path, run_id: str) -> list[dict]:
+def classify_night(model_dir: Path, photos, inbox: Path, run_dir: Path, run_id: str, threads: int) -> list[dict]:
     """Write the photos to the inbox, classify them as served, and leave a run folder as the submitter does."""
-    clf = Classifier(model_dir, warmup=False)
+    clf = Classifier(model_dir, warmup=False, threads=threads)
     records = []
     for start in tqdm(range(0, len(photos), 256), desc=f"{run_id}: classify", leave=False):
         chunk = photos[start:start + 256]
@@ -178,8 +178,8 @@ def bad_file_is_refused(work: Path, good: Path, champion: Path, inbox: Path, run
     return {"validate_exit": code, "retrain_exit": rc, "candidate_written": out.exists()}
 
 
-def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict) -> dict:
-    s = cmp.served_cached(Classifier(model_dir, warmup=False), model_dir, images, cache)
+def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict, threads: int) -> dict:
+    s = cmp.served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
     correct, acc = s["pred"] == labels, s["accepted"]
     return {"coverage": float(acc.float().mean()), "accuracy": float(correct.float().mean()),
             "precision": float(correct[acc].float().mean()) if acc.any() else None}
@@ -190,19 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--release", default="models/release", type=Path, help="the champion to start from (read only)")
     p.add_argument("--workdir", default="build/feedback", type=Path)
     p.add_argument("--nights", type=int, default=3)
-    p.add_argument("--ordinary", type=int, default=1000, help="ordinary photos a night")
-    p.add_argument("--shifted", type=int, default=400, help="photos from the shifted setup a night")
-    p.add_argument("--junk", type=int, default=30, help="photos of no product a night")
-    p.add_argument("--budget", type=int, default=400, help="decisions the reviewers make a night")
-    p.add_argument("--eval-shifted", type=int, default=2000, help="held-out shifted photos (test-split garments)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--replay", type=int, default=6000)
-    p.add_argument("--gate-photos", type=int, default=10000)
+    p.add_argument("--ordinary", type=int, default=600, help="ordinary photos a night")
+    p.add_argument("--shifted", type=int, default=300, help="photos from the shifted setup a night")
+    p.add_argument("--junk", type=int, default=20, help="photos of no product a night")
+    p.add_argument("--budget", type=int, default=300, help="decisions the reviewers make a night")
+    p.add_argument("--eval-shifted", type=int, default=1000, help="held-out shifted photos (test-split garments)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--replay", type=int, default=4000)
+    p.add_argument("--gate-photos", type=int, default=5000)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.time()
+    print(f"demo-feedback: {args.nights} nights of {args.ordinary} ordinary + {args.shifted} shifted + {args.junk} "
+          f"no-product photos, {args.budget} decisions a night; release model {args.release}", flush=True)
     work = args.workdir
     if work.exists():
         shutil.rmtree(work)
@@ -220,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     used: set[int] = set()
     champion, decision_files, rows, cache = first, [], [], {}
-    start = {"test": served_on(champion, ds.test.images, ds.test.labels, cache),
-             "shifted": served_on(champion, eval_shifted, eval_labels, cache)}
+    start = {"test": served_on(champion, ds.test.images, ds.test.labels, cache, args.threads),
+             "shifted": served_on(champion, eval_shifted, eval_labels, cache, args.threads)}
     print(f"night 0 (release {champion.name}): held-out shifted photos {100 * start['shifted']['coverage']:.1f}% "
           f"auto-accepted; test {100 * start['test']['accuracy']:.2f}% accuracy, {100 * start['test']['coverage']:.1f}% "
           f"auto-accepted at {100 * (start['test']['precision'] or 0):.2f}% precision  [{time.time() - t0:.0f}s]", flush=True)
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         photos = night_photos(night, ds, args.ordinary, args.shifted, args.junk, used, rng)
         truth = {rel: (label, kind) for rel, _, label, kind in photos}
         by_sha = {hashlib.sha256(d).hexdigest(): label for _, d, label, _ in photos}
-        records = classify_night(champion, photos, inbox, runs / f"run_{run_id}", run_id)
+        records = classify_night(champion, photos, inbox, runs / f"run_{run_id}", run_id, args.threads)
         fig = night_figures(records, truth)
         dfile = work / "decisions" / f"{run_id}.jsonl"
         queue = decide(runs / f"run_{run_id}" / "review_queue.jsonl", by_sha, args.budget, night, dfile)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         heldout = cmp.load_heldout(cand, [str(inbox)], ds.class_names, spec)
         result = cmp.compare(champion, cand, (ds.test.images, ds.test.labels),
-                             {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache)
+                             {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
+                             threads=args.threads)
         promoted = result["gate"]["promote"]
         if promoted:
             champion = cmp.promote(cand, versions)

@@ -188,7 +188,7 @@ def load_heldout(challenger: Path, photo_folders: list[str], class_names: list[s
 
 def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Tensor],
             sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], tolerance: float = TOLERANCE,
-            seed: int = 0, out: Path | None = None, cache: dict | None = None) -> dict[str, Any]:
+            seed: int = 0, out: Path | None = None, cache: dict | None = None, threads: int = 0) -> dict[str, Any]:
     """Both models on ``test`` and each named set; the gate's decision; comparison.json and
     comparison.png in ``out`` (default: the challenger's folder).
 
@@ -196,7 +196,7 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
     and the photos' bytes: a loop that compares each night's challenger with the last night's
     winner scores the winner once."""
     cache = {} if cache is None else cache
-    c1, c2 = Classifier(champion, warmup=False), Classifier(challenger, warmup=False)
+    c1, c2 = Classifier(champion, warmup=False, threads=threads), Classifier(challenger, warmup=False, threads=threads)
     if c1.meta.class_names != c2.meta.class_names:
         raise ValueError(f"the models' classes differ: {c1.meta.class_names} vs {c2.meta.class_names}")
     names = c1.meta.class_names
