@@ -3,7 +3,7 @@ PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
 
-.PHONY: setup train archive serve serve-kserve demo test test-fast fuzz mutation bench k8s clean
+.PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench k8s clean
 
 setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
 	@bash scripts/setup.sh
@@ -22,6 +22,9 @@ serve-kserve: archive  ## run the KServe predictor in the foreground on the arch
 
 demo: archive  ## the nightly job end to end on this machine
 	$(PY) -m scripts.demo --model-root $(DIST)
+
+demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, gate, promote (build/feedback)
+	$(PY) -m scripts.demo_feedback --release $(MODEL_DIR) --workdir build/feedback
 
 test: setup  ## the whole suite (about 4 minutes on 2 idle cores)
 	$(PY) -m pytest

@@ -42,6 +42,10 @@ class ModelMeta:
     # unfamiliar-photo gate (returns_model/gate.py). Older model folders have neither.
     certificate: dict[str, Any] | None = None
     unfamiliar: dict[str, Any] | None = None
+    # Where a retrained model came from (training/retrain.py): the parent model's SHA-256, the hash of
+    # the reviewers' decisions it learned from and of the held-out split it was judged on. None for a
+    # model trained from scratch; written only when set, so older folders are unchanged.
+    lineage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.arch.num_classes:
@@ -66,6 +70,7 @@ class ModelMeta:
             "top_k": self.top_k,
             "reference": self.reference,
             "data": self.data,
+            **({"lineage": self.lineage} if self.lineage else {}),
         }
 
     @classmethod
@@ -79,7 +84,7 @@ class ModelMeta:
                    coverage=cal.get("coverage"), top_k=int(d.get("top_k", 3)),
                    model_name=d.get("model_name", MODEL_NAME), model_version=str(d.get("model_version", "1.0")),
                    reference=d.get("reference", {}), data=d.get("data", {}),
-                   certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"))
+                   certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"), lineage=d.get("lineage"))
 
 
 def read_meta(model_dir: Path) -> ModelMeta:

@@ -5,6 +5,11 @@ and `<output>/LATEST`. (The journal's own append-only files are returns_submit.j
 Everything here is regenerated from the JSONL journal in one streaming pass, so it
 stays consistent with predictions.jsonl after any number of resumes, and is written
 atomically (temporary file + fsync + rename): a reader never sees half a file.
+
+The one exception to streaming is the review queue: it is written in review order (see
+``review_order``), so its items are held in memory and sorted before writing. An item is a few
+hundred bytes; a night with 100,000 photos to review holds some 50 MB, which the submitter's pod
+affords. A shop whose queues grow far beyond that would sort on disk instead.
 """
 from __future__ import annotations
 
@@ -130,7 +135,31 @@ def csv_row(r: dict, reasons: list[str]) -> list:
 def review_item(r: dict, reasons: list[str]) -> dict:
     keys = ("path", "sha256", "label", "class_id", "confidence", "unfamiliar_score", "top_k", "archived_to",
             "model_version", "shard", "timestamp")
-    return {**{k: r[k] for k in keys if k in r}, "review_reason": reasons}
+    return {**{k: r[k] for k in keys if k in r}, "review_reason": reasons, "margin": top2_margin(r)}
+
+
+def top2_margin(r: dict) -> float:
+    """The calibrated probability of the top class minus the runner-up's (1.0 when only one is known):
+    a small margin is a photo whose decision moves the boundary between two classes."""
+    probs = sorted((float(t.get("probability", 0.0)) for t in r.get("top_k") or []), reverse=True)
+    if not probs:
+        probs = [float(r.get("confidence") or 0.0)]
+    return round(probs[0] - (probs[1] if len(probs) > 1 else 0.0), 6)
+
+
+def review_order(items: list[dict]) -> list[dict]:
+    """Sort review items by how much a person's decision would teach the model, and number them.
+
+    First the photos the gate found unfamiliar (unlike anything the model was trained on: a decision
+    shows it a new kind of photo, or confirms one that is not a product), then by the smallest margin
+    between the top two classes (the model's own uncertainty), ties broken by hash so the order is
+    reproducible. ``priority`` is the 1-based rank: a team with a budget of N reviews takes 1..N.
+    """
+    ordered = sorted(items, key=lambda it: ("unfamiliar" not in it.get("review_reason", []),
+                                            it.get("margin", 1.0), str(it.get("sha256"))))
+    for rank, it in enumerate(ordered, 1):
+        it["priority"] = rank
+    return ordered
 
 
 def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None) -> Summary:
@@ -173,7 +202,9 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
     predictions.jsonl and rejected.jsonl as the concatenation of the shards' files.
 
     `all_to_review` (a drifting night under --on-drift review) sends every classified photo to
-    review with the reason `night_drift`; the journal keeps the server's own answers."""
+    review with the reason `night_drift`; the journal keeps the server's own answers. The review
+    queue is written in `review_order`, so it is collected in memory first (see the module's note)."""
+    review: list[dict] = []
     with atomic_open(run_dir / "predictions.csv", "w", encoding="utf-8", errors="backslashreplace",
                      newline="") as fcsv, \
             atomic_open(run_dir / "review_queue.jsonl", "w", encoding="utf-8") as freview, \
@@ -185,9 +216,11 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
             writer.writerow(csv_row(r, reasons))
             fault_point("during_manifest_rewrite")  # test-only: returns_submit/faults.py
             if reasons:
-                freview.write(json.dumps(review_item(r, reasons)) + "\n")
+                review.append(review_item(r, reasons))
             if fpred is not None:
                 fpred.write(json.dumps(r) + "\n")
+        for item in review_order(review):
+            freview.write(json.dumps(item) + "\n")
     with _maybe_merge(run_dir / "rejected.jsonl", merge) as frej:
         if frej is not None:
             for r in _records(rejected):

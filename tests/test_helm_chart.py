@@ -253,7 +253,7 @@ def test_gpu_limit_exactly_when_enabled(variant: str, renders: dict[str, hr.Rend
     for name, pod in pod_specs(renders[variant]):
         for c in containers(pod):
             limits = c.get("resources", {}).get("limits", {})
-            wants_gpu = gpu["enabled"] and c["name"] in ("torchserve", "kserve-container", "train")
+            wants_gpu = gpu["enabled"] and c["name"] in ("torchserve", "kserve-container", "train", "retrain")
             assert (gpu["resourceName"] in limits) == wants_gpu, f"{name} {c['name']}: {limits}"
             if wants_gpu:
                 gpu_pods += 1
@@ -716,6 +716,57 @@ def test_training_job(renders: dict[str, hr.Rendered]) -> None:
     assert mounts["/mnt/models"]["name"] == "model" and mounts["/mnt/models"]["readOnly"] is False
     assert mounts["/mnt/models"]["subPath"] == "returns-classifier/1.0.0"
     assert mounts["/mnt/work"]["subPath"] == ".training/1.0.0"
+
+
+@pytest.mark.integration
+def test_retrain_job(renders: dict[str, hr.Rendered], settings: dict[str, dict[str, Any]]) -> None:
+    """The retrain Job fine-tunes the served version on the decisions into a candidate folder beside
+    it; promotion stays a change of model.version (the serving objects still point at 1.0.0)."""
+    assert not any(o["metadata"]["name"].startswith("returns-classifier-retrain") for o in renders["default"].objects)
+    rendered = renders["retrain"]
+    (job,) = [j for j in rendered.of_kind("Job") if "retrain" in j["metadata"]["name"]]
+    assert job["metadata"]["name"] == "returns-classifier-retrain-1-1-0"
+    assert job["metadata"]["labels"]["returns-classifier/parent-version"] == "1.0.0"
+    pod = job["spec"]["template"]["spec"]
+    retrain, compare = pod["initContainers"]
+    (archive,) = pod["containers"]
+    assert retrain["command"][3] == "returns-retrain" and compare["command"][3] == "returns-compare"
+    assert "[ $rc -eq 3 ]" in compare["command"][2]  # "keep the champion" is a verdict, not a failed Job
+    args = retrain["args"]
+    assert args[args.index("--champion") + 1] == "/mnt/champion"
+    assert args[args.index("--decisions") + 1] == "/data/decisions"
+    assert args[args.index("--model-version") + 1] == "1.1.0"
+    assert args[args.index("--device") + 1] == "cuda" and args[-2:] == ["--epochs", "3"]
+    assert "nvidia.com/gpu" in retrain["resources"]["limits"]
+    mounts = {m["mountPath"]: m for m in retrain["volumeMounts"]}
+    assert mounts["/mnt/champion"]["subPath"] == ".training/1.0.0/release" and mounts["/mnt/champion"]["readOnly"]
+    assert mounts["/mnt/models"]["subPath"] == "returns-classifier/1.1.0"  # beside the served version
+    assert mounts["/data/decisions"] == {"name": "decisions", "mountPath": "/data/decisions", "subPath": "returns",
+                                         "readOnly": True}
+    assert all(mounts[p]["readOnly"] for p in ("/data/output", "/data/inbox"))
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims["decisions"] == {"claimName": "review-decisions", "readOnly": True}
+    assert archive["args"] == ["--model-dir", "/mnt/work/release", "--output", "/mnt/models"]
+    # Never automatic: serving still runs model.version.
+    assert settings["retrain"]["model"]["version"] == "1.0.0"
+    serving = rendered.one("Deployment")["spec"]["template"]["spec"]
+    assert "1.0.0" in json.dumps(serving) and "1.1.0" not in json.dumps(serving)
+    cpu = hr.render({**variant_values("retrain"), "gpu": {"enabled": False}}).one("Job")
+    assert "--device" in (a := cpu["spec"]["template"]["spec"]["initContainers"][0]["args"]) and \
+        a[a.index("--device") + 1] == "cpu"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad, message", [
+    ({"candidateVersion": ""}, "retrain.candidateVersion is required"),
+    ({"candidateVersion": "1.0.0"}, "must differ from model.version"),
+    ({"decisions": {"existingClaim": ""}}, "retrain.decisions.existingClaim is required"),
+])
+def test_retrain_job_refuses_incomplete_values(bad: dict[str, Any], message: str) -> None:
+    values = variant_values("retrain")
+    values = {**values, "retrain": {**values["retrain"], **bad}}
+    with pytest.raises(Exception, match=message):
+        hr.render(values)
 
 
 @pytest.mark.integration

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("returns_model", "returns_submit", "handler", "training", "scripts")
+PACKAGES = ("returns_model", "returns_submit", "returns_feedback", "handler", "training", "scripts")
 # What each package may import from the project. Tools -> products -> the shared contract.
 ALLOWED = {
     "returns_model": {"returns_model"},
     "returns_submit": {"returns_submit", "returns_model"},
+    "returns_feedback": {"returns_feedback", "returns_model"},  # stdlib only, like the submitter
     "handler": {"handler", "returns_model"},
-    "training": {"training", "returns_model", "handler"},  # the archive builder packages the handler
+    # the archive builder packages the handler; retraining reads reviewers' decisions
+    "training": {"training", "returns_model", "handler", "returns_feedback"},
     "scripts": set(PACKAGES),
 }
 STDLIB_CONTRACT = ("returns_model.names", "returns_model.fileio", "returns_model.manifest",
@@ -90,11 +92,11 @@ class Refuse:
         if name.split('.')[0] in ('torch', 'numpy', 'PIL', 'yaml'):
             raise ImportError('not in the submitter image: ' + name)
 sys.meta_path.insert(0, Refuse())
-for m in {list(STDLIB_CONTRACT)!r} + ['returns_submit.' + p.stem for p in __import__('pathlib').Path({str(REPO / 'returns_submit')!r}).glob('*.py')]:
+for m in {list(STDLIB_CONTRACT)!r} + [pkg + '.' + p.stem for pkg in ('returns_submit', 'returns_feedback') for p in __import__('pathlib').Path({str(REPO)!r}, pkg).glob('*.py')]:
     importlib.import_module(m)
 from returns_submit.cli import main
 assert main(['--help']) == 0
-"""
+"""  # returns_feedback is checked too: reviewers validate decisions where the submitter runs
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout

@@ -90,7 +90,8 @@ def test_nightly_run_counts_add_up_and_csv_matches_jsonl(torchserve, model_root,
              x["needs_review"] == "true") for x in rows] == \
         [(p["path"], p["sha256"], p["label"], p["class_id"], p["confidence"], p["needs_review"]) for p in preds]
     review = read_jsonl(run / "review_queue.jsonl")
-    assert [x["path"] for x in review] == [p["path"] for p in preds if p["needs_review"]]
+    assert sorted(x["path"] for x in review) == sorted(p["path"] for p in preds if p["needs_review"])
+    assert [x["priority"] for x in review] == list(range(1, len(review) + 1))  # in review order
     # The real model classifies real photos.
     names = manifest["reference"].get("class_names") or sorted({p["label"] for p in preds})
     correct = sum(p["label"] == label_name(truth[p["path"]], names) for p in preds)

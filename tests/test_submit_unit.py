@@ -334,7 +334,11 @@ def test_a_run_records_every_photo_once_and_the_files_agree(tmp_path, server):
     assert [(r["path"], r["sha256"], r["label"], float(r["confidence"])) for r in rows] == \
         [(r["path"], r["sha256"], r["label"], r["confidence"]) for r in preds]
     review = read_jsonl(run / "review_queue.jsonl")
-    assert [r["path"] for r in review] == [r["path"] for r in preds if r["needs_review"]]
+    # every photo to review, once, in priority order (review_order: unfamiliar first, then smallest margin)
+    assert sorted(r["path"] for r in review) == sorted(r["path"] for r in preds if r["needs_review"])
+    assert [r["priority"] for r in review] == list(range(1, len(review) + 1))
+    assert [r["margin"] for r in review if "unfamiliar" not in r["review_reason"]] == \
+        sorted(r["margin"] for r in review if "unfamiliar" not in r["review_reason"])
     meta = json.loads((run / "run_metadata.json").read_text())
     c = meta["counts"]
     assert (c["seen"], c["classified"], c["rejected"], c["skipped_non_image"]) == (62, 60, 2, 1)

@@ -156,6 +156,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
         "calibration": meta.to_dict()["calibration"],
         "reference": meta.reference,
+        **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))
     shutil.copy2(METRICS_YAML, output / "config" / "metrics.yaml")

@@ -84,3 +84,61 @@ def forward_with_tap(model: SEResNet, images: torch.Tensor, spec: PreprocessSpec
     finally:
         tap.close()
     return torch.cat(logits), torch.cat(tapped)
+
+
+# --- reviewers' decisions (training/retrain.py) -------------------------------------------------
+MIN_MODE_PHOTOS = 5  # decided photos of one class the gate still flags before they get a mode of their own
+
+
+def add_modes(gate: UnfamiliarGate, emb: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor,
+              num_classes: int, min_photos: int = MIN_MODE_PHOTOS) -> tuple[UnfamiliarGate, dict]:
+    """Make photos that people decided are products familiar: one extra mean per class, from the
+    decided photos of that class which the gate (with its cutoff) still flags.
+
+    ``d(e)`` is a minimum over means, so an extra row only ever lowers a score; the tied precision and
+    the scales stay those of the training split. A class with fewer than ``min_photos`` such photos
+    gets no mode (one photo is not a setup). The cutoff must be chosen again afterwards.
+    """
+    flagged = gate.flag(gate.score(emb, pixels=pixels))
+    rows, per_class = [], {}
+    for k in range(num_classes):
+        sel = flagged & (labels == k)
+        if int(sel.sum()) >= min_photos:
+            rows.append(emb[sel].double().mean(0).float().tolist())
+            per_class[k] = int(sel.sum())
+    if not rows:
+        return gate, {"modes_added": 0}
+    new = UnfamiliarGate(layer=gate.layer, means=gate.means + rows, precision=gate.precision,
+                         distance_median=gate.distance_median, distance_q99=gate.distance_q99,
+                         tv_median=gate.tv_median, tv_q01=gate.tv_q01, cutoff=gate.cutoff, info=dict(gate.info))
+    info = {"modes_added": len(rows), "mode_classes": per_class, "flagged_decided_before": int(flagged.sum()),
+            "decided_photos": len(labels)}
+    new.info["decided_modes"] = info
+    return new, info
+
+
+def sharpen(gate: UnfamiliarGate, base_rows: int, emb: torch.Tensor, pixels: torch.Tensor) -> tuple[UnfamiliarGate, dict]:
+    """Photos people decided are ``not_a_product`` must stay flagged: drop every added mode (rows from
+    ``base_rows`` on) that is the nearest mean of such a photo the gate no longer flags."""
+    if len(emb) == 0 or len(gate.means) == base_rows:
+        return gate, {"not_a_product": len(emb), "modes_dropped": 0}
+    dropped: set[int] = set()
+    while True:
+        keep = [i for i in range(len(gate.means)) if i < base_rows or i not in dropped]
+        trial = UnfamiliarGate(layer=gate.layer, means=[gate.means[i] for i in keep], precision=gate.precision,
+                               distance_median=gate.distance_median, distance_q99=gate.distance_q99,
+                               tv_median=gate.tv_median, tv_q01=gate.tv_q01, cutoff=gate.cutoff, info=dict(gate.info))
+        missed = ~trial.flag(trial.score(emb, pixels=pixels))
+        if not missed.any():
+            break
+        mu = torch.tensor(trial.means)
+        p = torch.tensor(trial.precision)
+        diff = emb[missed].float()[:, None, :] - mu[None]  # [M, K, D]; M is small (decided photos)
+        nearest = torch.einsum("mkd,de,mke->mk", diff, p, diff).argmin(1)
+        culprits = {keep[i] for i in nearest.tolist() if keep[i] >= base_rows}
+        if not culprits:  # missed by the original statistics: no added mode to blame
+            break
+        dropped |= culprits
+    trial.info["not_a_product"] = {"photos": len(emb), "modes_dropped": len(dropped),
+                                   "still_unflagged": int(missed.sum())}
+    return trial, trial.info["not_a_product"]

@@ -143,3 +143,30 @@ def tsne_embeddings(feats: torch.Tensor, labels: torch.Tensor, class_names: list
     ax.set_yticks([])
     ax.legend(markerscale=3, fontsize=7, loc="best")
     _save(fig, path)
+
+
+def champion_challenger(comparison: dict, path: Path) -> None:
+    """Left: accuracy and auto-accepted share of both models on each set, with the 95% interval of the
+    difference written above. Right: the change in each class's test accuracy."""
+    sets = list(comparison["sets"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    width, x = 0.2, torch.arange(len(sets)).float()
+    for j, (model, metric, colour) in enumerate([("champion", "accuracy", "#9ecae1"), ("challenger", "accuracy", "#3182bd"),
+                                                 ("champion", "coverage", "#fdae6b"), ("challenger", "coverage", "#e6550d")]):
+        vals = [comparison["sets"][s][model][metric] for s in sets]
+        ax.bar((x + (j - 1.5) * width).tolist(), vals, width, color=colour, label=f"{model} {metric}")
+    for i, s in enumerate(sets):
+        d = comparison["sets"][s]["difference"]["coverage"]
+        ax.text(i, 1.04, f"Δcov {100 * d['value']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]",
+                ha="center", fontsize=7)
+    ax.set_xticks(x.tolist(), [f"{s}\n(n={comparison['sets'][s]['n']})" for s in sets], fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_title(f"champion vs challenger: {'PROMOTE' if comparison['gate']['promote'] else 'KEEP champion'}")
+    ax.legend(fontsize=7, loc="lower left")
+    per_class = comparison["sets"]["test"]["per_class_accuracy_change"]
+    names = list(per_class)
+    ax2.barh(names, [100 * per_class[n] for n in names], color=["#31a354" if per_class[n] >= 0 else "#de2d26" for n in names])
+    ax2.axvline(0, color="black", lw=0.8)
+    ax2.set_xlabel("test accuracy change per class (points)")
+    ax2.invert_yaxis()
+    _save(fig, path)

@@ -31,7 +31,8 @@ from training.calibrate import Calibration, calibrate, risk_coverage
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.evaluate import predict_logits, test_metrics
-from training.gate_fit import choose_cutoff, fit_statistics, forward_with_tap
+from training.data import Split
+from training.gate_fit import add_modes, choose_cutoff, fit_statistics, forward_with_tap, sharpen
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
@@ -54,12 +55,15 @@ def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
 
 def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: torch.device, out: Path,
                        train_seconds: float | None = None, save: bool = True,
-                       meta: ModelMeta | None = None) -> dict[str, Any]:
+                       meta: ModelMeta | None = None, decided: Split | None = None,
+                       not_products: torch.Tensor | None = None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the gate, calibrate and certify on validation, evaluate on test, and write the model
     folder with its report and trust report.
 
     ``meta`` (re-reporting an existing model) supplies the architecture and preprocessing;
-    otherwise they come from the training config.
+    otherwise they come from the training config. A retrain (training/retrain.py) passes the
+    reviewers' ``decided`` product photos (they become familiar to the gate), their ``not_products``
+    (uint8 images that must stay flagged) and the model's ``lineage``.
     """
     out = Path(out)
     spec: PreprocessSpec = meta.preprocess if meta else make_spec(cfg, ds)
@@ -72,6 +76,9 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, arch.num_classes)
     val_logits, val_tap = forward_with_tap(model, ds.val.images, spec, layer)
     gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
+    if decided is not None and len(decided):
+        gate = _learn_from_decisions(gate, model, spec, decided, not_products, arch.num_classes, val_tap,
+                                     ds.val.images, cfg.unfamiliar_rate)
     val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
     cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
     cert = cal.certificate
@@ -88,7 +95,8 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
                          top_k=min(cfg.top_k, arch.num_classes), model_version=cfg.model_version,
                          coverage=cert.coverage, certificate=cert.to_dict(), unfamiliar=gate.to_dict(),
                          reference=drift_reference(val_probs, ds.class_names, float(val_flagged.float().mean())),
-                         data={"source": ds.source, "snapshot_sha256": ds.snapshot_sha256, "files": ds.files})
+                         data={"source": ds.source, "snapshot_sha256": ds.snapshot_sha256, "files": ds.files},
+                         lineage=lineage)
     if meta is not None:  # keep what the re-report does not recompute (name, version, top-k)
         new_meta = replace(new_meta, model_name=meta.model_name, model_version=meta.model_version, top_k=meta.top_k)
     write_meta(new_meta, out)
@@ -103,6 +111,24 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
              metrics["ece_after_calibration"], 100 * metrics["test_coverage_at_threshold"],
              100 * (metrics["test_precision_at_threshold"] or 0))
     return metrics
+
+
+def _learn_from_decisions(gate, model: SEResNet, spec: PreprocessSpec, decided: Split,
+                          not_products: torch.Tensor | None, num_classes: int, val_tap: torch.Tensor,
+                          val_images: torch.Tensor, rate: float):
+    """Decided product photos become familiar (extra modes), ``not_a_product`` ones must stay flagged;
+    the cutoff is then chosen again on ordinary validation photos, so their flag rate stays ``rate``."""
+    base_rows = len(gate.means)
+    _, dec_tap = forward_with_tap(model, decided.images, spec, gate.layer)
+    gate, info = add_modes(gate, dec_tap, decided.labels, decided.images, num_classes)
+    gate = choose_cutoff(gate, val_tap, val_images, rate)
+    if not_products is not None and len(not_products):
+        _, nap_tap = forward_with_tap(model, not_products, spec, gate.layer)
+        gate, nap = sharpen(gate, base_rows, nap_tap, not_products)
+        gate = choose_cutoff(gate, val_tap, val_images, rate)
+        info = {**info, "not_a_product": nap}
+    log.info("gate after decisions: %s", info)
+    return gate
 
 
 def _plots(val_logits: torch.Tensor, test_logits: torch.Tensor, model: SEResNet, spec: PreprocessSpec, ds: Dataset,

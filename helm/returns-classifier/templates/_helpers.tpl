@@ -453,3 +453,43 @@ earlier name Serverless. RawDeployment and Standard are plain Deployments.
 {{- define "returns-classifier.kserveKnative" -}}
 {{- has .Values.serving.kserve.deploymentMode (list "Knative" "Serverless") }}
 {{- end }}
+
+{{/*
+Volume mounts of the retrain Job: the champion's model folder (read-only), the candidate's work
+folder and version folder, the decisions, the photos (the results volume with its archive, and the
+inbox; all read-only) and scratch space. Call with (dict "ctx" $ "candidate" "1.1.0").
+*/}}
+{{- define "returns-classifier.retrainMounts" -}}
+{{- $ctx := .ctx }}
+{{- $root := $ctx.Values.persistence.model.path | trimAll "/" }}
+- name: model
+  mountPath: /mnt/champion
+  subPath: {{ list $root ".training" (toString $ctx.Values.model.version) "release" | compact | join "/" }}
+  readOnly: true
+- name: model
+  mountPath: /mnt/work
+  subPath: {{ list $root ".training" (toString .candidate) | compact | join "/" }}
+{{ include "returns-classifier.modelMount" (dict "ctx" $ctx "mountPath" "/mnt/models" "readOnly" false "version" .candidate) }}
+- name: decisions
+  mountPath: /data/decisions
+  {{- with $ctx.Values.retrain.decisions.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+  readOnly: true
+- name: output
+  mountPath: /data/output
+  {{- with $ctx.Values.persistence.output.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+  readOnly: true
+- name: inbox
+  mountPath: /data/inbox
+  {{- with $ctx.Values.persistence.inbox.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}

@@ -1,0 +1,177 @@
+"""The loop end to end on a tiny model: retrain on decisions (lineage, held-out split, the gate's
+new modes), champion vs challenger (comparison.json, promotion into a new version folder), a worse
+challenger refused, and a bad decisions file that never changes a model."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from returns_feedback.decisions import decisions_hash, read_decisions, split_hash
+from returns_model.artifact import load_model, read_meta, save_weights
+from training import compare as cmp
+from training.retrain import main as retrain_main, model_sha256, next_version
+from training.train import main as train_main
+
+TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
+        "--batch-size", "64", "--tsne-samples", "0", "--no-progress", "--no-compile", "--trust-photos", "20"]
+WHEN = "2024-05-02T09:14:00Z"
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    """A tiny champion, 150 decided photos in a new setup (plus a few that are no product), and a retrain."""
+    from scripts.demo_feedback import studio_shot
+    from training import unfamiliar
+    from training.data import FASHION_MNIST_CLASSES, read_idx, DEFAULT_FASHION_MNIST_DIR
+
+    root = tmp_path_factory.mktemp("loop")
+    assert train_main(TINY + ["--epochs", "1", "--output", str(root / "champion")]) == 0
+    images, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
+    labels, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")
+    idx = np.arange(50000, 50150)
+    photos = root / "archive"
+    rows = []
+    for j, (i, data) in enumerate(zip(idx, studio_shot(images.numpy(), idx, seed=3))):
+        (photos / "booth").mkdir(parents=True, exist_ok=True)
+        (photos / "booth" / f"{j}.png").write_bytes(data)
+        (photos / "copy").mkdir(exist_ok=True)
+        if j < 5:  # the same photo archived twice is one photo
+            (photos / "copy" / f"{j}.png").write_bytes(data)
+        rows.append((hashlib.sha256(data).hexdigest(), FASHION_MNIST_CLASSES[int(labels[i])]))
+    for j, data in enumerate(unfamiliar.make("noise", 12, seed=1)):
+        (photos / "odd").mkdir(exist_ok=True)
+        (photos / "odd" / f"{j}.png").write_bytes(data)
+        rows.append((hashlib.sha256(data).hexdigest(), "not_a_product" if j < 10 else "unsure"))
+    decisions = root / "decisions.jsonl"
+    decisions.write_text("".join(json.dumps({"format_version": 1, "sha256": h, "label": lab, "reviewer": "ana",
+                                             "decided_at": WHEN}) + "\n" for h, lab in rows))
+    cand = root / "candidate"
+    code = retrain_main(["--champion", str(root / "champion"), "--decisions", str(decisions), "--photos", str(photos),
+                         "--output", str(cand), "--epochs", "1", "--replay", "500", "--gate-photos", "0",
+                         "--trust-photos", "10", "--holdout-share", "0.3", "--no-progress"])
+    assert code == 0
+    return {"root": root, "champion": root / "champion", "candidate": cand, "decisions": decisions, "photos": photos}
+
+
+@pytest.mark.slow
+def test_retrain_writes_a_candidate_with_lineage(loop):
+    meta = read_meta(loop["candidate"])
+    lineage = meta.lineage
+    assert meta.model_version == next_version(read_meta(loop["champion"]).model_version) == "1.1"
+    assert lineage["parent_model_sha256"] == model_sha256(loop["champion"])
+    assert lineage["decisions_sha256"] == decisions_hash(read_decisions([loop["decisions"]]).decisions)
+    heldout = [json.loads(x) for x in (loop["candidate"] / "heldout.jsonl").read_text().splitlines()]
+    assert lineage["heldout_sha256"] == split_hash(r["sha256"] for r in heldout)
+    c = lineage["counts"]
+    assert c["decided"] == 162 and c["unsure_not_used"] == 2
+    assert c["train_products"] + c["heldout_products"] == 150 and 20 < c["heldout_products"] < 70
+    assert c["train_not_a_product"] + c["heldout_not_a_product"] == 10
+    assert len(heldout) == c["heldout_products"] + c["heldout_not_a_product"]
+    saved = json.loads((loop["candidate"] / "lineage.json").read_text())
+    assert saved["model_sha256"] == model_sha256(loop["candidate"])
+    gate = meta.unfamiliar
+    assert gate["info"]["decided_modes"]["decided_photos"] == c["train_products"]
+    assert len(gate["means"]) == 10 + gate["info"]["decided_modes"]["modes_added"]
+    load_model(loop["candidate"])  # the served code path rebuilds it
+
+
+@pytest.mark.slow
+def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_path):
+    versions = tmp_path / "versions"
+    code = cmp.main(["--champion", str(loop["champion"]), "--challenger", str(loop["candidate"]),
+                     "--promote-to", str(versions)])
+    result = json.loads((loop["candidate"] / "comparison.json").read_text())
+    assert (loop["candidate"] / "comparison.png").stat().st_size > 0
+    assert set(result["sets"]) == {"test", "heldout", "heldout_not_a_product"}
+    test = result["sets"]["test"]
+    assert test["n"] == 10000 and len(test["per_class_accuracy_change"]) == 10
+    lo, hi = test["difference"]["accuracy"]["ci95"]
+    assert lo <= test["difference"]["accuracy"]["value"] <= hi
+    assert result["challenger"]["lineage"]["parent_model_sha256"] == model_sha256(loop["champion"])
+    names = [c["name"] for c in result["gate"]["checks"]]
+    assert names == ["test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified",
+                     "better_on_heldout", "not_a_product_stays_in_review"]
+    if result["gate"]["promote"]:
+        assert code == 0 and read_meta(versions / "1.1").lineage == read_meta(loop["candidate"]).lineage
+    else:
+        assert code == 3 and not versions.exists() and result["gate"]["reason"].startswith("kept the champion")
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
+    model, meta = load_model(loop["candidate"])
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    for name in ("model.json", "train_config.json", "heldout.jsonl"):
+        (worse / name).write_bytes((loop["candidate"] / name).read_bytes())
+    with torch.no_grad():  # scramble the head: a challenger that forgot what it knew
+        model.head.weight.copy_(model.head.weight[torch.randperm(10, generator=torch.Generator().manual_seed(0))])
+    save_weights(model, worse)
+    from training.data import FASHION_MNIST_CLASSES  # noqa: F401  (the test split's classes)
+    test = load_data_test(meta)
+    sets = cmp.load_heldout(worse, [], meta.class_names, meta.preprocess)
+    result = cmp.compare(loop["champion"], worse, test, sets)
+    assert not result["gate"]["promote"]
+    failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
+    assert "test_accuracy_within_tolerance" in failed and "test accuracy" in result["gate"]["reason"]
+
+
+def load_data_test(meta, n: int = 2000):
+    from training.config import TrainConfig
+    from training.data import load_data
+
+    ds = load_data(TrainConfig(train_subset=100, val_size=100), meta.preprocess)
+    return ds.test.images[:n], ds.test.labels[:n]
+
+
+@pytest.mark.slow
+def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
+    good = loop["decisions"].read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([good[0], good[1].replace('"label": "', '"label": "Jumper'), good[2][:40]]))
+    out = tmp_path / "never"
+    before = model_sha256(loop["champion"])
+    code = retrain_main(["--champion", str(loop["champion"]), "--decisions", str(bad), "--photos", str(loop["photos"]),
+                         "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert f"{bad}:2: unknown_label" in err and f"{bad}:3: truncated" in err
+    assert "nothing was trained or written" in err
+    assert model_sha256(loop["champion"]) == before
+
+
+def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None):
+    stats = lambda acc, prec: {"accuracy": acc, "precision": prec, "coverage": 0.8, "accepted": 0}  # noqa: E731
+    return {"n": n, "champion": stats(acc1, prec1), "challenger": stats(acc2, prec2),
+            "difference": {"accuracy": {"value": acc2 - acc1 if acc_diff is None else acc_diff},
+                           "correct_accepted": {"value": sum(ca_ci) / 2, "ci95": list(ca_ci)}}}
+
+
+def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
+    good = {"sets": {"test": _set(0.942, 0.941, 0.991, 0.992, (0, 0)),
+                     "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}}
+    verdict = cmp.gate(good, target=0.99, tolerance=0.003, certified=True)
+    assert verdict["promote"] and verdict["reason"] == "every check passed"
+    worse = {"sets": {"test": _set(0.942, 0.935, 0.991, 0.985, (0, 0)),
+                      "heldout": _set(0.30, 0.32, 0.0, 0.99, (-0.02, 0.05))}}
+    verdict = cmp.gate(worse, target=0.99, tolerance=0.003, certified=False)
+    assert not verdict["promote"]
+    assert {c["name"] for c in verdict["checks"] if not c["passed"]} == {
+        "test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified", "better_on_heldout"}
+    assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
+    no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
+    assert "no held-out decided photos" in cmp.gate(no_heldout, 0.99, 0.003, True)["reason"]
+
+
+def test_paired_bootstrap_interval_covers_the_difference():
+    a = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1] * 50, dtype=torch.bool)
+    b = a.clone()
+    b[:40] = True
+    d = cmp.paired_bootstrap(a, b, draws=500)
+    assert d["value"] == pytest.approx((b.double() - a.double()).mean().item())
+    assert 0 < d["ci95"][0] < d["value"] < d["ci95"][1]
