@@ -26,6 +26,7 @@ class ServeConfig:
     max_instances: int = MAX_INSTANCES  # images per JSON request
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0  # per worker; 0 = the machine's cores / workers
+    cpu_backend: str = "onnx"  # the CPU forward pass: "onnx" (ONNX Runtime, where installed) or "eager"
     job_queue_size: int = 1000
     max_request_size: int = 64 * 1024 * 1024
     token_auth: bool = False  # TorchServe tokens expire after 60 min, no renewal: off, with network isolation
@@ -44,13 +45,15 @@ class HandlerKnobs:
     max_instances: int = MAX_INSTANCES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0
+    cpu_backend: str = ServeConfig.cpu_backend
 
     @classmethod
     def from_model_yaml(cls, model_yaml: dict[str, Any]) -> "HandlerKnobs":
         section = model_yaml.get("handler") or {}
         return cls(max_instances=int(section.get("max_instances") or MAX_INSTANCES),
                    max_image_pixels=int(section.get("max_image_pixels") or MAX_IMAGE_PIXELS),
-                   cpu_threads=int(section.get("cpu_threads") or 0))
+                   cpu_threads=int(section.get("cpu_threads") or 0),
+                   cpu_backend=str(section.get("cpu_backend") or ServeConfig.cpu_backend))
 
 
 def model_config_yaml(cfg: ServeConfig) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def model_config_yaml(cfg: ServeConfig) -> dict[str, Any]:
         "responseTimeout": cfg.response_timeout_s,
         "startupTimeout": cfg.startup_timeout_s,
         "handler": {"max_instances": cfg.max_instances, "max_image_pixels": cfg.max_image_pixels,
-                    "cpu_threads": cfg.cpu_threads},
+                    "cpu_threads": cfg.cpu_threads, "cpu_backend": cfg.cpu_backend},
     }
 
 
