@@ -18,7 +18,9 @@ from returns_model.names import MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, MODEL
 class ServeConfig:
     """Serving knobs: written to the .mar's model-config.yaml and the server's config.properties."""
 
-    batch_size: int = 8  # requests TorchServe groups into one handler call
+    # Requests TorchServe groups into one handler call. Measured with the ONNX path on 2 cores (bench/results.json
+    # sweep, 3 runs each, returns-submit 4 in flight): batch 4 beat 1 and 8 at 32 and 64 photos per request.
+    batch_size: int = 4
     max_batch_delay_ms: int = 5  # how long a lone request waits for company
     workers: int = 1
     response_timeout_s: int = 120

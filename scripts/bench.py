@@ -48,7 +48,7 @@ class BenchConfig:
     model_root: str = "dist/model"
     model_dir: str = "models/release"  # for rebuilding the archive with other TorchServe batch settings
     n: int = 10000  # photos in the served / raw runs
-    batch_size: int = 64  # photos per request sent by returns-submit
+    batch_size: int = 32  # photos per request sent by returns-submit (its default)
     concurrency: int = 4  # requests in flight from returns-submit
     raw_n: int = 2000  # photos per raw run (each of 4 raw figures x runs; the eager path is slow on a busy host)
     naive_n: int = 2000
