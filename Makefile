@@ -3,7 +3,7 @@ PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
 
-.PHONY: setup train archive serve serve-kserve demo test test-fast bench k8s clean
+.PHONY: setup train archive serve serve-kserve demo test test-fast fuzz mutation bench k8s clean
 
 setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
 	@bash scripts/setup.sh
@@ -29,6 +29,13 @@ test: setup  ## the whole suite (about 4 minutes on 2 idle cores)
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -m "not slow and not integration"
 
+FUZZ_SECONDS ?= 600
+fuzz: setup  ## fuzz photo decoding and request parsing for FUZZ_SECONDS (default 10 minutes)
+	$(PY) -m tests.fuzz --seconds $(FUZZ_SECONDS)
+
+mutation: setup  ## mutmut over the modules that carry promises; kill rate per module (not in `make test`)
+	$(PY) -m scripts.mutation $(MUTATE)
+
 bench: archive  ## served vs raw vs naive throughput, latency and memory -> bench/results.json
 	$(PY) -m scripts.bench --model-root $(DIST)
 
@@ -36,4 +43,4 @@ k8s: setup  ## regenerate the plain manifests in k8s/ from the Helm chart
 	$(PY) -m scripts.render_k8s
 
 clean:
-	rm -rf dist bench/results.json .pytest_cache
+	rm -rf dist bench/results.json .pytest_cache mutants .hypothesis

@@ -38,7 +38,7 @@ import yaml
 from fastapi.responses import JSONResponse
 from kserve import InferOutput, InferRequest, InferResponse, model_server
 from kserve.errors import InvalidInput
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, start_http_server
 
 from handler.core import BatchStats, Classifier, available_cpus
 from handler.errors import RequestError
@@ -208,6 +208,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", default="/mnt/models", type=Path,
                    help="model root: artifact_manifest.json + model-store/*.mar (verified, then extracted), "
                         "or an extracted model folder with model.json and model.pt")
+    p.add_argument("--metrics_port", default=0, type=int,
+                   help="also serve /metrics (KServe's request metrics and ours) on this port, so that a "
+                        "NetworkPolicy can admit Prometheus there without admitting it to inference; "
+                        "0 = only on --http_port")
     p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
     return p
 
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         model = ReturnsClassifierModel(args.model_name, model_dir)
         model_server.app.add_exception_handler(Rejected, rejected_handler)
+        if args.metrics_port:  # the same registry as the HTTP port's /metrics, on a daemon thread
+            start_http_server(args.metrics_port)
         server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                     max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers,
                                     enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,

@@ -13,12 +13,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextmanager
 def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[io.IOBase]:
-    """Write to a temporary file beside ``path``; fsync and rename it into place on success."""
+    """Write to a temporary file beside ``path``; fsync and rename it into place on success.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's
+    0600: model folders and run outputs are read by other users (the serving pods, the reviewers).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f

@@ -54,7 +54,7 @@ def shard_file_names(shard_index: int, shard_count: int) -> dict[str, str]:
 
 
 def read_records(path: Path) -> Iterator[dict]:
-    """Complete records of a JSONL journal (a torn or unparsable line is skipped)."""
+    """Complete records of a JSONL journal (a torn, unparsable or non-object line is skipped)."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -64,9 +64,11 @@ def read_records(path: Path) -> Iterator[dict]:
             if not line.endswith(b"\n"):
                 return  # torn tail after a kill; open() truncates it before appending
             try:
-                yield json.loads(line)
+                rec = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(rec, dict):  # a damaged line can still parse as JSON: a number, a list
+                yield rec
 
 
 def _truncate_torn_tail(path: Path) -> None:

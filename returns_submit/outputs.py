@@ -23,6 +23,7 @@ from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
 from returns_submit import drift
 from returns_submit.drift import bin_index
+from returns_submit.faults import fault_point
 from returns_submit.journal import blocking_lock, read_records, shard_file_names
 from returns_submit.log import event
 
@@ -182,6 +183,7 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
         for r in _records(predictions):
             reasons = reasons_of(r) + (["night_drift"] if all_to_review else [])
             writer.writerow(csv_row(r, reasons))
+            fault_point("during_manifest_rewrite")  # test-only: returns_submit/faults.py
             if reasons:
                 freview.write(json.dumps(review_item(r, reasons)) + "\n")
             if fpred is not None:

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from returns_model.manifest import Reference, read_reference
 from returns_submit import k8s_info, outputs
+from returns_submit.faults import fault_point
 from returns_submit.client import Answer, BatchFailed, InferenceClient
 from returns_submit.inbox import Entry, Photo, Unreadable, lexists, read, shard_of, walk
 from returns_submit.journal import Journal, OutputLock, read_records, shard_file_names
@@ -295,9 +296,11 @@ class Runner:
                                      None if u.code == "vanished" else u.rel))
         self._pending_rejects = []
         self.journal.append(preds, rejs)
+        fault_point("after_journal_append")  # test-only: returns_submit/faults.py
         for rel, dst in moves:
             if not move(self.inbox, rel, dst):
                 self.invocation["move_failed"] += 1
+            fault_point("after_move")
         n = len(preds) + len(rejs)
         self.invocation["processed"] += n
         self.progress.update(n, rejected=len(rejs))

@@ -6,7 +6,9 @@ costs (base64 JSON against raw bytes); `returns-submit` end to end against a loc
 real archive; a naive set-up (TorchServe batch size 1, one photo per HTTP request); single-photo
 latency; memory; a sweep of TorchServe batch size x photos per request. Every figure is measured
 ``runs`` times (3 by default) and reported as the median, with min and max beside it: the machine is
-shared, so one number alone says little. Writes bench/results.json, bench/throughput.png and a table.
+shared, so one number alone says little. Then the served, naive and latency measurements
+against the KServe predictor (`returns-kserve`, once each) on the same archive, at the same photos per request
+and concurrency (`returns-submit --api v2`). Writes bench/results.json, bench/throughput.png and a table.
 
     python -m scripts.bench --model-root dist/model            # full run (~10 minutes on 2 cores)
     python -m scripts.bench --tiny --output /tmp/r.json        # a few seconds of each, to check it works
@@ -14,6 +16,7 @@ shared, so one number alone says little. Writes bench/results.json, bench/throug
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -33,7 +36,7 @@ import requests
 import torch
 
 from handler.core import Classifier, available_cpus
-from scripts.localserve import LocalTorchServe
+from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
 from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
 from training.archive import build_archive
@@ -41,6 +44,43 @@ from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
 from returns_model.fileio import write_bytes, write_json
 
 PRED = f"/predictions/{MODEL_NAME}"
+KSERVE_PRED = f"/v1/models/{MODEL_NAME}:predict"  # KServe's v1 REST takes JSON: {"instances": [{"b64": ...}]}
+
+
+class LocalPredictor:
+    """`returns-kserve` on free loopback ports on a model root, for as long as the `with` block runs."""
+
+    def __init__(self, model_root: Path, log: Path) -> None:
+        self.model_root, self.log = Path(model_root), Path(log)
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.inference_url = f"http://127.0.0.1:{self.http_port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LocalPredictor":
+        cmd = [sys.executable, "-m", "handler.kserve_predictor", "--model_dir", str(self.model_root),
+               "--model_name", MODEL_NAME, "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        end = time.monotonic() + 180
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"returns-kserve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.inference_url}/v2/models/{MODEL_NAME}/ready", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise TimeoutError(f"returns-kserve not ready in 180 s: {self.log.read_text()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
 @dataclass
@@ -139,11 +179,12 @@ def wire_costs(pngs: list[bytes], per_request: int, runs: int) -> dict[str, Any]
             "json_bytes_over_raw": round(sum(len(b) for b in bodies) / raw_bytes, 3)}
 
 
-def run_submitter(server: LocalTorchServe, inbox: Path, out: Path, batch: int, concurrency: int) -> dict[str, Any]:
+def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Path, batch: int, concurrency: int,
+                  api: str = "predictions") -> dict[str, Any]:
     """returns-submit as its own process: wall time, its peak RSS and its run metadata."""
     cmd = [sys.executable, "-m", "returns_submit.cli", "--inbox", str(inbox), "--output", str(out), "--endpoint",
-           server.inference_url, "--batch-size", str(batch), "--concurrency", str(concurrency), "--run-id", "bench",
-           "--progress", "log", "--log-level", "WARNING"]
+           server.inference_url, "--api", api, "--batch-size", str(batch), "--concurrency", str(concurrency),
+           "--run-id", "bench", "--progress", "log", "--log-level", "WARNING"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # VmHWM belongs to the exec'd program's own address space; wait4's ru_maxrss would also count
@@ -177,8 +218,10 @@ def rss_mb(pid: int) -> float:
     return peak_rss_mb(pid, "VmRSS")
 
 
-def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int) -> tuple[float, list[float]]:
-    """Send each photo as its own request; returns photos/s and per-request latencies (ms)."""
+def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int,
+                          as_json: bool = False) -> tuple[float, list[float]]:
+    """Send each photo as its own request (the raw body, or as_json: v1 JSON with one base64
+    instance); returns photos/s and per-request latencies (ms)."""
     local = threading.local()
     latencies: list[float] = []
 
@@ -186,7 +229,10 @@ def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int) -> tupl
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
         t0 = time.perf_counter()
-        r = session.post(url, data=data, timeout=60)
+        if as_json:
+            r = session.post(url, json={"instances": [{"b64": base64.b64encode(data).decode()}]}, timeout=60)
+        else:
+            r = session.post(url, data=data, timeout=60)
         latencies.append((time.perf_counter() - t0) * 1000)
         r.raise_for_status()
 
@@ -215,7 +261,7 @@ def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any], backend: 
             else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
             "submit_concurrency": cfg.concurrency, "torchserve_batch": serve, "cpu_backend": backend, "python": platform.python_version(),
             "torch": torch.__version__, "torchserve": metadata.version("torchserve"),
-            "onnxruntime": metadata.version("onnxruntime")}
+            "onnxruntime": metadata.version("onnxruntime"), "kserve": metadata.version("kserve")}
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -309,6 +355,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             naive = spread([one_photo_per_request(server.inference_url + PRED, pngs[:cfg.naive_n],
                                                   cfg.naive_concurrency)[0] for _ in range(cfg.runs)])
 
+        predictor = bench_predictor(model_root, tmp, pngs, cfg)
+
         sweep = []
         if cfg.sweep:
             write_inbox(tmp / "sweep_inbox", cfg.sweep_n)
@@ -343,6 +391,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "served_over_naive": round(s_med / naive["median"], 2),
         "served_over_raw_onnx": round(s_med / raw["raw_onnx_images_per_s"]["median"], 3),
         "wire": wire,
+        "predictor": {**predictor,
+                      "served_over_raw": round(predictor["served_images_per_s"] / raw["raw_images_per_s"]["median"], 3),
+                      "served_over_raw_decode": round(predictor["served_images_per_s"]
+                                                      / raw["raw_decode_images_per_s"]["median"], 3),
+                      "served_over_naive": round(predictor["served_images_per_s"] / predictor["naive_images_per_s"], 2),
+                      "served_over_torchserve": round(predictor["served_images_per_s"] / s_med, 2)},
         "sweep": sweep,
         "load_average": loads,
         "environment": environment(threads, cfg, {k: serve_cfg[k] for k in ("batch_size", "max_batch_delay_ms",
@@ -358,6 +412,23 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 def rate_of(s: dict[str, Any]) -> str:
     return "{median:.0f} photos/s ({min:.0f}-{max:.0f})".format(**s)
+
+
+def bench_predictor(model_root: Path, tmp: Path, pngs: list[bytes], cfg: BenchConfig) -> dict[str, Any]:
+    """returns-kserve on the same archive: served (returns-submit --api v2 at the same photos per request
+    and concurrency as against TorchServe), naive (one photo per request), latency and peak RSS."""
+    with LocalPredictor(model_root, tmp / "predictor.log") as server:
+        served = run_submitter(server, tmp / "inbox", tmp / "out_kserve", cfg.batch_size, cfg.concurrency, api="v2")
+        url = server.inference_url + KSERVE_PRED
+        naive_rate, _ = one_photo_per_request(url, pngs[:cfg.naive_n], cfg.naive_concurrency, as_json=True)
+        lat = {}
+        for conc in (1, 8):
+            _, ms = one_photo_per_request(url, pngs[:cfg.latency_n], conc, as_json=True)
+            lat[f"concurrency_{conc}"] = percentiles(ms)
+        rss = peak_rss_mb(server.proc.pid)
+    return {"served_images_per_s": round(cfg.n / served["wall_s"], 1), "naive_images_per_s": round(naive_rate, 1),
+            "latency_ms": lat, "peak_rss_mb": round(rss, 1), "api": "v2",
+            "single_photo_request": "v1 JSON, one base64 instance"}
 
 
 def table(r: dict[str, Any]) -> str:
@@ -386,6 +457,14 @@ def table(r: dict[str, Any]) -> str:
                                                                r["wire"]["json_parse_us_per_photo"]["median"])),
             ("raw bytes, one photo per request", rate_of(r["wire"]["served_raw_one_per_request_images_per_s"])),
             ("load average start / end", f"{r['load_average']['start']} / {r['load_average']['end']}")]
+    k = r["predictor"]
+    rows += [("served: returns-submit -> returns-kserve (v2)", f"{k['served_images_per_s']:.0f} photos/s"),
+             ("naive: returns-kserve, one photo per request", f"{k['naive_images_per_s']:.0f} photos/s"),
+             ("returns-kserve served / raw, / naive, / TorchServe",
+              f"{k['served_over_raw']:.2f}, {k['served_over_naive']:.1f}x, {k['served_over_torchserve']:.2f}"),
+             ("returns-kserve latency c=1 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**k["latency_ms"]["concurrency_1"])),
+             ("returns-kserve latency c=8 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**k["latency_ms"]["concurrency_8"])),
+             ("peak RSS returns-kserve", f"{k['peak_rss_mb']:.0f} MB")]
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 

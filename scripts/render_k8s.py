@@ -29,7 +29,8 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         "torchserve-gpu": ("the chart's defaults", {}),
         "torchserve-cpu": ("ci/cpu-values.yaml", helm_render.load_values_file(helm_render.CI_VALUES_DIR / "cpu-values.yaml")),
-        "kserve": ("serving.mode=kserve", {"serving": {"mode": "kserve"}}),
+        "kserve": ("serving.mode=kserve, serving.kserve.runtime=predictor",
+                   {"serving": {"mode": "kserve", "kserve": {"runtime": "predictor"}}}),
     }
 
 

@@ -97,3 +97,22 @@ def torchserve(model_root, tmp_path_factory):
     server.start(timeout=240)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def oracle(release_model_dir):
+    """model.json's answers computed independently of the handler (tests/oracle.py)."""
+    from tests.oracle import Oracle
+
+    return Oracle(release_model_dir)
+
+
+@pytest.fixture(scope="session")
+def spread_photos(oracle, fmnist_test):
+    """``[(Expected, PNG bytes)]``: real test photos over the whole confidence range, near the
+    threshold included, each with the answer model.json prescribes for it."""
+    from tests.oracle import spread_sample
+
+    images, _ = fmnist_test
+    sample = spread_sample(oracle, images)
+    return [(e, encode(images[e.index])) for e in sample]

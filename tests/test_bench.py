@@ -1,4 +1,5 @@
-"""`make bench` works: a tiny run writes well-formed results (speed itself is not a test)."""
+"""`make bench` works: a tiny run writes well-formed results for TorchServe and the KServe predictor
+side by side (speed itself is not a test)."""
 import json
 import math
 
@@ -32,4 +33,14 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert all(v > 0 for v in r["peak_rss_mb"].values())
     assert r["environment"]["cpus"] >= 1 and r["environment"]["torchserve"] == "0.12.0"
-    assert "served: returns-submit" in capsys.readouterr().out
+    k = r["predictor"]  # returns-kserve on the same archive, in the same run
+    assert k["api"] == "v2"
+    for key in ("served_images_per_s", "naive_images_per_s", "served_over_raw", "served_over_naive",
+                "served_over_torchserve", "peak_rss_mb"):
+        assert isinstance(k[key], (int, float)) and k[key] > 0 and math.isfinite(k[key]), key
+    assert k["served_over_torchserve"] == pytest.approx(k["served_images_per_s"] / r["served_images_per_s"], rel=0.02)
+    for conc in ("concurrency_1", "concurrency_8"):
+        assert 0 < k["latency_ms"][conc]["p50"] <= k["latency_ms"][conc]["p99"]
+    assert r["environment"]["kserve"] == "0.21.0"
+    out = capsys.readouterr().out
+    assert "served: returns-submit" in out and "returns-submit -> returns-kserve" in out

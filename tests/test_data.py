@@ -1,6 +1,8 @@
 """IDX parsing on the real Fashion-MNIST files, and clear errors for damaged ones."""
 import gzip
+import hashlib
 import struct
+from collections import Counter
 
 import pytest
 import torch
@@ -50,6 +52,11 @@ def test_changed_content_fails_the_checksum(tmp_path):
         load_fashion_mnist(tmp_path, val_size=5000, seed=0)
 
 
+def image_hashes(images: torch.Tensor) -> list[bytes]:
+    flat = images.reshape(len(images), -1).contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+
 def test_validation_split_is_seeded_and_disjoint():
     a = load_fashion_mnist(None, val_size=5000, seed=0)
     b = load_fashion_mnist(None, val_size=5000, seed=0)
@@ -58,6 +65,17 @@ def test_validation_split_is_seeded_and_disjoint():
     c = load_fashion_mnist(None, val_size=5000, seed=1)
     assert not torch.equal(a.val.labels, c.val.labels)  # another seed, another split
     assert len(a.snapshot_sha256) == 64
+    # Disjoint and covering, by image content: train + validation is exactly the original training
+    # split as a multiset, so no validation image was also kept for training (Fashion-MNIST has a
+    # few duplicate images of its own; those are the only hashes allowed on both sides).
+    original, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
+    raw = Counter(image_hashes(original))
+    train, val = Counter(image_hashes(a.train.images)), Counter(image_hashes(a.val.images))
+    assert train + val == raw
+    shared = set(train) & set(val)
+    assert all(raw[h] >= 2 for h in shared) and len(shared) < 50
+    test = set(image_hashes(a.test.images))
+    assert len(test & set(val)) < 50  # the test split is its own file; only the data set's own duplicates
 
 
 def test_image_folder_of_any_size_and_colour(tmp_path, fmnist_test):

@@ -1,5 +1,6 @@
 """The container images cannot be built here: their Dockerfiles are checked as text
-(pinned base images, non-root numeric user, entry points, no torch in the submitter)."""
+(pinned base images, non-root numeric user, entry points, no torch in the submitter, the pinned
+torch and TorchServe of requirements.txt in the serving images)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def final_stage(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return steps[last_from:]
 
 
-def test_there_is_a_submitter_and_a_training_image() -> None:
-    assert {p.name for p in DOCKERFILES} == {"submitter.Dockerfile", "training.Dockerfile"}
+def test_there_is_a_submitter_a_training_and_two_serving_images() -> None:
+    assert {p.name for p in DOCKERFILES} == {"submitter.Dockerfile", "training.Dockerfile",
+                                             "predictor.Dockerfile", "torchserve.Dockerfile"}
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -130,14 +132,87 @@ def test_training_image() -> None:
     assert json.loads(entrypoint[-1]) == ["returns-train"]
 
 
+def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """ENV key=value pairs of some instructions (the later wins)."""
+    out: dict[str, str] = {}
+    for kw, arg in steps:
+        if kw == "ENV":
+            out.update(pair.split("=", 1) for pair in arg.split())
+    return out
+
+
+def requirement(package: str) -> str:
+    text = (REPO / "requirements.txt").read_text(encoding="utf-8")
+    match = re.search(rf"^{re.escape(package)}==(\S+)$", text, flags=re.M)
+    assert match, f"{package} is not pinned in requirements.txt"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", ["predictor.Dockerfile", "torchserve.Dockerfile"])
+def test_serving_images_pin_the_base_by_digest_and_torch_by_requirements(name: str) -> None:
+    steps = instructions(DOCKER / name)
+    (image,) = base_images(steps)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", image), image
+    runs = " ".join(arg for kw, arg in steps if kw == "RUN")
+    # torch comes from the TORCH_INDEX_URL build argument at requirements.txt's version (CPU or CUDA wheels).
+    assert '--index-url "${TORCH_INDEX_URL}" "$(grep -E \'^torch==\' requirements.txt)"' in runs
+    assert requirement("torch")
+    assert build_args(steps)["TORCH_INDEX_URL"] in ("https://download.pytorch.org/whl/cpu", "https://pypi.org/simple")
+    assert "--constraint requirements.txt" in runs  # everything else at the suite's versions
+
+
+def test_predictor_image() -> None:
+    steps = instructions(DOCKER / "predictor.Dockerfile")
+    final = final_stage(steps)
+    assert build_args(steps)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"  # CPU wheels by default
+    runs = " ".join(arg for kw, arg in steps if kw == "RUN")
+    assert "--no-deps -r requirements-kserve.txt" in runs  # kserve as scripts/setup.sh installs it
+    assert re.search(r"^kserve==0\.21\.0$", (REPO / "requirements-kserve.txt").read_text(), flags=re.M)
+    assert "sed -n '/^# The KServe predictor/,$p' requirements.txt" in runs
+    assert "# The KServe predictor" in (REPO / "requirements.txt").read_text(encoding="utf-8")
+    assert not re.search(r"\btorchserve\b|-r requirements\.txt", runs), "the predictor needs no TorchServe"
+    copies = [arg for kw, arg in steps if kw == "COPY"]
+    assert "handler/ handler/" in copies and "returns_model/ returns_model/" in copies
+    assert not any(re.search(r"\b(training|scripts)/", c) for c in copies)
+    env = env_of(final)
+    # handler/ is a source-tree package; a read-only root: HOME and caches in /tmp, no bytecode writes.
+    assert env["PYTHONPATH"] == "/src" and [a for kw, a in final if kw == "WORKDIR"][-1] == "/tmp"
+    assert env["HOME"] == "/tmp" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert all(env[k].startswith("/tmp/") for k in ("XDG_CACHE_HOME", "TORCH_HOME"))
+    entrypoint = [arg for kw, arg in final if kw == "ENTRYPOINT"]
+    assert json.loads(entrypoint[-1]) == ["returns-kserve"]
+    assert not [arg for kw, arg in final if kw == "CMD"]
+    assert [a for kw, a in final if kw == "USER"][-1] == "10001:10001"
+
+
+def test_torchserve_image() -> None:
+    steps = instructions(DOCKER / "torchserve.Dockerfile")
+    final = final_stage(steps)
+    runs = " ".join(arg for kw, arg in steps if kw == "RUN")
+    assert "openjdk-17-jre-headless" in runs  # TorchServe 0.12's frontend, as `make setup` installs it
+    assert re.search(r"--constraint requirements\.txt torchserve\b", runs)
+    assert requirement("torchserve") == "0.12.0"
+    env = env_of(final)
+    # The stock image's layout, which the chart's Deployment relies on (uid 1000, TEMP, working dir).
+    assert [a for kw, a in final if kw == "USER"][-1] == "1000:1000"
+    assert env["TEMP"] == "/home/model-server/tmp"
+    assert [a for kw, a in final if kw == "WORKDIR"][-1] == "/home/model-server/work"
+    assert "/home/model-server/tmp /home/model-server/work" in runs
+    assert json.loads([a for kw, a in final if kw == "ENTRYPOINT"][-1]) == ["torchserve"]
+    deployment = (REPO / "helm" / "returns-classifier" / "templates" / "deployment.yaml").read_text(encoding="utf-8")
+    assert "workingDir: /home/model-server/work" in deployment and "value: /home/model-server/tmp" in deployment
+
+
 def test_chart_runs_the_images_as_their_users() -> None:
     values = yaml.safe_load(VALUES.read_text(encoding="utf-8"))
-    for dockerfile, component in (("submitter.Dockerfile", "nightly"), ("training.Dockerfile", "training")):
+    for dockerfile, context in (("submitter.Dockerfile", values["nightly"]["podSecurityContext"]),
+                                ("training.Dockerfile", values["training"]["podSecurityContext"]),
+                                ("predictor.Dockerfile", values["serving"]["kserve"]["podSecurityContext"]),
+                                ("torchserve.Dockerfile", values["serving"]["podSecurityContext"])):
         user = [arg for kw, arg in final_stage(instructions(DOCKER / dockerfile)) if kw == "USER"][-1]
         uid, _, gid = user.partition(":")
-        context = values[component]["podSecurityContext"]
-        assert (context["runAsUser"], context["runAsGroup"]) == (int(uid), int(gid))
-    # The stock TorchServe image runs as model-server, uid 1000.
-    assert values["serving"]["podSecurityContext"]["runAsUser"] == 1000
-    assert values["serving"]["image"]["repository"] == "pytorch/torchserve"
+        assert (context["runAsUser"], context["runAsGroup"]) == (int(uid), int(gid)), dockerfile
+    # Our own serving images (the stock pytorch/torchserve runs Python 3.9 and torch 2.4, untested here).
+    assert values["serving"]["image"]["repository"] == "returns-classifier/torchserve"
     assert re.fullmatch(r"\d+\.\d+\.\d+-(gpu|cpu)", values["serving"]["image"]["tag"])
+    assert values["serving"]["kserve"]["image"]["repository"] == "returns-classifier/predictor"

@@ -1,6 +1,7 @@
 """The handler inside a real TorchServe on loopback, with real Fashion-MNIST images."""
 import base64
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from training.data import FASHION_MNIST_CLASSES
 from tests.conftest import encode
+from tests.test_calibrated_answers import assert_answer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PRED = "/predictions/returns-classifier"
@@ -96,18 +98,71 @@ def test_concurrent_requests_are_batched_one_response_each(torchserve, fmnist_pn
     assert sizes and max(sizes) > 1, f"no request was batched with another: {sizes}"
 
 
-def test_kserve_v1_path(torchserve, fmnist_png):
-    body = {"instances": [{"image": {"b64": b64(fmnist_png(i))}} for i in range(4)]}
+def test_kserve_v1_path(torchserve, spread_photos, oracle):
+    """KServe's v1 path answers like /predictions: each instance shape, each photo its own answer."""
+    photos = spread_photos[::4][:6]  # low, middle and high confidence
+    shapes = [lambda s: {"image": {"b64": s}}, lambda s: {"b64": s}, lambda s: {"data": s}, lambda s: s]
+    body = {"instances": [shapes[i % 4](b64(png)) for i, (_, png) in enumerate(photos)]}
     r = requests.post(torchserve.inference_url + "/v1/models/returns-classifier:predict", json=body, timeout=30)
-    assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(photos)
+    for result, (want, _) in zip(preds, photos):
+        assert_answer(result, want, oracle.class_names, tol=1e-4)
 
 
-def test_custom_metrics_are_exported(torchserve, fmnist_png):
-    requests.post(torchserve.inference_url + PRED, data=fmnist_png(3), timeout=30)
+def test_served_answers_equal_model_json_calibration(torchserve, spread_photos, oracle):
+    """The real TorchServe's confidences and needs_review equal softmax(logits / T) and the stored
+    threshold of model.json, computed without the handler, over the whole confidence range."""
+    body = {"instances": [b64(png) for _, png in spread_photos]}
+    r = requests.post(torchserve.inference_url + PRED, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(spread_photos)
+    for result, (want, _) in zip(preds, spread_photos):
+        assert_answer(result, want, oracle.class_names, tol=1e-4)
+    near = sorted(spread_photos, key=lambda p: abs(p[0].confidence - oracle.threshold))[:4]
+    assert {want.needs_review for want, _ in near} == {True, False}  # both sides of the threshold
+    for want, png in near:  # one photo per request, as raw bytes
+        r = requests.post(torchserve.inference_url + PRED, data=png, timeout=30)
+        assert r.status_code == 200, r.text
+        assert_answer(r.json(), want, oracle.class_names, tol=1e-4)
+
+
+def metric_values(torchserve) -> dict[str, float]:
     text = requests.get(torchserve.metrics_url + "/metrics", timeout=30).text
-    for name in ("ImagesPerBatch", "AverageConfidence", "LowConfidencePerBatch", "RejectedImagesPerBatch",
-                 "DecodeTimeMs", "ForwardTimeMs", "ImagesTotal"):
-        assert re.search(rf'^{name}\{{ModelName="returns-classifier"', text, re.M), name
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^(\w+)\{ModelName="returns-classifier"[^}]*\}\s+(\S+)$', text, re.M)}
+
+
+def test_custom_metrics_are_exported_with_the_batchs_values(torchserve, spread_photos, oracle):
+    """The gauges describe the last batch and the counters grow by it: checked against a request
+    whose photos, rejections and low-confidence count are known from model.json."""
+    names = ("ImagesPerBatch", "AverageConfidence", "LowConfidencePerBatch", "RejectedImagesPerBatch",
+             "DecodeTimeMs", "ForwardTimeMs", "ImagesTotal", "RejectedImagesTotal", "LowConfidenceTotal")
+    requests.post(torchserve.inference_url + PRED, data=spread_photos[0][1], timeout=30)  # counters exist
+    time.sleep(1.5)
+    before = metric_values(torchserve)
+    assert set(names) <= set(before), sorted(set(names) - set(before))
+    photos = spread_photos[::3][:10]
+    body = {"instances": [b64(png) for _, png in photos] + [b64(b"not an image")]}
+    assert requests.post(torchserve.inference_url + PRED, json=body, timeout=30).status_code == 200
+    low = sum(want.needs_review for want, _ in photos)
+    assert 0 < low < len(photos)
+    want = {"ImagesPerBatch": 11, "RejectedImagesPerBatch": 1, "LowConfidencePerBatch": low,
+            "ImagesTotal": before["ImagesTotal"] + 11, "RejectedImagesTotal": before["RejectedImagesTotal"] + 1,
+            "LowConfidenceTotal": before["LowConfidenceTotal"] + low}
+    mean_conf = sum(w.confidence for w, _ in photos) / len(photos)
+    deadline = time.monotonic() + 20  # the frontend reads the worker's metric lines asynchronously
+    while True:
+        now = metric_values(torchserve)
+        got = {k: now.get(k) for k in want}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want
+    assert now["AverageConfidence"] == pytest.approx(mean_conf, abs=2e-4)
+    assert now["DecodeTimeMs"] > 0 and now["ForwardTimeMs"] > 0
 
 
 def test_request_while_model_is_loading(model_root, tmp_path, fmnist_png):

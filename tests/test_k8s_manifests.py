@@ -75,8 +75,22 @@ def test_variants_differ_where_they_should() -> None:
     cpu_server = cpu["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu_limits["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in cpu_server["resources"]["limits"]
-    assert cpu_server["image"].endswith(":0.12.0-cpu")
+    assert cpu_server["image"].endswith("/returns-classifier/torchserve:1.0.0-cpu")
     assert "InferenceService" in kserve and not {"Deployment", "Service"} & set(kserve)
+    (predictor,) = kserve["InferenceService"]["spec"]["predictor"]["containers"]  # the predictor runtime
+    assert predictor["command"] == ["returns-kserve"] and predictor["image"].endswith("/returns-classifier/predictor:1.0.0")
     for variant in (gpu, cpu, kserve):
         assert variant["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
         assert "NetworkPolicy" in variant
+
+
+def test_custom_resources_in_k8s_match_their_crds() -> None:
+    """The kustomize folders' custom resources (KServe's InferenceService), checked against
+    ../shared/crds: a clear skip or, in CI, a failure when the schemas are missing."""
+    from tests.test_helm_chart import require_crds
+
+    custom = [o for v in ("torchserve-gpu", "torchserve-cpu", "kserve")
+              for o in load_variant(render_k8s.DEFAULT_OUTPUT / v) if hr.is_custom(o)]
+    assert "InferenceService" in {o["kind"] for o in custom}
+    require_crds()
+    assert hr.validate_objects(custom) == []

@@ -40,12 +40,13 @@ class Predictor:
     """A `returns-kserve` process on free loopback ports; always stopped by `stop()`."""
 
     def __init__(self, model_root: Path, log: Path) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log = log
         cmd = [str(Path(sys.executable).parent / "returns-kserve"), "--model_dir", str(model_root),
-               "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+               "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port),
+               "--metrics_port", str(self.metrics_port)]
         self.proc = subprocess.Popen(cmd, cwd=log.parent, env=os.environ,
                                      stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
@@ -231,6 +232,9 @@ def test_metadata_health_and_metrics(predictor):
     assert values["returns_images_total"] >= 1 and values["returns_rejected_images_total"] >= 1
     assert "returns_low_confidence_total" in values and 0 < values["returns_average_confidence"] <= 1
     assert "request_predict_seconds_count" in text  # KServe's own metrics are there too
+    # The chart scrapes the separate metrics port (a NetworkPolicy cannot tell /metrics from inference).
+    separate = requests.get(f"http://127.0.0.1:{predictor.metrics_port}/metrics", timeout=10).text
+    assert "request_predict_seconds_count" in separate and "returns_images_total" in separate
 
 
 def test_nightly_run_with_api_v2_is_exactly_once(predictor, tmp_path):

@@ -98,3 +98,17 @@ assert main(['--help']) == 0
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path):
+    """Files others read (model folders on a shared volume, run outputs) get open()'s mode, not 0600."""
+    import os
+
+    from returns_model.fileio import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644

@@ -67,3 +67,29 @@ def test_truncated_png_and_bomb_are_refused(fmnist_png):
     with pytest.raises(PhotoError) as err:
         decode_image(buf.getvalue(), max_pixels=1_000_000)
     assert err.value.code == "too_large" and "5000x5000" in err.value.message
+
+
+def test_16_bit_photos_map_onto_8_bits_by_value():
+    """A 16-bit PNG is decoded by scaling 0..65535 onto 0..255 (v / 257), not clipped, not blacked out."""
+    import numpy as np
+
+    values = np.linspace(0, 65535, 28 * 28).round().astype(np.uint16).reshape(28, 28)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit file
+    got = bytes_to_uint8(buf.getvalue(), PreprocessSpec())[0].numpy().astype(int)
+    want = values.astype(float) / 257
+    assert np.abs(got - want).max() <= 1.0
+    assert got.max() >= 254 and got[0, 0] == 0
+
+
+def test_a_real_photo_stored_as_16_bit_decodes_to_its_8_bit_pixels(fmnist_test):
+    import numpy as np
+
+    images, _ = fmnist_test
+    for i in (0, 1, 2):
+        pixels = images[i].numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(buf, "PNG")  # the same photo, 16 bits deep
+        got = bytes_to_uint8(buf.getvalue(), PreprocessSpec())[0].numpy()
+        assert np.abs(got.astype(int) - pixels.astype(int)).max() <= 1, i

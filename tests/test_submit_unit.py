@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -188,6 +189,79 @@ def test_drift_flag_accounts_for_run_size():
     shifted = [30, 30, 5, 5, 5, 5, 5, 5, 5, 5]  # real drift, same size
     assert drift.compare(shifted, ref, alpha=0.01)["drift"] is True
     assert drift.compare([1, 2, 3], [10, 10, 10], alpha=0.01)["drift"] is None  # too few photos
+
+
+def test_chi2_sf_edges_and_known_values():
+    assert drift.chi2_sf(0.0, 3) == 1.0 and drift.chi2_sf(-2.0, 1) == 1.0
+    assert drift.chi2_sf(0.5, 1) == pytest.approx(0.4795001, abs=1e-6)  # below 1: the series branch
+    assert drift.chi2_sf(2.0, 4) == pytest.approx(math.exp(-1) * 2, abs=1e-9)  # Q(2, 1) = 2/e
+    assert 0.0 <= drift.chi2_sf(500.0, 2) < 1e-100
+
+
+def test_chi2_isf_inverts_the_survival_function_below_1_too():
+    assert drift.chi2_isf(0.5, 1) == pytest.approx(0.4549364, abs=1e-5)
+    assert drift.chi2_isf(0.01, 1) == pytest.approx(6.634897, abs=1e-4)
+    for df in (1, 3, 9):
+        for p in (0.9, 0.05, 1e-4):
+            assert drift.chi2_sf(drift.chi2_isf(p, df), df) == pytest.approx(p, rel=1e-6)
+
+
+@pytest.mark.parametrize("observed, reference, want", [
+    ([10, 0, 1, 1, 8], [100, 1, 2, 2, 95], ([10, 10], [100, 100])),          # sparse middle joins the next
+    ([10, 10, 10, 1], [100, 100, 100, 1], ([10, 10, 11], [100, 100, 101])),  # sparse tail joins the last
+    ([1, 1], [1, 1], ([2], [2])),                                            # all sparse: one bin
+])
+def test_merge_sparse_exact(observed, reference, want):
+    assert drift._merge_sparse([float(x) for x in observed], [float(x) for x in reference]) == want
+
+
+def test_merge_sparse_refuses_vectors_of_different_lengths():
+    with pytest.raises(ValueError):
+        drift._merge_sparse([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_psi_of_identical_distributions_is_zero_and_grows_with_shift():
+    assert drift.psi([10, 20, 30], [10, 20, 30]) == pytest.approx(0.0, abs=1e-12)
+    assert drift.psi([30, 20, 10], [10, 20, 30]) > drift.psi([15, 20, 25], [10, 20, 30]) > 0
+    with pytest.raises(ValueError):
+        drift.psi([1, 2], [1, 2, 3])
+
+
+def test_bin_index_clips_and_includes_the_last_edge():
+    edges = [0.0, 0.5, 0.9, 1.0]
+    assert [drift.bin_index(x, edges) for x in (-1, 0.0, 0.49, 0.5, 0.95, 1.0, 2)] == [0, 0, 0, 1, 2, 2, 2]
+
+
+def test_compare_reports_every_documented_field_exactly():
+    """A 2 x 3 table worked by hand: chi2 = sum (count - expected)^2 / expected over both rows."""
+    observed, reference = [10.0, 20.0, 30.0], [30.0, 30.0, 40.0]
+    out = drift.compare(observed, reference, alpha=0.05)
+    n, n_ref = 60, 100
+    chi2 = 0.0
+    for o, r in zip(observed, reference):
+        col = o + r
+        chi2 += (o - n * col / 160) ** 2 / (n * col / 160) + (r - n_ref * col / 160) ** 2 / (n_ref * col / 160)
+    scale = 1 / n + 1 / n_ref
+    assert set(out) == {"n", "n_reference", "psi", "chi2", "df", "p_value", "psi_expected_no_drift",
+                        "psi_critical", "alpha", "drift"}
+    assert (out["n"], out["n_reference"], out["df"], out["alpha"]) == (60, 100, 2, 0.05)
+    assert out["chi2"] == round(chi2, 4) and out["p_value"] == pytest.approx(math.exp(-chi2 / 2), rel=1e-9)
+    assert out["psi"] == round(drift.psi(observed, reference), 6)
+    assert out["psi_expected_no_drift"] == round(2 * scale, 6)
+    assert out["psi_critical"] == round(drift.chi2_isf(0.05, 2) * scale, 6)
+    assert out["drift"] is (out["p_value"] < 0.05)
+
+
+def test_compare_decides_from_20_photos_and_needs_a_reference():
+    ref = [50.0, 50.0]
+    small = drift.compare([10.0, 9.0], ref, alpha=0.01)
+    assert small["drift"] is None and small["reason"] == "fewer than 20 photos" and small["n"] == 19
+    assert set(small) == {"n", "n_reference", "psi", "drift", "reason"}
+    assert drift.compare([10.0, 10.0], ref, alpha=0.01)["drift"] is False  # exactly 20: decided
+    assert drift.compare([10.0, 10.0], [0.0, 0.0], alpha=0.01)["drift"] is None
+    assert drift.compare([10.0, 10.0], [0.5, 0.5], alpha=0.01)["drift"] is not None  # a tiny reference still counts
+    one = drift.compare([25.0, 0.0], [100.0, 0.0], alpha=0.01)
+    assert one["drift"] is None and one["reason"] == "a single bin after merging sparse bins"
 
 
 # ---- the HTTP client ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 from PIL import Image
 
 
@@ -60,7 +61,9 @@ def odd_but_valid(img: Image.Image) -> dict[str, bytes]:
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return {
-        "16_bit_png": save(img.convert("I;16"), "PNG"),
+        # The same photo 16 bits deep, over the full 16-bit range (convert("I;16") would keep 0..255:
+        # an almost black 16-bit photo).
+        "16_bit_png": save(Image.fromarray(np.asarray(img, dtype=np.uint16) * 257), "PNG"),
         "cmyk_jpeg": save(big.convert("CMYK"), "JPEG"),
         "palette_png": save(big.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG"),
         "alpha_png": save(rgba, "PNG"),

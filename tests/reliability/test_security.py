@@ -52,20 +52,31 @@ def test_shipped_config_values(model_root):
     assert "allowed_urls=^file:///mnt/models/model-store/" in text
 
 
-def test_weights_never_unpickle_objects(tmp_path):
-    """torch.load(weights_only=True), as the artifact loader uses it, refuses pickled code."""
+def test_our_loader_never_unpickles_objects(release_model_dir, tmp_path):
+    """returns_model.artifact.load_model (what the handler and training use) refuses a model.pt that
+    carries pickled code, and the code never runs."""
     import os
+    import shutil
 
     import torch
 
+    from returns_model.artifact import load_model
+
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
 
-    path = tmp_path / "model.pt"
-    torch.save({"w": torch.zeros(1), "x": Evil()}, path)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(release_model_dir / "model.json", folder / "model.json")
+    state = torch.load(release_model_dir / "model.pt", weights_only=True)
+    torch.save({**state, "x": Evil()}, folder / "model.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
-        torch.load(path, weights_only=True)
+        load_model(folder)
+    assert not marker.exists()
+    load_model(release_model_dir)  # the real weights still load
 
 
 def test_tampered_archive_is_not_served(model_root, tmp_path):
@@ -78,6 +89,9 @@ def test_tampered_archive_is_not_served(model_root, tmp_path):
     mar = copy / "model-store" / "returns-classifier.mar"
     mar.write_bytes(mar.read_bytes() + b"\x00")
     server = LocalTorchServe(copy, workdir=tmp_path / "ts")
-    with pytest.raises(ServerError, match="refusing to serve"):
-        server.start(timeout=60)
-    assert server.proc is None
+    try:
+        with pytest.raises(ServerError, match="refusing to serve"):
+            server.start(timeout=60)
+        assert server.proc is None
+    finally:
+        server.stop()  # never leave a TorchServe behind, whatever failed above

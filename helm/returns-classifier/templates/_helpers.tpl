@@ -445,3 +445,11 @@ lines. Call with (dict "ctx" $ "file" "files/x.py" "indent" 4).
 {{- define "returns-classifier.fileBlock" -}}
 {{ regexReplaceAll "(?m)[ \t]+$" (.ctx.Files.Get .file | nindent (int .indent)) "" }}
 {{- end }}
+
+{{/*
+"true" when the InferenceService runs on Knative: deploymentMode Knative (KServe 0.16+) or its
+earlier name Serverless. RawDeployment and Standard are plain Deployments.
+*/}}
+{{- define "returns-classifier.kserveKnative" -}}
+{{- has .Values.serving.kserve.deploymentMode (list "Knative" "Serverless") }}
+{{- end }}

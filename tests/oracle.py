@@ -1,0 +1,123 @@
+"""An independent oracle for the served answers: what model.json says a photo's answer must be.
+
+It rebuilds the raw network from ``model.json``'s ``arch`` with ``returns_model.network`` and
+``torch.load`` (not ``returns_model.artifact.load_model``, not ``handler.core``), normalises the
+pixels itself from ``model.json``'s ``preprocess`` numbers, and applies the calibration written
+there: ``confidence = max softmax(logits / temperature)``; ``unfamiliar`` from the gate's numbers in
+``model.json`` (its own implementation here: a hook on the named block, the direct ``[N, K, D]``
+Mahalanobis form, total variation of the pixels); ``needs_review = confidence < threshold or
+unfamiliar``. A handler that forgets the temperature, hard-codes another threshold, ignores the
+gate or mixes up the order of a batch disagrees with it.
+
+Fashion-MNIST test images are 28x28 and PNG is lossless, so no resize is involved: the decoded
+pixels are the dataset's own bytes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from returns_model.network import ArchConfig, build_model
+
+
+@dataclass(frozen=True)
+class Expected:
+    index: int  # Fashion-MNIST test index
+    class_id: int
+    confidence: float
+    needs_review: bool
+    top_k: list[tuple[int, float]]
+    unfamiliar: bool = False
+    unfamiliar_score: float | None = None
+
+    @property
+    def review_reason(self) -> list[str]:
+        return [r for r, on in (("low_confidence", self.confidence < self.threshold), ("unfamiliar", self.unfamiliar))
+                if on]
+
+    threshold: float = 0.0
+
+
+class Oracle:
+    def __init__(self, model_dir: Path):
+        meta = json.loads((Path(model_dir) / "model.json").read_text())
+        self.temperature = float(meta["calibration"]["temperature"])
+        self.threshold = float(meta["calibration"]["threshold"])
+        self.top_k = int(meta.get("top_k", 3))
+        self.class_names = list(meta["class_names"])
+        pre = meta["preprocess"]
+        self.mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.net = build_model(ArchConfig.from_dict(meta["arch"]))
+        self.net.load_state_dict(torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True))
+        self.net.eval()
+        self.gate = meta.get("unfamiliar")
+        self._tapped: list[torch.Tensor] = []
+        if self.gate:
+            self.net.get_submodule(self.gate["layer"]).register_forward_hook(
+                lambda _m, _a, out: self._tapped.append(out.double().mean((2, 3))))
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 28, 28]`` -> calibrated probabilities ``[N, K]`` (float64)."""
+        return self.answers(images)[0]
+
+    @torch.inference_mode()
+    def answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 ``[N, 28, 28]`` -> calibrated probabilities ``[N, K]`` and unfamiliarity ``[N]`` (None without a gate)."""
+        x = (images.unsqueeze(1).float() / 255.0 - self.mean) / self.std
+        logits, scores = [], []
+        for i in range(0, len(x), 256):
+            self._tapped.clear()
+            logits.append(self.net(x[i:i + 256]))
+            if self.gate:
+                scores.append(self._score(self._tapped[-1], images[i:i + 256]))
+        probs = torch.softmax(torch.cat(logits).double() / self.temperature, dim=1)
+        return probs, (torch.cat(scores) if self.gate else None)
+
+    def _score(self, tapped: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        g = self.gate
+        n = len(images)
+        emb = (tapped[:n] + tapped[n:]) / 2 if len(tapped) == 2 * n else tapped  # flip-averaged halves
+        diff = emb[:, None, :] - torch.tensor(g["means"], dtype=torch.float64)[None]  # [N, K, D]
+        d = torch.einsum("nkd,de,nke->nk", diff, torch.tensor(g["precision"], dtype=torch.float64), diff).min(1).values
+        z_d = (d - g["distance_median"]) / (g["distance_q99"] - g["distance_median"])
+        px = images.double() / 255.0
+        tv = (px[:, 1:] - px[:, :-1]).abs().mean((1, 2)) + (px[:, :, 1:] - px[:, :, :-1]).abs().mean((1, 2))
+        z_tv = (g["tv_median"] - tv) / (g["tv_median"] - g["tv_q01"])
+        return torch.maximum(z_d, z_tv)
+
+    def expected(self, index: int, probs: torch.Tensor, score: float | None = None) -> Expected:
+        top_p, top_i = probs.topk(self.top_k)
+        conf = float(top_p[0])
+        unfamiliar = score is not None and score > self.gate["cutoff"]
+        return Expected(index, int(top_i[0]), conf, conf < self.threshold or unfamiliar,
+                        [(int(i), float(p)) for p, i in zip(top_p, top_i)], unfamiliar, score, self.threshold)
+
+
+def spread_sample(oracle: Oracle, images: torch.Tensor, pool: int = 2000, margin: float = 2e-4) -> list[Expected]:
+    """Test photos over the whole confidence range: two from each 0.1-wide confidence band that has
+    any, one at each decile of the pool's confidences, and the two nearest the threshold on each side
+    (kept at least ``margin`` away, so float rounding cannot decide the expected flag)."""
+    probs, scores = oracle.answers(images[:pool])
+    conf = probs.max(1).values
+    chosen: list[int] = []
+    for band in range(10):
+        lo, hi = band / 10, (band + 1) / 10
+        idx = torch.nonzero((conf >= lo) & (conf < hi if band < 9 else conf <= 1.0)).flatten().tolist()
+        chosen += idx[:2]
+    order = torch.argsort(conf).tolist()
+    chosen += [order[min(len(order) - 1, round(q * (len(order) - 1) / 10))] for q in range(11)]
+    gap = conf.double() - oracle.threshold
+    below = [i for i in torch.argsort(-gap).tolist() if gap[i] < -margin][:2]  # just under: review
+    above = [i for i in torch.argsort(gap).tolist() if gap[i] > margin][:2]   # just over: accepted
+    chosen += below + above
+    if scores is not None:  # and photos the gate flags, kept clear of its cutoff
+        gap_u = scores - oracle.gate["cutoff"]
+        chosen += [i for i in torch.argsort(-gap_u).tolist() if gap_u[i] > 0.01][:4]
+        chosen = [i for i in chosen if abs(float(gap_u[i])) > 1e-3]
+    unique = list(dict.fromkeys(chosen))
+    return [oracle.expected(i, probs[i], None if scores is None else float(scores[i])) for i in unique]

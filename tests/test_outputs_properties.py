@@ -1,0 +1,128 @@
+"""The run's derived files and the journal, for any file name and any bytes (hypothesis).
+
+predictions.csv must give back every path through a standard CSV reader (commas, quotes, new lines,
+bytes that are not UTF-8), the JSONL files must round-trip paths exactly, and the journal's resume
+logic must know exactly the complete lines after a kill at any byte.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from returns_submit.journal import Journal, read_records
+from returns_submit.outputs import CSV_COLUMNS, derive, printable_path, spreadsheet_safe
+
+# A relative path as os.scandir gives it: any bytes but NUL, decoded with surrogateescape.
+file_names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b).map(os.fsdecode)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def record(path: str, i: int = 0, needs_review: bool = False) -> dict:
+    return {"path": path, "sha256": f"{i:064x}", "size": 10 + i, "label": "Bag", "class_id": 8,
+            "confidence": 0.5 + i / 1000, "needs_review": needs_review, "top_k": [],
+            "model_name": "returns-classifier", "model_version": "1.0", "model_sha256": "ab" * 32,
+            "run_id": "r", "shard": 0, "shard_count": 1, "timestamp": "2026-01-01T00:00:00.000+00:00",
+            "batch": f"1-{i // 3}", "request_ms": 5.0, "attempts": 1}
+
+
+def write_journal(run: Path, records: list[dict], rejected: list[dict] = ()) -> Journal:
+    j = Journal(run, 0, 1)
+    j.open()
+    j.append(records, list(rejected))
+    j.close()
+    return j
+
+
+def csv_paths(run: Path) -> list[str]:
+    with open(run / "predictions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert all(len(r) == len(CSV_COLUMNS) for r in rows[1:])
+    return [r[0] for r in rows[1:]]
+
+
+def test_csv_quotes_commas_quotes_and_new_lines_in_names(tmp_path):
+    names = ["a,b.png", 'say "cheese".png', "line\nbreak.png", 'all,of "them"\r\n.png', "semi;colon.png",
+             "tab\tinside.png", "plain.png", "caf\udce9.png"]
+    j = write_journal(tmp_path, [record(n, i, needs_review=i % 2 == 0) for i, n in enumerate(names)])
+    summary = derive(tmp_path, [j.predictions_path], [j.rejected_path], None, 0.01, "record").summary
+    assert summary.classified == len(names) and summary.needs_review == 4
+    assert csv_paths(tmp_path) == [spreadsheet_safe(printable_path(n)) for n in names]
+    assert csv_paths(tmp_path)[-1] == "caf\\xe9.png"  # not UTF-8 on disk: escaped in the CSV
+    review = [json.loads(line) for line in (tmp_path / "review_queue.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in review] == names[::2]  # the JSONL keeps the true names
+
+
+@SETTINGS
+@given(st.lists(file_names, min_size=1, max_size=8, unique=True))
+def test_any_file_name_round_trips_through_csv_and_jsonl(names):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        j = write_journal(run, [record(n, i, needs_review=True) for i, n in enumerate(names)])
+        derive(run, [j.predictions_path], [j.rejected_path], None, 0.01, "record").summary
+        assert csv_paths(run) == [spreadsheet_safe(printable_path(n)) for n in names]
+        assert [r["path"] for r in read_records(j.predictions_path)] == names
+        review = [json.loads(line) for line in (run / "review_queue.jsonl").read_text().splitlines()]
+        assert [r["path"] for r in review] == names
+        # CSV cells are text a spreadsheet will not run, whatever the name.
+        assert not any(p.startswith(("=", "+", "-", "@", "\t", "\r")) for p in csv_paths(run))
+
+
+@SETTINGS
+@given(st.lists(st.lists(file_names, min_size=1, max_size=4), min_size=1, max_size=5, unique_by=tuple),
+       st.data())
+def test_resume_after_a_kill_at_any_byte_knows_exactly_the_complete_lines(batches, data):
+    """Batches appended, then the file cut at any byte (a SIGKILL mid-write): open() keeps the complete
+    lines, reports exactly their paths as done, and appends after them without a broken line."""
+    seen: set[str] = set()
+    batches = [[n for n in b if not (n in seen or seen.add(n))] for b in batches]
+    batches = [b for b in batches if b]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        j = Journal(run, 0, 1)
+        j.open()
+        for b in batches:
+            j.append([record(n) for n in b], [])
+        j.close()
+        raw = j.predictions_path.read_bytes()
+        cut = data.draw(st.integers(0, len(raw)), label="cut")
+        j.predictions_path.write_bytes(raw[:cut])
+        complete = [json.loads(line)["path"] for line in raw[:cut].split(b"\n")[:-1]]
+        done = Journal(run, 0, 1)
+        got = done.open()
+        assert len(got) == len(complete)
+        assert all(p in got for p in complete)
+        assert not any(p in got for p in seen - set(complete))
+        done.append([record("after-resume.png")], [])
+        done.close()
+        lines = j.predictions_path.read_bytes().split(b"\n")
+        assert lines[-1] == b""  # ends with a whole line
+        assert [json.loads(x)["path"] for x in lines[:-1]] == complete + ["after-resume.png"]
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=30), max_size=6))
+def test_arbitrary_bytes_in_a_journal_are_skipped_never_fatal(garbage):
+    """Lines that are not JSON objects (a disk error, a hand edit: `1`, `["path"]`) are skipped by
+    readers and by the resume, never fatal."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.jsonl"
+        good = json.dumps(record("ok.png")).encode() + b"\n"
+        path.write_bytes(good + b"\n".join(g.replace(b"\n", b" ") for g in garbage) + b"\n" + good)
+        assert [r["path"] for r in read_records(path)] == ["ok.png", "ok.png"]
+        done = Journal(Path(tmp), 0, 1).open()
+        assert "ok.png" in done and len(done) == 1
+
+
+def test_json_values_that_are_not_objects_do_not_break_the_resume(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_bytes(b'{"path": "a.png"}\n1\n["path"]\n"path"\nnull\n{"path": "b.png"}\n')
+    done = Journal(tmp_path, 0, 1).open()
+    assert len(done) == 2 and "a.png" in done and "b.png" in done
