@@ -20,6 +20,8 @@ from returns_model.gate import LayerTap, UnfamiliarGate
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 
+CPU_BACKENDS = ("onnx", "eager")  # the CPU forward pass: ONNX Runtime on the exported graph, or torch eager
+
 log = logging.getLogger(__name__)
 
 
@@ -85,10 +87,13 @@ class Work:
 
 class Classifier:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_image_pixels: int | None = None,
-                 threads: int = 0, warmup: bool = True) -> None:
+                 threads: int = 0, warmup: bool = True, cpu_backend: str = "eager") -> None:
+        if cpu_backend not in CPU_BACKENDS:
+            raise ValueError(f"cpu_backend must be one of {', '.join(CPU_BACKENDS)}, not {cpu_backend!r}")
         self.device = torch.device(device)
+        threads = threads or available_cpus()
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or available_cpus())
+            torch.set_num_threads(threads)
         self.model, self.meta = load_model(Path(model_dir), self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = self.meta.preprocess
@@ -100,6 +105,15 @@ class Classifier:
         # The unfamiliar-photo gate reads an inner layer during the normal forward pass (a hook).
         self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
         self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
+        # On a CPU the exported graph in ONNX Runtime does the forward pass (handler/onnx_runner.py);
+        # a GPU keeps the eager model with fp16 autocast.
+        self._onnx = None
+        if cpu_backend == "onnx" and self.device.type == "cpu":
+            from handler.onnx_runner import open_runner
+
+            self._onnx = open_runner(Path(model_dir), self.model, self.gate.layer if self.gate else None,
+                                     self.spec.channels, self.spec.size, threads)
+        self.backend = "onnx" if self._onnx is not None else "eager"
         if warmup:  # the first real request should not pay for lazy initialisation
             size = (1, self.spec.channels, self.spec.size, self.spec.size)
             for n in (1, 8):
@@ -144,13 +158,17 @@ class Classifier:
             batch = torch.cat([batch, batch.new_zeros((bucket(n) - n, *batch.shape[1:]))])
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = normalize(batch, self.spec).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits = self.model(x)
+        x = normalize(batch, self.spec)
+        if self._onnx is not None:
+            logits, tapped = self._onnx(x)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            tapped = self._tap.pooled(len(batch)) if self.gate else None
         probs = torch.softmax(logits[:n].float() / self.meta.temperature, dim=1).cpu()
         if self.gate is None:
             return probs, None
-        unfamiliar = self.gate.score(self._tap.pooled(len(batch))[:n], pixels=batch[:n]).float().cpu()
+        unfamiliar = self.gate.score(tapped[:n], pixels=batch[:n]).float().cpu()
         return probs, unfamiliar
 
     def describe(self, probs: torch.Tensor, unfamiliar: torch.Tensor | None = None) -> list[dict[str, Any]]:

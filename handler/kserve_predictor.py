@@ -105,12 +105,13 @@ class ReturnsClassifierModel(kserve.Model):
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
         self.core = Classifier(model_dir, threads=knobs.cpu_threads or available_cpus(),
-                               max_image_pixels=knobs.max_image_pixels)
+                               max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
         super().__init__(name or self.core.meta.model_name)
         # One classification at a time, off the event loop (like TorchServe's single worker).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self.ready = True
-        log.info("%s ready (%d threads), model %s sha256 %s", self.name, torch.get_num_threads(),
+        log.info("%s ready (%s, %d threads), model %s sha256 %s", self.name, self.core.backend,
+                 torch.get_num_threads(),
                  self.core.meta.model_version, self.core.model_sha256)
 
     def get_input_types(self) -> list[dict[str, Any]]:

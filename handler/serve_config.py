@@ -18,7 +18,9 @@ from returns_model.names import MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, MODEL
 class ServeConfig:
     """Serving knobs: written to the .mar's model-config.yaml and the server's config.properties."""
 
-    batch_size: int = 8  # requests TorchServe groups into one handler call
+    # Requests TorchServe groups into one handler call. Measured with the ONNX path on 2 cores (bench/results.json
+    # sweep, 3 runs each, returns-submit 4 in flight): batch 4 beat 1 and 8 at 32 and 64 photos per request.
+    batch_size: int = 4
     max_batch_delay_ms: int = 5  # how long a lone request waits for company
     workers: int = 1
     response_timeout_s: int = 120
@@ -26,6 +28,7 @@ class ServeConfig:
     max_instances: int = MAX_INSTANCES  # images per JSON request
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0  # per worker; 0 = the machine's cores / workers
+    cpu_backend: str = "onnx"  # the CPU forward pass: "onnx" (ONNX Runtime, where installed) or "eager"
     job_queue_size: int = 1000
     max_request_size: int = 64 * 1024 * 1024
     token_auth: bool = False  # TorchServe tokens expire after 60 min, no renewal: off, with network isolation
@@ -44,13 +47,15 @@ class HandlerKnobs:
     max_instances: int = MAX_INSTANCES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0
+    cpu_backend: str = ServeConfig.cpu_backend
 
     @classmethod
     def from_model_yaml(cls, model_yaml: dict[str, Any]) -> "HandlerKnobs":
         section = model_yaml.get("handler") or {}
         return cls(max_instances=int(section.get("max_instances") or MAX_INSTANCES),
                    max_image_pixels=int(section.get("max_image_pixels") or MAX_IMAGE_PIXELS),
-                   cpu_threads=int(section.get("cpu_threads") or 0))
+                   cpu_threads=int(section.get("cpu_threads") or 0),
+                   cpu_backend=str(section.get("cpu_backend") or ServeConfig.cpu_backend))
 
 
 def model_config_yaml(cfg: ServeConfig) -> dict[str, Any]:
@@ -62,7 +67,7 @@ def model_config_yaml(cfg: ServeConfig) -> dict[str, Any]:
         "responseTimeout": cfg.response_timeout_s,
         "startupTimeout": cfg.startup_timeout_s,
         "handler": {"max_instances": cfg.max_instances, "max_image_pixels": cfg.max_image_pixels,
-                    "cpu_threads": cfg.cpu_threads},
+                    "cpu_threads": cfg.cpu_threads, "cpu_backend": cfg.cpu_backend},
     }
 
 

@@ -47,12 +47,12 @@ class ReturnsClassifierHandler(BaseHandler):
         threads = knobs.cpu_threads or max(1, available_cpus() // workers)
         self.max_instances = knobs.max_instances
         self.core = Classifier(props["model_dir"], device=device, threads=threads,
-                               max_image_pixels=knobs.max_image_pixels)
+                               max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
         self.model = self.core.model
         self.device = device
         self.initialized = True
-        log.info("returns-classifier ready on %s (%d threads), model %s sha256 %s", device,
-                 torch.get_num_threads(), self.core.meta.model_version, self.core.model_sha256)
+        log.info("returns-classifier ready on %s (%s, %d threads), model %s sha256 %s", device,
+                 self.core.backend, threads, self.core.meta.model_version, self.core.model_sha256)
 
     def preprocess(self, data: list[dict[str, Any]]) -> Work:
         """Parse every request and decode all their photos."""

@@ -1,11 +1,14 @@
 """`make bench`: how close the served pipeline comes to the model's raw speed, side by side in one run.
 
-Measures on this machine, in this order: the raw forward pass on decoded tensors; the same with PNG
-decoding; `returns-submit` end to end against a local TorchServe on the real archive; a naive set-up
-(TorchServe batch size 1, one photo per HTTP request); single-photo latency; memory. Then the same
-served, naive and latency measurements against the KServe predictor (`returns-kserve`) on the same
-archive, at the same photos per request and concurrency (`returns-submit --api v2`). Writes
-bench/results.json, bench/throughput.png and prints a table.
+Measures on this machine, in this order: the raw forward pass on decoded tensors and the same with PNG
+decoding, each on the eager model and on the optimised CPU path (ONNX Runtime); what the wire format
+costs (base64 JSON against raw bytes); `returns-submit` end to end against a local TorchServe on the
+real archive; a naive set-up (TorchServe batch size 1, one photo per HTTP request); single-photo
+latency; memory; a sweep of TorchServe batch size x photos per request. Every figure is measured
+``runs`` times (3 by default) and reported as the median, with min and max beside it: the machine is
+shared, so one number alone says little. Then the served, naive and latency measurements
+against the KServe predictor (`returns-kserve`, once each) on the same archive, at the same photos per request
+and concurrency (`returns-submit --api v2`). Writes bench/results.json, bench/throughput.png and a table.
 
     python -m scripts.bench --model-root dist/model            # full run (~10 minutes on 2 cores)
     python -m scripts.bench --tiny --output /tmp/r.json        # a few seconds of each, to check it works
@@ -85,18 +88,32 @@ class BenchConfig:
     model_root: str = "dist/model"
     model_dir: str = "models/release"  # for rebuilding the archive with other TorchServe batch settings
     n: int = 10000  # photos in the served / raw runs
-    batch_size: int = 64  # photos per request sent by returns-submit
+    batch_size: int = 32  # photos per request sent by returns-submit (its default)
     concurrency: int = 4  # requests in flight from returns-submit
+    raw_n: int = 2000  # photos per raw run (each of 4 raw figures x runs; the eager path is slow on a busy host)
     naive_n: int = 2000
     naive_concurrency: int = 4
     latency_n: int = 300
     sweep_n: int = 2000
     sweep: bool = True
+    sweep_ts_batches: tuple[int, ...] = (1, 4, 8)
+    sweep_per_request: tuple[int, ...] = (32, 64, 128)
+    runs: int = 3  # repeats of every figure: median, min, max
     output: str = "bench/results.json"
 
     @classmethod
     def tiny(cls, output: str) -> "BenchConfig":
-        return cls(n=200, naive_n=100, latency_n=20, sweep=False, output=output)
+        return cls(n=200, raw_n=200, naive_n=100, latency_n=20, sweep=False, output=output)
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
+    """Median, min and max of repeated runs (and the runs themselves)."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def write_inbox(folder: Path, n: int) -> list[bytes]:
@@ -117,19 +134,49 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
     return pngs
 
 
-def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int) -> dict[str, float]:
-    """Forward pass alone, and decode + forward, in-process with the worker's thread count."""
-    clf = Classifier(model_dir, threads=threads)
-    decoded = clf.decode(pngs).pixels
-    out = {}
-    for name, fn, items in (("raw_images_per_s", clf.probabilities, decoded),
-                            ("raw_decode_images_per_s", clf.classify, pngs)):
-        fn(items[:batch])  # warm
+def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int, runs: int) -> dict[str, dict[str, Any]]:
+    """Forward pass alone, and decode + forward, in-process with the worker's thread count, on the
+    eager model and on the optimised CPU path; runs are interleaved so both see the same host load."""
+    clfs = {b: Classifier(model_dir, threads=threads, cpu_backend=b) for b in ("eager", "onnx")}
+    decoded = clfs["eager"].decode(pngs).pixels
+    rates: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for backend, clf in clfs.items():
+            prefix = "raw" if backend == "eager" else f"raw_{backend}"
+            for name, fn, items in ((f"{prefix}_images_per_s", clf.probabilities, decoded),
+                                    (f"{prefix}_decode_images_per_s", clf.classify, pngs)):
+                fn(items[:batch])  # warm
+                t0 = time.perf_counter()
+                for i in range(0, len(items), batch):
+                    fn(items[i:i + batch])
+                rates.setdefault(name, []).append(len(items) / (time.perf_counter() - t0))
+    return {k: spread(v) for k, v in rates.items()}
+
+
+def wire_costs(pngs: list[bytes], per_request: int, runs: int) -> dict[str, Any]:
+    """Microseconds per photo that the JSON format adds over raw bytes, both ends (one core, in-process):
+    the submitter's base64 + json.dumps and the handler's json.loads + base64 decode."""
+    import base64
+
+    from handler.payload import parse_request
+
+    batches = [pngs[i:i + per_request] for i in range(0, len(pngs) - per_request + 1, per_request)]
+    encode, parse = [], []
+    for _ in range(runs):
         t0 = time.perf_counter()
-        for i in range(0, len(items), batch):
-            fn(items[i:i + batch])
-        out[name] = len(items) / (time.perf_counter() - t0)
-    return out
+        bodies = [json.dumps({"instances": [{"b64": base64.b64encode(p).decode("ascii")} for p in b]}).encode()
+                  for b in batches]
+        t1 = time.perf_counter()
+        for body in bodies:
+            parse_request({"body": body}, 10_000)
+        t2 = time.perf_counter()
+        n = len(batches) * per_request
+        encode.append((t1 - t0) / n * 1e6)
+        parse.append((t2 - t1) / n * 1e6)
+    raw_bytes = sum(len(p) for b in batches for p in b)
+    return {"photos_per_request": per_request, "json_encode_us_per_photo": spread(encode, 2),
+            "json_parse_us_per_photo": spread(parse, 2),
+            "json_bytes_over_raw": round(sum(len(b) for b in bodies) / raw_bytes, 3)}
 
 
 def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Path, batch: int, concurrency: int,
@@ -160,11 +207,15 @@ def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Pa
     return {"wall_s": wall, "peak_rss_mb": peak, "metadata": meta}
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmHWM for process {pid} (exited?)")
+    raise ValueError(f"no {field} for process {pid} (exited?)")
+
+
+def rss_mb(pid: int) -> float:
+    return peak_rss_mb(pid, "VmRSS")
 
 
 def one_photo_per_request(url: str, pngs: list[bytes], concurrency: int,
@@ -201,19 +252,20 @@ def serve_with(model_dir: Path, root: Path, cfg: ServeConfig) -> Path:
     return root
 
 
-def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any]) -> dict[str, Any]:
+def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any], backend: str) -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     from importlib import metadata
 
     return {"cpu": cpu, "cpus": available_cpus(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
-            "submit_concurrency": cfg.concurrency, "torchserve_batch": serve, "python": platform.python_version(),
+            "submit_concurrency": cfg.concurrency, "torchserve_batch": serve, "cpu_backend": backend, "python": platform.python_version(),
             "torch": torch.__version__, "torchserve": metadata.version("torchserve"),
-            "kserve": metadata.version("kserve")}
+            "onnxruntime": metadata.version("onnxruntime"), "kserve": metadata.version("kserve")}
 
 
-def plot(sweep: list[dict[str, Any]], path: Path) -> None:
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Left: each throughput figure's median with its min-max range; right: the sweep, when run."""
     import io
 
     import matplotlib
@@ -221,27 +273,51 @@ def plot(sweep: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for ts_batch in sorted({s["torchserve_batch_size"] for s in sweep}):
-        rows = [s for s in sweep if s["torchserve_batch_size"] == ts_batch]
-        ax.plot([r["photos_per_request"] for r in rows], [r["images_per_s"] for r in rows], "o-",
-                label=f"TorchServe batch size {ts_batch}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("photos per request (returns-submit --batch-size)")
-    ax.set_ylabel("photos / s, end to end")
-    ax.set_title("Served throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    names = [("raw_images_per_s", "raw eager"), ("raw_decode_images_per_s", "raw eager\n+decode"),
+             ("raw_onnx_images_per_s", "raw onnx"), ("raw_onnx_decode_images_per_s", "raw onnx\n+decode"),
+             ("served_images_per_s", "served"), ("naive_images_per_s", "naive")]
+    sp = r["spread"]
+    med = [sp[k]["median"] for k, _ in names]
+    err = [[m - sp[k]["min"] for m, (k, _) in zip(med, names)], [sp[k]["max"] - m for m, (k, _) in zip(med, names)]]
+    ax.bar([label for _, label in names], med, yerr=err, capsize=4,
+           color=["#888", "#888", "#4a7", "#4a7", "#37c", "#c63"])
+    ax.set_ylabel("photos / s (median of %d runs, min-max)" % r["runs"])
+    ax.set_title("Throughput, load average %s" % r["load_average"]["start"][0])
+    ax.grid(alpha=0.3, axis="y")
+    for ts_batch in sorted({s["torchserve_batch_size"] for s in r["sweep"]}):
+        rows = [s for s in r["sweep"] if s["torchserve_batch_size"] == ts_batch]
+        m = [x["images_per_s"]["median"] for x in rows]
+        bx.errorbar([x["photos_per_request"] for x in rows], m, capsize=3, marker="o",
+                    yerr=[[a - x["images_per_s"]["min"] for a, x in zip(m, rows)],
+                          [x["images_per_s"]["max"] - a for a, x in zip(m, rows)]],
+                    label=f"TorchServe batch size {ts_batch}")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("photos per request (returns-submit --batch-size)")
+    bx.set_ylabel("photos / s, end to end")
+    bx.set_title("Served throughput sweep" if r["sweep"] else "(no sweep in this run)")
+    bx.grid(alpha=0.3)
+    if r["sweep"]:
+        bx.legend()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     write_bytes(path, buf.getvalue())
+
+
+def served_runs(server: LocalTorchServe, inbox: Path, out: Path, n: int, cfg: BenchConfig,
+                batch: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """returns-submit ``cfg.runs`` times over the same inbox: photos/s spread, and each run's details."""
+    done = [run_submitter(server, inbox, out / f"run{i}", batch or cfg.batch_size, cfg.concurrency)
+            for i in range(cfg.runs)]
+    return spread([n / r["wall_s"] for r in done]), done
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
     model_root = Path(cfg.model_root)
     serve_cfg = json.loads((model_root / MANIFEST_FILE).read_text())["serve_config"]
     threads = max(1, available_cpus() // serve_cfg["workers"])
+    loads = {"start": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         pngs = write_inbox(tmp / "inbox", cfg.n)
@@ -250,70 +326,92 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         with zipfile.ZipFile(model_root / MODEL_STORE / MAR_FILE) as z:
             z.extractall(extracted)
         forward_batch = cfg.batch_size * cfg.concurrency  # the largest forward the served path runs
-        raw = raw_rates(extracted, pngs, forward_batch, threads)
+        raw = raw_rates(extracted, pngs[:cfg.raw_n], forward_batch, threads, cfg.runs)
+        wire = wire_costs(pngs, cfg.batch_size, cfg.runs)
         torch.set_num_threads(available_cpus())
 
         with LocalTorchServe(model_root, workdir=tmp / "ts") as server:
-            served = run_submitter(server, tmp / "inbox", tmp / "out1", cfg.batch_size, cfg.concurrency)
+            worker_rss = []
+            served, served_done = served_runs(server, tmp / "inbox", tmp / "out1", cfg.n, cfg)
+            worker_rss.append(rss_mb(server.worker_pids()[0]))
             served4 = run_submitter(server, tmp / "inbox4", tmp / "out4", cfg.batch_size, cfg.concurrency)
-            lat = {}
+            worker_rss.append(rss_mb(server.worker_pids()[0]))
+            lat: dict[str, Any] = {}
             for conc in (1, 8):
-                _, ms = one_photo_per_request(server.inference_url + PRED, pngs[:cfg.latency_n], conc)
-                lat[f"concurrency_{conc}"] = percentiles(ms)
-            worker_rss = peak_rss_mb(server.worker_pids()[0])
+                per_run = [percentiles(one_photo_per_request(server.inference_url + PRED, pngs[:cfg.latency_n],
+                                                             conc)[1]) for _ in range(cfg.runs)]
+                lat[f"concurrency_{conc}"] = {q: statistics.median(r[q] for r in per_run) for q in ("p50", "p95", "p99")}
+                lat[f"concurrency_{conc}"]["p99_runs"] = [r["p99"] for r in per_run]
+            raw_one = [one_photo_per_request(server.inference_url + PRED, pngs[:cfg.naive_n], cfg.naive_concurrency)[0]
+                       for _ in range(cfg.runs)]
+            worker_rss.append(rss_mb(server.worker_pids()[0]))
+            worker_peak = peak_rss_mb(server.worker_pids()[0])
             frontend_rss = peak_rss_mb(server.frontend_pid)
+        loads["after_served"] = load_average()
 
         naive_root = serve_with(Path(cfg.model_dir) if (Path(cfg.model_dir) / "model.pt").exists() else extracted,
                                 tmp / "naive_root", ServeConfig(batch_size=1, max_batch_delay_ms=0))
         with LocalTorchServe(naive_root, workdir=tmp / "ts_naive") as server:
-            naive_rate, _ = one_photo_per_request(server.inference_url + PRED, pngs[:cfg.naive_n],
-                                                  cfg.naive_concurrency)
+            naive = spread([one_photo_per_request(server.inference_url + PRED, pngs[:cfg.naive_n],
+                                                  cfg.naive_concurrency)[0] for _ in range(cfg.runs)])
 
         predictor = bench_predictor(model_root, tmp, pngs, cfg)
 
         sweep = []
         if cfg.sweep:
             write_inbox(tmp / "sweep_inbox", cfg.sweep_n)
-            for ts_batch in (1, 8):
+            for ts_batch in cfg.sweep_ts_batches:
                 root = serve_with(Path(cfg.model_dir), tmp / f"sweep_{ts_batch}",
                                   ServeConfig(batch_size=ts_batch, max_batch_delay_ms=serve_cfg["max_batch_delay_ms"]))
                 with LocalTorchServe(root, workdir=tmp / f"ts_sweep_{ts_batch}") as server:
-                    for per_request in (1, 8, 32, 64, 128):
-                        r = run_submitter(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
-                                          per_request, cfg.concurrency)
+                    for per_request in cfg.sweep_per_request:
+                        rate, _ = served_runs(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
+                                              cfg.sweep_n, cfg, per_request)
                         sweep.append({"torchserve_batch_size": ts_batch, "photos_per_request": per_request,
-                                      "images_per_s": round(cfg.sweep_n / r["wall_s"], 1)})
+                                      "images_per_s": rate})
+        loads["end"] = load_average()
 
-    served_rate = cfg.n / served["wall_s"]
+    wire["served_raw_one_per_request_images_per_s"] = spread(raw_one)
+    s_med = served["median"]
     results = {
         "n": cfg.n,
-        "raw_images_per_s": round(raw["raw_images_per_s"], 1),
-        "raw_decode_images_per_s": round(raw["raw_decode_images_per_s"], 1),
-        "served_images_per_s": round(served_rate, 1),
-        "naive_images_per_s": round(naive_rate, 1),
+        "runs": cfg.runs,
+        **{k: v["median"] for k, v in raw.items()},
+        "served_images_per_s": s_med,
+        "naive_images_per_s": naive["median"],
+        "spread": {**raw, "served_images_per_s": served, "naive_images_per_s": naive},
         "latency_ms": lat,
-        "peak_rss_mb": {"torchserve_worker": round(worker_rss, 1), "torchserve_frontend": round(frontend_rss, 1),
-                        "submitter_n": round(served["peak_rss_mb"], 1),
+        "peak_rss_mb": {"torchserve_worker": round(worker_peak, 1), "torchserve_frontend": round(frontend_rss, 1),
+                        "submitter_n": round(max(r["peak_rss_mb"] for r in served_done), 1),
                         "submitter_4n": round(served4["peak_rss_mb"], 1)},
-        "served_over_raw": round(served_rate / raw["raw_images_per_s"], 3),
-        "served_over_raw_decode": round(served_rate / raw["raw_decode_images_per_s"], 3),
-        "served_over_naive": round(served_rate / naive_rate, 2),
-        "submitter_reported_images_per_s": served["metadata"].get("throughput", {}).get("images_per_second"),
+        # The worker's resident memory after the served runs, the 4N run, and the latency/raw-bytes runs.
+        "worker_rss_mb_over_time": [round(x, 1) for x in worker_rss],
+        "served_over_raw": round(s_med / raw["raw_images_per_s"]["median"], 3),
+        "served_over_raw_decode": round(s_med / raw["raw_decode_images_per_s"]["median"], 3),
+        "served_over_naive": round(s_med / naive["median"], 2),
+        "served_over_raw_onnx": round(s_med / raw["raw_onnx_images_per_s"]["median"], 3),
+        "wire": wire,
         "predictor": {**predictor,
-                      "served_over_raw": round(predictor["served_images_per_s"] / raw["raw_images_per_s"], 3),
-                      "served_over_raw_decode": round(predictor["served_images_per_s"] / raw["raw_decode_images_per_s"], 3),
+                      "served_over_raw": round(predictor["served_images_per_s"] / raw["raw_images_per_s"]["median"], 3),
+                      "served_over_raw_decode": round(predictor["served_images_per_s"]
+                                                      / raw["raw_decode_images_per_s"]["median"], 3),
                       "served_over_naive": round(predictor["served_images_per_s"] / predictor["naive_images_per_s"], 2),
-                      "served_over_torchserve": round(predictor["served_images_per_s"] / served_rate, 2)},
+                      "served_over_torchserve": round(predictor["served_images_per_s"] / s_med, 2)},
         "sweep": sweep,
+        "load_average": loads,
         "environment": environment(threads, cfg, {k: serve_cfg[k] for k in ("batch_size", "max_batch_delay_ms",
-                                                                          "workers")}),
+                                                                          "workers")},
+                                   serve_cfg.get("cpu_backend", "eager")),
         "config": asdict(cfg),
     }
     out = Path(cfg.output)
     write_json(out, results)
-    if sweep:
-        plot(sweep, out.with_name("throughput.png"))
+    plot(results, out.with_name("throughput.png"))
     return results
+
+
+def rate_of(s: dict[str, Any]) -> str:
+    return "{median:.0f} photos/s ({min:.0f}-{max:.0f})".format(**s)
 
 
 def bench_predictor(model_root: Path, tmp: Path, pngs: list[bytes], cfg: BenchConfig) -> dict[str, Any]:
@@ -334,10 +432,18 @@ def bench_predictor(model_root: Path, tmp: Path, pngs: list[bytes], cfg: BenchCo
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [("raw forward (decoded tensors)", f"{r['raw_images_per_s']:.0f} photos/s"),
-            ("raw decode + forward", f"{r['raw_decode_images_per_s']:.0f} photos/s"),
-            ("served: returns-submit -> TorchServe", f"{r['served_images_per_s']:.0f} photos/s"),
-            ("naive: batch 1, one photo per request", f"{r['naive_images_per_s']:.0f} photos/s"),
+    sp = r["spread"]
+
+    def rate(key: str) -> str:
+        return "{median:.0f} photos/s ({min:.0f}-{max:.0f})".format(**sp[key])
+
+    rows = [("raw eager forward (decoded tensors)", rate("raw_images_per_s")),
+            ("raw eager decode + forward", rate("raw_decode_images_per_s")),
+            ("raw onnx forward", rate("raw_onnx_images_per_s")),
+            ("raw onnx decode + forward", rate("raw_onnx_decode_images_per_s")),
+            ("served: returns-submit -> TorchServe", rate("served_images_per_s")),
+            ("naive: batch 1, one photo per request", rate("naive_images_per_s")),
+            ("served / raw onnx", f"{r['served_over_raw_onnx']:.2f}"),
             ("served / raw", f"{r['served_over_raw']:.2f}"),
             ("served / raw+decode", f"{r['served_over_raw_decode']:.2f}"),
             ("served / naive", f"{r['served_over_naive']:.1f}x"),
@@ -345,7 +451,12 @@ def table(r: dict[str, Any]) -> str:
             ("latency c=8 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**r["latency_ms"]["concurrency_8"])),
             ("peak RSS worker / frontend", "{torchserve_worker:.0f} / {torchserve_frontend:.0f} MB".format(
                 **r["peak_rss_mb"])),
-            ("peak RSS submitter N / 4N", "{submitter_n:.0f} / {submitter_4n:.0f} MB".format(**r["peak_rss_mb"]))]
+            ("peak RSS submitter N / 4N", "{submitter_n:.0f} / {submitter_4n:.0f} MB".format(**r["peak_rss_mb"])),
+            ("worker RSS over the run", " -> ".join(f"{x:.0f}" for x in r["worker_rss_mb_over_time"]) + " MB"),
+            ("JSON encode / parse per photo", "{} / {} us".format(r["wire"]["json_encode_us_per_photo"]["median"],
+                                                               r["wire"]["json_parse_us_per_photo"]["median"])),
+            ("raw bytes, one photo per request", rate_of(r["wire"]["served_raw_one_per_request_images_per_s"])),
+            ("load average start / end", f"{r['load_average']['start']} / {r['load_average']['end']}")]
     k = r["predictor"]
     rows += [("served: returns-submit -> returns-kserve (v2)", f"{k['served_images_per_s']:.0f} photos/s"),
              ("naive: returns-kserve, one photo per request", f"{k['naive_images_per_s']:.0f} photos/s"),
@@ -368,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="photos per request from returns-submit")
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the throughput sweep and its plot")
+    p.add_argument("--runs", type=int, default=d.runs, help="repeats of every figure (median, min, max)")
+    p.add_argument("--sweep-n", type=int, default=d.sweep_n, help="photos per sweep point")
+    p.add_argument("--raw-n", type=int, default=d.raw_n, help="photos per raw (in-process) run")
+    p.add_argument("--naive-n", type=int, default=d.naive_n, help="photos per one-photo-per-request run")
     p.add_argument("--tiny", action="store_true", help="a few photos of each, to check that the benchmark works")
     p.add_argument("--output", default=d.output)
     args = p.parse_args(argv)
@@ -376,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model_root, cfg.model_dir = args.model_root, args.model_dir
     else:
         cfg = BenchConfig(model_root=args.model_root, model_dir=args.model_dir, n=args.n, batch_size=args.batch_size,
-                          concurrency=args.concurrency, sweep=args.sweep, output=args.output)
+                          concurrency=args.concurrency, sweep=args.sweep, output=args.output, runs=args.runs,
+                          sweep_n=args.sweep_n, raw_n=args.raw_n, naive_n=args.naive_n)
     results = run(cfg)
     print(table(results))
     print(f"\nwritten: {cfg.output}")

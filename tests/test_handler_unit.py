@@ -154,3 +154,18 @@ def test_cpu_passes_of_a_chunk_change_no_result(release_model_dir, fmnist_png, m
     whole = clf.probabilities(pixels)  # 21 <= CPU_CHUNK: one pass
     monkeypatch.setattr(handler.core, "CPU_CHUNK", 8)  # passes of 8, 8 and 5 (padded to 8)
     assert torch.allclose(clf.probabilities(pixels), whole, atol=1e-5)
+
+
+def test_cpu_backend_is_a_model_config_knob(handler, release_model_dir):
+    from handler.serve_config import HandlerKnobs, ServeConfig, model_config_yaml
+
+    assert HandlerKnobs.from_model_yaml({}).cpu_backend == ServeConfig().cpu_backend == "onnx"
+    yaml_eager = model_config_yaml(ServeConfig(cpu_backend="eager"))
+    assert yaml_eager["handler"]["cpu_backend"] == "eager"
+    assert HandlerKnobs.from_model_yaml(yaml_eager).cpu_backend == "eager"
+    assert handler.core.backend == "onnx"  # the default knob, on a CPU with onnxruntime installed
+    h = ReturnsClassifierHandler()
+    ctx = FakeContext(release_model_dir)
+    ctx.model_yaml_config["handler"]["cpu_backend"] = "eager"
+    h.initialize(ctx)
+    assert h.core.backend == "eager"

@@ -29,7 +29,8 @@ import yaml
 import handler
 import returns_model
 from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
-from returns_model.artifact import read_meta
+from returns_model.artifact import load_model, read_meta
+from returns_model.export import ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
 from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
@@ -38,8 +39,8 @@ log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_PACKAGES = {
     "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
-                      "artifact.py", "gate.py"],
-    "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py"],
+                      "artifact.py", "gate.py", "export.py"],
+    "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py"],
 }
 HANDLER_ENTRY = Path(handler.__file__).parent / "torchserve_handler.py"
 METRICS_YAML = Path(handler.__file__).parent / "metrics.yaml"
@@ -109,6 +110,11 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
         for name in files:
             shutil.copy2(src / name, payload / pkg / name)
     shutil.copy2(model_dir / META_FILE, payload / META_FILE)
+    # The CPU fast path's graph, built here rather than at worker start: the server then needs
+    # onnxruntime only (not the exporter's onnx package), and the export's ~2 s stays off start-up.
+    model, _ = load_model(model_dir)
+    gate_layer = (meta.unfamiliar or {}).get("layer")
+    write_onnx(model, gate_layer, meta.preprocess.channels, meta.preprocess.size, payload / ONNX_FILE)
     shutil.copy2(METRICS_YAML, payload / "metrics.yaml")
     write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
     write_text(stage / "model-config.yaml", yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
@@ -177,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-timeout-s", type=int, default=d.response_timeout_s)
     p.add_argument("--max-instances", type=int, default=d.max_instances, help="images allowed in one JSON request")
     p.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="torch threads per worker (0 = auto)")
+    p.add_argument("--cpu-backend", choices=("onnx", "eager"), default=d.cpu_backend,
+                   help="the CPU forward pass: ONNX Runtime on the shipped graph, or torch eager")
     p.add_argument("--token-auth", action="store_true", help="turn TorchServe's (60-minute) token auth on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ServeConfig(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms, workers=args.workers,
                       response_timeout_s=args.response_timeout_s, max_instances=args.max_instances,
-                      cpu_threads=args.cpu_threads, token_auth=args.token_auth)
+                      cpu_threads=args.cpu_threads, cpu_backend=args.cpu_backend, token_auth=args.token_auth)
     try:
         manifest = build_archive(Path(args.model_dir), Path(args.output), cfg)
     except (FileNotFoundError, RuntimeError) as exc:

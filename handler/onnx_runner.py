@@ -1,0 +1,61 @@
+"""The optimised CPU forward pass: the exported graph (``returns_model/export.py``) in ONNX Runtime.
+
+The graph answers the logits and the gate's tapped embedding, so ``handler.core`` scores both
+paths with the same torch code. ``onnxruntime`` is imported only when this path is chosen: an
+image without it serves on the eager path (``open_runner`` returns None and says why).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from returns_model.export import INPUT, ONNX_FILE, export_onnx
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRunner:
+    """``float32 [N, C, H, W] -> (logits, tapped)`` on an ONNX Runtime CPU session."""
+
+    def __init__(self, graph: bytes, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1  # one graph of sequential convolutions: no parallel branches to run
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, tapped = self.session.run(None, {INPUT: x.contiguous().numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(tapped)
+
+
+def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: int, size: int,
+                threads: int) -> OnnxRunner | None:
+    """A runner on the shipped ``model.onnx``, or on a graph exported now from ``model`` when the
+    folder has none (a plain model folder); None, with the reason logged, where that cannot work."""
+    t0 = time.perf_counter()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning("cpu_backend onnx: onnxruntime is not installed; serving on the eager path")
+        return None
+    path = Path(model_dir) / ONNX_FILE
+    if path.is_file():
+        graph, source = path.read_bytes(), ONNX_FILE
+    else:
+        try:
+            graph, source = export_onnx(model, layer, channels, size), "an export at start-up"
+        except Exception as exc:  # the exporter needs the onnx package; a server without it stays eager
+            log.warning("cpu_backend onnx: no %s in %s and the export failed (%s); serving on the eager path",
+                        ONNX_FILE, model_dir, exc)
+            return None
+    runner = OnnxRunner(graph, threads)
+    log.info("cpu_backend onnx: session on %s ready in %.2f s", source, time.perf_counter() - t0)
+    return runner
