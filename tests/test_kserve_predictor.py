@@ -94,9 +94,15 @@ def photos(fmnist_png) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def expected(classifier, photos) -> list[dict]:
-    """The in-process core's answers; model_sha256 aside (it names the folder the core loaded)."""
-    return [same(r) for r in classifier.classify(photos)]
+def expected(model_root, photos, tmp_path_factory) -> list[dict]:
+    """The in-process core's answers on the same verified archive, with the same knobs (its CPU
+    backend included), as the predictor builds it; model_sha256 aside (it names the folder)."""
+    from handler.core import Classifier
+    from handler.kserve_predictor import read_knobs, resolve_model_dir
+
+    folder = resolve_model_dir(model_root, tmp_path_factory.mktemp("extracted"))
+    core = Classifier(folder, warmup=False, cpu_backend=read_knobs(folder).cpu_backend)
+    return [same(r) for r in core.classify(photos)]
 
 
 @pytest.fixture(scope="module")

@@ -678,6 +678,7 @@ def test_memory_stays_flat_however_large_the_inbox(tmp_path, server):
         for i in range(n):
             (inbox / f"big_{i:04d}.png").write_bytes(b"\x89PNG" + os.urandom(1 << 20))
         cmd = submit_cmd(*args(inbox, tmp_path / f"out{n}", server.url, "--run-id", "mem", "--batch-size", "4",
+                               "--concurrency", "2",
                                "--max-error-rate", "1"))
         r = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
