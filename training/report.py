@@ -99,8 +99,7 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
                          lineage=lineage)
     if meta is not None:  # keep what the re-report does not recompute (name, version, top-k)
         new_meta = replace(new_meta, model_name=meta.model_name, model_version=meta.model_version, top_k=meta.top_k)
-    write_meta(new_meta, out)
-    write_json(out / "metrics.json", metrics)
+    write_meta(new_meta, out)  # the trust report serves this folder, so model.json comes first
     _plots(val_logits, test_logits, model, spec, ds, cal, metrics, cfg, out)
     trust = trust_report(out, ds.test.images, ds.test.labels, cfg.trust_photos, cfg.seed)
     metrics["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
