@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,16 @@ from PIL import Image
 from training.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_idx
 
 REPO = Path(__file__).resolve().parents[1]
+
+# kserve parses sys.argv when it is imported (kserve.model_server); pytest's own flags must not reach
+# it (`pytest --co` is an abbreviation of its --configure_logging). Import it once with no arguments.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve  # noqa: F401
+except ImportError:  # the predictor's tests then fail with their own import error
+    pass
+finally:
+    sys.argv = _argv
 # The committed release model; RETURNS_TEST_MODEL_DIR points tests at another trained model folder.
 RELEASE_MODEL = Path(os.environ.get("RETURNS_TEST_MODEL_DIR", REPO / "models" / "release"))
 
