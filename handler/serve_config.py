@@ -29,7 +29,7 @@ class ServeConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0  # per worker; 0 = the machine's cores / workers
     cpu_backend: str = "onnx"  # the CPU forward pass: "onnx" (ONNX Runtime, where installed) or "eager"
-    job_queue_size: int = 1000
+    job_queue_size: int = 100  # requests queued per model before a 503; a night keeps a few in flight
     max_request_size: int = 64 * 1024 * 1024
     token_auth: bool = False  # TorchServe tokens expire after 60 min, no renewal: off, with network isolation
 

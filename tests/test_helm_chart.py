@@ -319,7 +319,7 @@ def test_management_api_is_never_exposed(variant: str, renders: dict[str, hr.Ren
         assert props["management_address"] == f"http://127.0.0.1:{MANAGEMENT_PORT}"
         assert props["grpc_management_address"] == "127.0.0.1" and props["grpc_inference_address"] == "127.0.0.1"
         assert props["enable_model_api"] == "false"
-        assert props["allowed_urls"].startswith("file:///mnt/models/")
+        assert props["allowed_urls"].startswith("^file:///mnt/models/") and props["allowed_urls"].endswith(".mar$")
         assert props["install_py_dep_per_model"] == "false"
 
 
@@ -1104,3 +1104,27 @@ def test_readme_parameters_table_is_up_to_date() -> None:
     readme = (hr.CHART_DIR / "README.md").read_text(encoding="utf-8")
     assert chart_readme.update(readme, chart_readme.parameters_table()) == readme, \
         "helm/returns-classifier/README.md is out of date: run python -m scripts.chart_readme"
+
+
+def test_the_chart_config_agrees_with_serve_config() -> None:
+    """handler/serve_config.py writes config.properties for the archive and `make serve`; the chart
+    writes the same keys in YAML. Where they must agree, a test holds them together (issue 11)."""
+    from handler.serve_config import ServeConfig, config_properties
+
+    def props(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+    ours = props(config_properties(ServeConfig()))
+    cm = next(o for o in hr.render({}).objects if o["kind"] == "ConfigMap" and "config.properties" in o["data"])
+    chart = props(cm["data"]["config.properties"])
+    shared = ("allowed_urls", "model_store", "metrics_config", "metrics_mode", "enable_metrics_api",
+              "enable_model_api", "install_py_dep_per_model", "grpc_inference_address",
+              "grpc_management_address", "max_request_size", "max_response_size", "disable_token_authorization",
+              "job_queue_size")
+    assert {k: chart.get(k) for k in shared} == {k: ours[k] for k in shared}
+    # Deliberately different: addresses (the chart serves on 0.0.0.0:8080), load_models (the chart's
+    # snapshot loads the model), system metrics (kept in torchserve mode for the pod's dashboards).
+    ours_model = next(iter(json.loads(ours["model_snapshot"])["models"]["returns-classifier"].values()))
+    chart_model = next(iter(json.loads(chart["model_snapshot"])["models"]["returns-classifier"].values()))
+    for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "marName"):
+        assert chart_model[key] == ours_model[key], key
