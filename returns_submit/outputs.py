@@ -341,12 +341,14 @@ def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, 
                        [run_dir / n["rejected"] for n in names], reference, drift_alpha, on_drift, merge=True)
         shards = [_read_json(run_dir / n["metadata"]) for n in names]
         starts = [s["started_at"] for s in shards if s and "started_at" in s]
+        extra = merged_inbox_counts([s.get("counts", {}) for s in shards if s])
         status = "partial" if night.summary.error_rate > max_error_rate else "complete"
         if night.action == "failed":
             status = "failed_drift"
         meta = run_metadata(night, reference, run_id=run_id, status=status,
                             started_at=min(starts) if starts else utc_now(), shard_index=None,
-                            shard_count=shard_count, config={**config, "shard_index": None}, shards=shards)
+                            shard_count=shard_count, config={**config, "shard_index": None}, shards=shards,
+                            extra_counts=extra)
         write_json(run_dir / "run_metadata.json", meta)
         if night.action != "failed":  # a failed night is not published as the latest run
             write_text(run_dir / "_SUCCESS", run_dir.name + "\n")
@@ -355,6 +357,20 @@ def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, 
         return True
     finally:
         os.close(fd)
+
+
+# Every shard lists the whole inbox, so each counts the same skipped files: the run's count is the
+# largest any shard saw. Moves are each shard's own: the run's count is their sum.
+LISTED_COUNTS = ("skipped_non_image", "skipped_hidden", "skipped_symlink", "skipped_unlistable")
+SUMMED_COUNTS = ("move_failed",)
+
+
+def merged_inbox_counts(shard_counts: list[dict]) -> dict:
+    """The merged run's counts of what the shards skipped or could not move (see above); a shard's
+    per-invocation `other_shards` and `resumed_skipped` say nothing about the run and are left out."""
+    merged = {k: max((int(c.get(k, 0)) for c in shard_counts), default=0) for k in LISTED_COUNTS}
+    merged.update({k: sum(int(c.get(k, 0)) for c in shard_counts) for k in SUMMED_COUNTS})
+    return merged
 
 
 def _read_json(path: Path) -> dict | None:

@@ -14,7 +14,10 @@ pixels are the dataset's own bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ class Expected:
 
 class Oracle:
     def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
         meta = json.loads((Path(model_dir) / "model.json").read_text())
         self.temperature = float(meta["calibration"]["temperature"])
         self.threshold = float(meta["calibration"]["threshold"])
@@ -78,6 +82,29 @@ class Oracle:
         probs = torch.softmax(torch.cat(logits).double() / self.temperature, dim=1)
         return probs, (torch.cat(scores) if self.gate else None)
 
+    def cached_answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``answers``, kept on disk under a key made of everything they depend on (model.json,
+        model.pt, this file, the pixels), so that each of mutmut's forked test runs does not redo
+        thousands of forward passes. Nothing of the code under test enters the answers."""
+        h = hashlib.sha256()
+        for part in (self.model_dir / "model.json", self.model_dir / "model.pt", Path(__file__)):
+            h.update(part.read_bytes())
+        h.update(images.contiguous().numpy().tobytes())
+        path = Path(tempfile.gettempdir()) / "returns-classifier-oracle" / f"{h.hexdigest()}.pt"
+        if path.exists():
+            try:
+                cached = torch.load(path, weights_only=True)
+                return cached["probs"], cached.get("scores")
+            except Exception:  # a cut or foreign file: recompute and overwrite it
+                pass
+        probs, scores = self.answers(images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"probs": probs, **({"scores": scores} if scores is not None else {})}, f)
+        os.replace(tmp, path)
+        return probs, scores
+
     def _score(self, tapped: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         g = self.gate
         n = len(images)
@@ -102,7 +129,7 @@ def spread_sample(oracle: Oracle, images: torch.Tensor, pool: int = 2000, margin
     """Test photos over the whole confidence range: two from each 0.1-wide confidence band that has
     any, one at each decile of the pool's confidences, and the two nearest the threshold on each side
     (kept at least ``margin`` away, so float rounding cannot decide the expected flag)."""
-    probs, scores = oracle.answers(images[:pool])
+    probs, scores = oracle.cached_answers(images[:pool])
     conf = probs.max(1).values
     chosen: list[int] = []
     for band in range(10):

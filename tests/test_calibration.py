@@ -39,4 +39,5 @@ def test_risk_coverage_curve_ends_at_the_error_rate():
     correct = torch.tensor([1, 1, 0, 1], dtype=torch.bool)
     cov, risk, aurc = risk_coverage(conf, correct)
     assert cov.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert cov.dtype == risk.dtype == torch.float64  # the curve is computed in double precision
     assert risk.tolist()[-1] == 0.25 and 0 < aurc < 0.25

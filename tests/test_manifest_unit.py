@@ -94,6 +94,12 @@ def test_make_reference_rounds_and_checks_the_histogram():
         make_reference(["a"], [1.0], [0] * 9, 1, "val")
 
 
+def test_make_reference_keeps_the_gates_share_rounded_to_six_places():
+    ref = make_reference(["a"], [1.0], [0] * 10, 1, "val", unfamiliar_rate=0.02345678912)
+    assert ref["unfamiliar_rate"] == 0.023457
+    assert "unfamiliar_rate" not in make_reference(["a"], [1.0], [0] * 10, 1, "val")
+
+
 def test_read_reference_from_a_manifest_a_model_json_or_their_folder(tmp_path):
     body = {"class_distribution": [0.5, 0.5], "n": 10}
     manifest = {"reference": body, "archive_content_sha256": "ab" * 32, "mar_sha256": "cd" * 32}
@@ -136,3 +142,5 @@ def test_verify_cli_names_itself_in_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: returns-verify-archive") and "artifact_manifest.json" in out
+    assert "Verify a model root's .mar against its artifact_manifest.json." in out
+    assert "folder with artifact_manifest.json and model-store/" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import random
 import shutil
 import signal
@@ -133,6 +134,24 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
             OutputLock(tmp_path, "shard-0-of-1", {"run_id": "second"}).acquire()
         OutputLock(tmp_path, "shard-1-of-2", {"run_id": "other-shard"}).acquire().release()
     OutputLock(tmp_path, "shard-0-of-1", {"run_id": "third"}).acquire().release()
+
+
+@pytest.mark.parametrize("content, who", [
+    (None, f"pid {os.getpid()} on host {socket.gethostname()}, run first"),
+    (b"held by a shell script\n", "held by a shell script"),
+    (b"caf\xe9 \n", "caf\ufffd"),
+    (b"", "an unknown process"),
+    (b'{"pid": 7}', '{"pid": 7}'),
+])
+def test_a_refused_lock_names_its_holder_exactly(tmp_path, content, who):
+    """The holder's JSON becomes 'pid P on host H, run R'; anything else is quoted as text (bytes
+    that are not UTF-8 replaced), and an empty lock file is 'an unknown process'."""
+    with OutputLock(tmp_path, "shard-0-of-1", {"run_id": "first"}) as held:
+        if content is not None:
+            held.path.write_bytes(content)
+        with pytest.raises(LockHeld) as e:
+            OutputLock(tmp_path, "shard-0-of-1", {"run_id": "second"}).acquire()
+    assert f"(.lock.shard-0-of-1, held by {who}); wait for it" in str(e.value)
 
 
 def test_moves_never_overwrite_and_finish_after_a_kill(tmp_path):
