@@ -25,11 +25,15 @@ CPU_BACKENDS = ("onnx", "eager")  # the CPU forward pass: ONNX Runtime on the ex
 log = logging.getLogger(__name__)
 
 
-def available_cpus() -> int:
-    """CPUs this process may really use: the cgroup quota (containers) or the affinity mask."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may really use: the cgroup quota (containers, rounded down, at least 1) or
+    the affinity mask, whichever is smaller."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = Path(cpu_max).read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -211,7 +215,8 @@ class Classifier:
             stats.forward_ms = (time.perf_counter() - t0) * 1000
             stats.images = len(decoded.outcomes)
             stats.rejected = len(decoded.outcomes) - len(decoded.pixels)
-            stats.low_confidence = int((conf < self.meta.threshold).sum())
+            # counted from the answers themselves, so a metric never disagrees with what was answered
+            stats.low_confidence = sum("low_confidence" in r["review_reason"] for r in results)
             stats.unfamiliar = sum("unfamiliar" in r["review_reason"] for r in results)
             stats.average_confidence = float(conf.mean()) if len(conf) else 0.0
         return [o.to_dict() if isinstance(o, PhotoError) else results[o] for o in decoded.outcomes]

@@ -41,3 +41,15 @@ def test_risk_coverage_curve_ends_at_the_error_rate():
     assert cov.tolist() == [0.25, 0.5, 0.75, 1.0]
     assert cov.dtype == risk.dtype == torch.float64  # the curve is computed in double precision
     assert risk.tolist()[-1] == 0.25 and 0 < aurc < 0.25
+
+
+def test_calibrate_certifies_softmax_of_logits_over_the_fitted_temperature_at_the_given_delta():
+    """The certificate is exactly certify_threshold's on softmax(logits / T), with the caller's delta."""
+    from training.certify import certify_threshold
+
+    logits, labels = overconfident(n=6000, seed=2)
+    cal = calibrate(logits, labels, target_precision=0.9, delta=0.2)
+    t = fit_temperature(logits, labels)
+    conf, pred = torch.softmax(logits / t, 1).max(1)
+    assert cal.temperature == t and cal.certificate == certify_threshold(conf, pred == labels, 0.9, 0.2)
+    assert cal.certificate.delta == 0.2 and cal.certificate != calibrate(logits, labels, 0.9, 0.05).certificate

@@ -55,3 +55,10 @@ def test_certificate_round_trips_and_reports_its_evidence():
     assert Certificate.from_dict(cert.to_dict()) == cert
     with pytest.raises(ValueError, match="target precision"):
         certify_threshold(conf, correct, 1.5, 0.05)
+
+
+def test_a_certificate_missing_a_field_is_refused_with_the_names():
+    with pytest.raises(ValueError) as e:
+        Certificate.from_dict({"threshold": 0.9, "delta": 0.05, "extra": 1})
+    assert str(e.value) == ("certificate is missing ['n_calibration', 'target_precision']; "
+                            "got keys ['delta', 'extra', 'threshold']")

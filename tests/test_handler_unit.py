@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from handler.core import Classifier
+from handler import core
+from handler.core import BatchStats, Classifier, available_cpus, bucket
 from handler.errors import RequestError
 from handler.payload import parse_request
 from handler.torchserve_handler import ReturnsClassifierHandler
@@ -169,3 +170,145 @@ def test_cpu_backend_is_a_model_config_knob(handler, release_model_dir):
     ctx.model_yaml_config["handler"]["cpu_backend"] = "eager"
     h.initialize(ctx)
     assert h.core.backend == "eager"
+
+
+@pytest.mark.parametrize("cpu_max, expected", [
+    ("max 100000\n", 8), ("250000 100000\n", 2), ("150000 100000", 1), ("50000 100000", 1),
+    ("1600000 100000", 8), ("", 8), ("garbage", 8), (None, 8),
+])
+def test_available_cpus_is_the_quota_rounded_down_within_the_affinity_mask(tmp_path, monkeypatch, cpu_max, expected):
+    monkeypatch.setattr(core.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert available_cpus(path) == expected
+
+
+@pytest.mark.parametrize("cpu_count, expected", [(6, 3), (None, 1)])
+def test_available_cpus_without_an_affinity_mask(tmp_path, monkeypatch, cpu_count, expected):
+    monkeypatch.delattr(core.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(core.os, "cpu_count", lambda: cpu_count)
+    (tmp_path / "cpu.max").write_text("300000 100000")
+    assert available_cpus(tmp_path / "cpu.max") == expected
+
+
+def test_batch_stats_time_decoding_and_the_forward_pass_in_milliseconds(classifier, fmnist_png, monkeypatch):
+    """A clock that ticks 0.25 s per reading: decoding and the forward pass each take one tick."""
+    ticks = iter(i * 0.25 for i in range(100))
+    monkeypatch.setattr(core.time, "perf_counter", lambda: next(ticks))
+    stats = BatchStats()
+    results = classifier.classify([fmnist_png(0), b"not a photo", fmnist_png(1)], stats)
+    assert stats.decode_ms == 250.0 and stats.forward_ms == 250.0
+    assert stats.images == 3 and stats.rejected == 1 and len(results) == 3
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_model_without_a_gate_reviews_on_confidence_alone(release_model_dir, tmp_path, oracle, fmnist_test, backend,
+                                                            fmnist_png):
+    """An older model.json has no `unfamiliar` section: the core serves it, flags nothing
+    unfamiliar, reports no score, and its answers are model.json's calibrated confidences."""
+    import shutil
+
+    old = tmp_path / "old_model"
+    shutil.copytree(release_model_dir, old)
+    meta = json.loads((old / "model.json").read_text())
+    del meta["unfamiliar"]
+    (old / "model.json").write_text(json.dumps(meta))
+    c = Classifier(old, warmup=False, cpu_backend=backend)
+    images, _ = fmnist_test
+    probs = oracle.probabilities(images[:64])
+    got = c.describe(probs)
+    assert len(got) == 64 and all(r["unfamiliar_score"] is None for r in got)
+    for r, p in zip(got, probs):
+        conf = float(p.max())
+        assert r["review_reason"] == (["low_confidence"] if conf < oracle.threshold else [])
+        assert r["needs_review"] is (conf < oracle.threshold) and r["confidence"] == round(conf, 6)
+    served = c.classify([fmnist_png(i) for i in range(8)])
+    assert all(r["unfamiliar_score"] is None and "unfamiliar" not in r["review_reason"] for r in served)
+
+
+def test_describe_accepts_a_confidence_equal_to_the_threshold_and_rounds_as_documented(classifier):
+    """docs/interfaces.md: a confidence equal to the threshold is accepted; confidence and top_k
+    probabilities are rounded to 6 places, unfamiliar_score to 4; decisions use unrounded values."""
+    t = classifier.meta.threshold
+    k = len(classifier._labels)
+    rows = torch.zeros(3, k, dtype=torch.float64)
+    rows[0, 2], rows[0, 5] = t, 1 - t                      # exactly at the threshold: accepted
+    rows[1, 2], rows[1, 5] = t - 1e-12, 1 - t + 1e-12      # a hair below: reviewed
+    rows[2, 7], rows[2, 1] = 0.123456789, 0.876543211     # low: reviewed, rounded
+    scores = torch.tensor([0.123456, -1.98766, 0.5], dtype=torch.float64)
+    got = classifier.describe(rows, scores)
+    assert got[0]["review_reason"] == [] and got[0]["needs_review"] is False
+    assert got[1]["review_reason"] == ["low_confidence"]
+    assert got[2]["confidence"] == 0.876543 and got[2]["top_k"][1]["probability"] == 0.123457
+    assert [r["unfamiliar_score"] for r in got] == [0.1235, -1.9877, 0.5]
+
+
+def test_batch_stats_count_what_was_answered(classifier, fmnist_png, monkeypatch):
+    """The metrics' counts are the answers' own: photos answered low_confidence or unfamiliar, the
+    average confidence of the classified ones; a call with no good photo averages 0."""
+    t = classifier.meta.threshold
+    k = len(classifier._labels)
+    probs = torch.zeros(3, k)
+    probs[0, 0], probs[0, 1] = t, 1 - t  # at the threshold (in float32): whatever describe says, stats say
+    probs[1, 2], probs[1, 3] = 0.5, 0.5
+    probs[2, 4] = 1.0
+    scores = torch.tensor([0.0, 0.0, 50.0])  # the third is far past the gate's cutoff
+    monkeypatch.setattr(classifier, "scores", lambda pixels: (probs[:len(pixels)], scores[:len(pixels)]))
+    stats = BatchStats()
+    results = classifier.classify([fmnist_png(i) for i in range(3)] + [b""], stats)
+    answered = results[:3]
+    assert stats.low_confidence == sum("low_confidence" in r["review_reason"] for r in answered) >= 1
+    assert stats.unfamiliar == 1 and answered[2]["review_reason"] == ["unfamiliar"]
+    assert stats.average_confidence == pytest.approx(float(probs.max(1).values.mean()))
+    assert (stats.images, stats.rejected) == (4, 1)
+    empty = BatchStats(average_confidence=9.0, low_confidence=9)
+    assert classifier.classify([b"", b"junk"], empty)[0]["error"]["code"] == "empty"
+    assert (empty.images, empty.rejected, empty.low_confidence, empty.unfamiliar, empty.average_confidence) == \
+        (2, 2, 0, 0, 0.0)
+
+
+def test_a_photo_refused_before_decoding_keeps_its_place(classifier, fmnist_png, oracle, fmnist_test):
+    from returns_model.preprocess import PhotoError
+
+    got = classifier.classify([PhotoError("bad_base64", "not base64"), fmnist_png(0), fmnist_png(1)])
+    assert got[0] == {"error": {"code": "bad_base64", "message": "not base64"}}
+    expected = [oracle.expected(i, p) for i, p in enumerate(oracle.probabilities(fmnist_test[0][:2]))]
+    assert [r["class_id"] for r in got[1:]] == [e.class_id for e in expected]
+
+
+def test_bucket_sizes():
+    assert [bucket(n) for n in (1, 2, 3, 8, 9, 15, 16, 17, 32, 33)] == [1, 2, 4, 8, 16, 16, 16, 32, 32, 48]
+
+
+def test_the_classifier_uses_every_available_cpu_and_channels_last(release_model_dir):
+    c = Classifier(release_model_dir, warmup=False)
+    assert torch.get_num_threads() == available_cpus()
+    conv = next(m for m in c.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    from returns_model.manifest import content_digest, tree_hashes
+
+    assert c.model_sha256 == content_digest(tree_hashes(release_model_dir)) and len(c.model_sha256) == 64
+
+
+def test_warm_up_runs_one_and_eight_blank_photos_unless_turned_off(release_model_dir, monkeypatch):
+    seen: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(Classifier, "probabilities", lambda self, pixels: seen.append(pixels))
+    c = Classifier(release_model_dir, warmup=False)
+    assert seen == []
+    Classifier(release_model_dir)
+    assert [len(p) for p in seen] == [1, 8]
+    shape = (c.spec.channels, c.spec.size, c.spec.size)
+    assert all(x.shape == shape and x.dtype == torch.uint8 and not x.any() for batch in seen for x in batch)
+
+
+def test_an_unknown_cpu_backend_is_refused_by_name(release_model_dir):
+    with pytest.raises(ValueError) as e:
+        Classifier(release_model_dir, warmup=False, cpu_backend="tensorrt")
+    assert str(e.value) == "cpu_backend must be one of onnx, eager, not 'tensorrt'"
+
+
+def test_max_image_pixels_overrides_the_models_limit(release_model_dir, fmnist_png):
+    c = Classifier(release_model_dir, warmup=False, max_image_pixels=28 * 28 - 1)
+    (r,) = c.classify([fmnist_png(0)])
+    assert r["error"]["code"] == "too_large" and "the limit is 783" in r["error"]["message"]

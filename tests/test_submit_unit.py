@@ -442,7 +442,7 @@ def test_after_move_finishes_moves_interrupted_by_a_kill(tmp_path, server):
     assert len(read_jsonl(out / "run_k" / "predictions.jsonl")) == 6
 
 
-def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path):
+def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path, capsys):
     inbox = tmp_path / "inbox"
     write_photos(inbox, 8)
     (inbox / "poison.png").write_bytes(b"\x89PNG-POISON")
@@ -453,6 +453,17 @@ def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path
     rejs = read_jsonl(tmp_path / "out" / "run_p" / "rejected.jsonl")
     assert [(r["path"], r["code"]) for r in rejs] == [("poison.png", "server_error")]
     assert len(read_jsonl(tmp_path / "out" / "run_p" / "predictions.jsonl")) == 8
+    # the record says what the server said, that the server said it, and that no request answered it
+    (rej,) = rejs
+    assert "500" in rej["message"] and "Worker died" in rej["message"] and rej["source"] == "server"
+    assert rej["request_ms"] == 0.0 and rej["attempts"] == 2
+    # each split is logged as a warning with the size split and the error; sizes halve down to 2 or 3
+    splits = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("{") and '"splitting a failing batch"' in line]
+    sizes = [e["size"] for e in splits]
+    assert sizes[0] == 9 and sizes[-1] in (2, 3) and all(b in (a // 2, a - a // 2) for a, b in zip(sizes, sizes[1:]))
+    assert all(e["level"] == "warning" and e["msg"] == "splitting a failing batch" and "Worker died" in e["error"]
+               for e in splits)
 
 
 @pytest.mark.parametrize("fail_after", [0, 3])
