@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.certify import (ACCEPT_NOTHING_THRESHOLD, Certificate, certify_threshold, clopper_pearson_upper,
-                              log_binom_cdf, min_accepted)
+                              default_grid, log_binom_cdf, min_accepted, rejects_risk_above)
 
 
 def test_binomial_cdf_matches_a_direct_sum():
@@ -62,3 +62,95 @@ def test_a_certificate_missing_a_field_is_refused_with_the_names():
         Certificate.from_dict({"threshold": 0.9, "delta": 0.05, "extra": 1})
     assert str(e.value) == ("certificate is missing ['n_calibration', 'target_precision']; "
                             "got keys ['delta', 'extra', 'threshold']")
+
+
+# ---- edges of the arithmetic (each pinned by a mutant that once survived) --------------------------
+
+def test_binomial_cdf_at_its_edges():
+    assert log_binom_cdf(0, 0, 0.5) == 0.0                 # no trials: P(X <= 0) = 1
+    assert log_binom_cdf(5, 5, 0.3) == 0.0 and log_binom_cdf(7, 5, 0.3) == 0.0  # k >= n: certain
+    assert log_binom_cdf(2, 5, 0.0) == 0.0                 # p = 0: no event ever
+    assert log_binom_cdf(2, 5, 1.0) == -math.inf           # p = 1: every trial an event
+    for k, n in ((-1, 5), (2, -1)):
+        with pytest.raises(ValueError) as e:
+            log_binom_cdf(k, n, 0.5)
+        assert str(e.value) == f"need 0 <= k and 0 <= n, got k={k}, n={n}"
+
+
+def test_clopper_pearson_at_its_edges():
+    assert clopper_pearson_upper(5, 5, 0.05) == 1.0 and clopper_pearson_upper(0, 0, 0.05) == 1.0
+    assert clopper_pearson_upper(0, 1, 0.05) == pytest.approx(0.95, abs=1e-9)  # (1 - p)^1 = 0.05
+    for delta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError) as e:
+            clopper_pearson_upper(1, 10, delta)
+        assert str(e.value) == f"delta must be in (0, 1), got {delta}"
+    with pytest.raises(ValueError) as e:
+        clopper_pearson_upper(11, 10, 0.05)
+    assert str(e.value) == "need 0 <= k <= n, got k=11, n=10"
+
+
+def test_a_p_value_equal_to_delta_rejects_and_one_photo_can_be_enough():
+    assert rejects_risk_above(0, 1, 0.5, 0.5)               # P(Bin(1, .5) <= 0) = .5 <= .5
+    assert rejects_risk_above(0, 1, 0.99, 0.05)             # .01 <= .05
+    assert not rejects_risk_above(0, 0, 0.5, 0.5)           # nothing accepted proves nothing
+
+
+def test_the_default_grid():
+    g = default_grid()
+    assert len(g) == 1000 and g.dtype == torch.float64
+    assert g[0] == -math.expm1(-17.0) and g[-1] == 0.0 and (g[1:] < g[:-1]).all()
+    assert default_grid(2).tolist() == [-math.expm1(-17.0), 0.0]
+    with pytest.raises(ValueError) as e:
+        default_grid(1)
+    assert str(e.value) == "grid size must be at least 2, got 1"
+
+
+@pytest.mark.parametrize("target, delta, message", [
+    (0.0, 0.05, "target precision must be in (0, 1), got 0.0"),
+    (1.0, 0.05, "target precision must be in (0, 1), got 1.0"),
+    (0.99, 0.0, "delta must be in (0, 1), got 0.0"),
+    (0.99, 1.0, "delta must be in (0, 1), got 1.0"),
+    (0.99, 1.5, "delta must be in (0, 1), got 1.5"),
+])
+def test_certify_refuses_impossible_targets_by_name(target, delta, message):
+    with pytest.raises(ValueError) as e:
+        certify_threshold(torch.rand(10), torch.ones(10, dtype=torch.bool), target, delta)
+    assert str(e.value) == message
+
+
+def test_certify_refuses_bad_samples_by_name():
+    cases = [
+        (torch.rand(3), torch.ones(4, dtype=torch.bool), "confidence (3,) and correct (4,) must be 1-D and of equal length"),
+        (torch.rand(2, 2), torch.ones(2, 2, dtype=torch.bool),
+         "confidence (2, 2) and correct (2, 2) must be 1-D and of equal length"),
+        (torch.rand(0), torch.ones(0, dtype=torch.bool), "the calibration sample is empty"),
+        (torch.tensor([0.5, float("nan")]), torch.ones(2, dtype=torch.bool), "confidence contains NaN or infinite values"),
+    ]
+    for conf, correct, message in cases:
+        with pytest.raises(ValueError) as e:
+            certify_threshold(conf, correct)
+        assert str(e.value) == message
+
+
+def test_certify_defaults_are_99_percent_at_delta_5_percent():
+    conf = torch.linspace(0.5, 1.0, 2000)
+    cert = certify_threshold(conf, torch.ones(2000, dtype=torch.bool))
+    assert (cert.target_precision, cert.delta) == (0.99, 0.05)
+    one = certify_threshold(torch.tensor([0.9]), torch.tensor([True]))
+    assert one.accept_nothing and one.reason.startswith("cannot certify precision 0.99 at delta 0.05: only 1 "
+                                                        "calibration photos; even with zero errors at least 299")
+
+
+def test_accept_nothing_when_exactly_the_minimum_accepted_has_one_error():
+    """299 photos (the minimum for 99% at delta 0.05) with one error: the sample is big enough, the
+    first candidate fails; the certificate says so, and accepts nothing."""
+    n = min_accepted(0.01, 0.05)
+    assert n == 299
+    correct = torch.ones(n, dtype=torch.bool)
+    correct[0] = False
+    cert = certify_threshold(torch.full((n,), 0.999), correct, 0.99, 0.05)
+    assert cert == Certificate(
+        threshold=ACCEPT_NOTHING_THRESHOLD, target_precision=0.99, delta=0.05, n_calibration=299, n_accepted=0,
+        errors=0, observed_precision=None, precision_lower_bound=None, coverage=0.0, accept_nothing=True,
+        reason="cannot certify precision 0.99 at delta 0.05: the first candidate accepting >= 299 calibration "
+               "photos already fails (1 errors among the 299 it accepts). Everything goes to review")

@@ -40,6 +40,7 @@ def test_tree_hashes_names_posix_relative_files_and_skips_bytecode(tmp_path):
     (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
     (tmp_path / "pkg" / "mod.py").write_bytes(b"x = 1\n")
     (tmp_path / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"junk")
+    (tmp_path / "pkg" / "__pycache__" / "notes.txt").write_bytes(b"a cache folder is skipped whole")
     (tmp_path / "stray.pyc").write_bytes(b"junk")
     (tmp_path / "model.json").write_bytes(b"{}")
     assert tree_hashes(tmp_path) == {"model.json": hashlib.sha256(b"{}").hexdigest(),
