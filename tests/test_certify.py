@@ -154,3 +154,61 @@ def test_accept_nothing_when_exactly_the_minimum_accepted_has_one_error():
         errors=0, observed_precision=None, precision_lower_bound=None, coverage=0.0, accept_nothing=True,
         reason="cannot certify precision 0.99 at delta 0.05: the first candidate accepting >= 299 calibration "
                "photos already fails (1 errors among the 299 it accepts). Everything goes to review")
+
+
+def walk_by_hand(conf: torch.Tensor, correct: torch.Tensor, grid: list[float], target: float, delta: float):
+    """The fixed-sequence walk written out with scipy's binomial and beta: (t, n, k) or None."""
+    from scipy.stats import binom
+
+    best = None
+    for t in grid:
+        n = int((conf >= t).sum())
+        if n < min_accepted(1 - target, delta):
+            continue
+        k = int((~correct[conf >= t]).sum())
+        if binom.cdf(k, n, 1 - target) > delta:
+            break
+        best = (t, n, k)
+    return best
+
+
+def test_the_certificate_is_the_walk_done_by_hand_on_a_custom_grid():
+    from scipy.stats import beta
+
+    g = torch.Generator().manual_seed(5)
+    conf = torch.rand(3000, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    correct = torch.rand(3000, generator=g, dtype=torch.float64) < conf ** 0.12  # errors more likely at low conf
+    grid = [0.999, 0.99, 0.98, 0.96, 0.94, 0.92, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+    cert = certify_threshold(conf, correct, 0.97, 0.1, grid=torch.tensor(grid, dtype=torch.float64))
+    t, n, k = walk_by_hand(conf, correct, grid, 0.97, 0.1)
+    assert 0 < k and t not in (grid[0], grid[-1])  # an informative walk: errors seen, stopped inside the grid
+    ucb = beta.ppf(0.9, k + 1, n - k)
+    assert (cert.threshold, cert.n_accepted, cert.errors, cert.n_calibration) == (t, n, k, 3000)
+    assert cert.observed_precision == 1 - k / n and cert.coverage == n / 3000
+    assert cert.precision_lower_bound == pytest.approx(1 - ucb, abs=1e-9) and cert.precision_lower_bound >= 0.97
+    assert (cert.target_precision, cert.delta, cert.accept_nothing) == (0.97, 0.1, False)
+    assert cert.reason == f"certified: precision >= {1 - ucb:.5f} with probability >= 0.9"
+
+
+def test_a_candidate_accepting_exactly_the_minimum_is_tested_not_skipped():
+    cert = certify_threshold(torch.full((299,), 0.999), torch.ones(299, dtype=torch.bool), 0.99, 0.05)
+    assert not cert.accept_nothing and cert.n_accepted == 299 and cert.errors == 0  # 0.99^299 = 0.0495 <= 0.05
+
+
+def test_a_grid_that_never_accepts_enough_photos_says_so():
+    cert = certify_threshold(torch.linspace(0.5, 0.9, 1000), torch.ones(1000, dtype=torch.bool), 0.99, 0.05,
+                             grid=torch.tensor([0.99, 0.95]))
+    assert cert.accept_nothing and "no candidate threshold of the grid accepts 299 or more of the 1000" in cert.reason
+
+
+@pytest.mark.parametrize("grid", [[0.99, 0.5, 0.7], [], [[0.9, 0.5]]])
+def test_a_grid_out_of_order_or_empty_is_refused(grid):
+    with pytest.raises(ValueError) as e:
+        certify_threshold(torch.rand(500), torch.ones(500, dtype=torch.bool), grid=torch.tensor(grid))
+    assert str(e.value) == "grid must be a non-empty 1-D tensor sorted from high to low"
+
+
+def test_a_grid_of_one_candidate_or_with_ties_is_fine():
+    conf, ok = torch.full((400,), 0.95), torch.ones(400, dtype=torch.bool)
+    assert certify_threshold(conf, ok, grid=torch.tensor([0.9])).threshold == pytest.approx(0.9)
+    assert certify_threshold(conf, ok, grid=torch.tensor([0.96, 0.9, 0.9, 0.5])).threshold == pytest.approx(0.5)

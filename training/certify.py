@@ -171,7 +171,7 @@ def certify_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_pr
     cum_wrong = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(wrong[order].long(), 0)])
     n_min = min_accepted(alpha, delta)
     best: tuple[float, int, int] | None = None
-    failed = (0, 0)
+    failed: tuple[int, int] | None = None  # (accepted, errors) of the candidate that ended the walk
     for t in grid.tolist():
         n = n_total - int(torch.searchsorted(asc, t, side="left"))  # photos with conf >= t
         if n < n_min:
@@ -194,12 +194,14 @@ def certify_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_pr
                                                     f">= {1 - delta:g}")
 
 
-def _accept_nothing(n_total: int, failed: tuple[int, int], target: float, delta: float,
+def _accept_nothing(n_total: int, failed: tuple[int, int] | None, target: float, delta: float,
                     alpha: float) -> Certificate:
     """Everything goes to review, with the arithmetic of why the sample is too small."""
     need = min_accepted(alpha, delta)
     if n_total < need:
         why = f"only {n_total} calibration photos; even with zero errors at least {need} are needed"
+    elif failed is None:
+        why = f"no candidate threshold of the grid accepts {need} or more of the {n_total} calibration photos"
     else:
         why = (f"the first candidate accepting >= {need} calibration photos already fails "
                f"({failed[1]} errors among the {failed[0]} it accepts)")
