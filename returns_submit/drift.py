@@ -115,8 +115,10 @@ def compare(observed: Sequence[float], reference: Sequence[float], alpha: float)
     observed, reference = [float(x) for x in observed], [float(x) for x in reference]
     n, n_ref = sum(observed), sum(reference)
     out = {"n": int(n), "n_reference": round(n_ref), "psi": round(psi(observed, reference), 6)}
-    if n < MIN_PHOTOS or n_ref <= 0:
+    if n < MIN_PHOTOS:
         return {**out, "drift": None, "reason": f"fewer than {MIN_PHOTOS} photos"}
+    if n_ref <= 0:
+        return {**out, "drift": None, "reason": "the reference has no photos"}
     obs, ref = _merge_sparse(observed, reference)
     cols = [(o, r) for o, r in zip(obs, ref, strict=True) if o + r > 0]
     df = len(cols) - 1

@@ -269,10 +269,23 @@ def test_compare_decides_from_20_photos_and_needs_a_reference():
     assert small["drift"] is None and small["reason"] == "fewer than 20 photos" and small["n"] == 19
     assert set(small) == {"n", "n_reference", "psi", "drift", "reason"}
     assert drift.compare([10.0, 10.0], ref, alpha=0.01)["drift"] is False  # exactly 20: decided
-    assert drift.compare([10.0, 10.0], [0.0, 0.0], alpha=0.01)["drift"] is None
+    empty_ref = drift.compare([10.0, 10.0], [0.0, 0.0], alpha=0.01)
+    assert empty_ref["drift"] is None and empty_ref["reason"] == "the reference has no photos"
     assert drift.compare([10.0, 10.0], [0.5, 0.5], alpha=0.01)["drift"] is not None  # a tiny reference still counts
     one = drift.compare([25.0, 0.0], [100.0, 0.0], alpha=0.01)
     assert one["drift"] is None and one["reason"] == "a single bin after merging sparse bins"
+
+
+def test_sparse_bins_merge_at_exactly_five_expected_and_a_tail_with_no_photos_still_joins():
+    assert drift._merge_sparse([3.0, 7.0, 90.0], [5.0, 5.0, 90.0]) == ([3.0, 7.0, 90.0], [5.0, 5.0, 90.0])
+    assert drift._merge_sparse([50.0, 50.0, 0.0], [48.0, 48.0, 4.0]) == ([50.0, 50.0], [48.0, 52.0])
+
+
+def test_compare_keeps_a_bin_with_a_single_reference_photo_and_decides_p_below_alpha():
+    got = drift.compare([0.0, 1000.0], [1.0, 9.0], alpha=0.01)
+    assert got["df"] == 1  # the first bin (0 photos tonight, 1 in the reference) is a column of its own
+    at = drift.compare([12.0, 8.0], [50.0, 50.0], alpha=0.5)
+    assert drift.compare([12.0, 8.0], [50.0, 50.0], alpha=at["p_value"])["drift"] is False  # p = alpha: no drift
 
 
 # ---- the HTTP client ------------------------------------------------------------------------
@@ -813,3 +826,31 @@ def test_the_unfamiliar_share_test_is_exact_for_small_nights():
     assert drift.unfamiliar_share(5, 200, 0.02, 0.01)["drift"] is False  # 2.5%: chance
     assert drift.unfamiliar_share(0, 200, 0.02, 0.01)["drift"] is False  # fewer than usual is no fault
     assert drift.unfamiliar_share(3, 10, 0.02, 0.01)["drift"] is None  # too few photos to judge
+
+
+def test_the_unfamiliar_share_reports_every_field_exactly():
+    from scipy.stats import binom
+
+    got = drift.unfamiliar_share(9, 200, 0.02, 0.05)
+    p = float(binom.sf(8, 200, 0.02))  # P(X >= 9)
+    assert got == {"n": 200, "unfamiliar": 9, "reference_rate": 0.02, "rate": 0.045,
+                   "method": "one-sided exact binomial test", "p_value": pytest.approx(p, rel=1e-9), "alpha": 0.05,
+                   "drift": p < 0.05}
+    assert drift.unfamiliar_share(1, 3, 0.02, 0.05) == {"n": 3, "unfamiliar": 1, "reference_rate": 0.02,
+                                                       "rate": 0.333333, "drift": None, "reason": "fewer than 20 photos"}
+    assert drift.unfamiliar_share(0, 0, 0.02, 0.05)["rate"] is None
+    assert drift.unfamiliar_share(1, 20, 0.02, 0.05)["drift"] is False  # exactly 20 photos are judged
+    # a p-value equal to alpha is not drift (p < alpha)
+    p_at = drift.binomial_sf(3, 20, 0.02)
+    assert drift.unfamiliar_share(3, 20, 0.02, p_at)["drift"] is False
+
+
+def test_binomial_sf_at_its_edges():
+    from scipy.stats import binom
+
+    assert drift.binomial_sf(-1, 5, 0.3) == 1.0 and drift.binomial_sf(0, 5, 0.3) == 1.0
+    assert drift.binomial_sf(6, 5, 0.3) == 0.0                        # more events than trials
+    assert drift.binomial_sf(5, 5, 0.3) == pytest.approx(0.3 ** 5, rel=1e-9)  # k = n: every trial an event
+    assert drift.binomial_sf(2, 5, 0.0) == 0.0 and drift.binomial_sf(2, 5, 1.0) == 1.0
+    for k, n, p in ((3, 40, 0.02), (12, 100, 0.05), (1, 1, 0.5)):
+        assert drift.binomial_sf(k, n, p) == pytest.approx(float(binom.sf(k - 1, n, p)), rel=1e-9)
