@@ -1,4 +1,6 @@
 """Temperature scaling, ECE and the routing threshold on constructed data."""
+import numpy as np
+import pytest
 import torch
 
 from training.calibrate import calibrate, expected_calibration_error, fit_temperature, nll, risk_coverage
@@ -53,3 +55,37 @@ def test_calibrate_certifies_softmax_of_logits_over_the_fitted_temperature_at_th
     conf, pred = torch.softmax(logits / t, 1).max(1)
     assert cal.temperature == t and cal.certificate == certify_threshold(conf, pred == labels, 0.9, 0.2)
     assert cal.certificate.delta == 0.2 and cal.certificate != calibrate(logits, labels, 0.9, 0.05).certificate
+
+
+def test_ece_on_bins_whose_edges_are_exact():
+    """bins=4: edges 0, .25, .5, .75, 1; a bin is (lo, hi], so 0.25 falls in the first and 0.5 in the second."""
+    conf = torch.tensor([0.25, 0.5, 0.6, 1.0])
+    correct = torch.tensor([True, False, True, True])
+    c6 = float(conf[2])  # 0.6 as float32
+    expected = (abs(1 - 0.25) + abs(0 - 0.5) + abs(1 - c6) + 0.0) / 4
+    assert expected_calibration_error(conf, correct, bins=4) == pytest.approx(expected, abs=1e-15)
+    logits, labels = overconfident(n=3000, seed=3)
+    c, pred = torch.softmax(logits, 1).max(1)
+    ok = pred == labels
+    assert expected_calibration_error(c, ok) == expected_calibration_error(c, ok, bins=15) != \
+        expected_calibration_error(c, ok, bins=16)
+
+
+def test_fit_temperature_finds_the_nll_minimum_for_over_and_underconfident_models():
+    from scipy.optimize import minimize_scalar
+
+    for scale in (4.0, 0.3):  # far too sharp (T > 1), far too flat (T < 1)
+        logits, labels = overconfident(n=3000, seed=4)
+        logits = logits / 4.0 * scale
+        t = fit_temperature(logits, labels)
+        best = minimize_scalar(lambda lt: nll(logits.double(), labels, float(np.exp(lt))), bounds=(-5, 5),
+                               method="bounded", options={"xatol": 1e-10})
+        assert t == pytest.approx(float(np.exp(best.x)), rel=1e-5)
+        assert (t > 1) == (scale > 1)
+
+
+def test_a_failed_temperature_fit_says_so():
+    logits, labels = overconfident(n=100)
+    logits[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"temperature fit failed \(got nan\)"):
+        fit_temperature(logits, labels)

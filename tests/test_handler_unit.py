@@ -312,3 +312,39 @@ def test_max_image_pixels_overrides_the_models_limit(release_model_dir, fmnist_p
     c = Classifier(release_model_dir, warmup=False, max_image_pixels=28 * 28 - 1)
     (r,) = c.classify([fmnist_png(0)])
     assert r["error"]["code"] == "too_large" and "the limit is 783" in r["error"]["message"]
+
+
+# ---- request parsing: each instance's error names the instance, data URLs, JSON detection ----------
+
+def _errors(parsed):
+    return [(p.code, p.message) if not isinstance(p, bytes) else p for p in parsed.photos]
+
+
+def test_each_bad_instance_gets_its_own_coded_error_naming_its_index():
+    good = base64.b64encode(b"\x89PNG photo").decode()
+    got = _errors(parse_request({"body": {"instances": [good, {"b64": 12}, {"b64": "@@"}, {"data": None},
+                                                        {"image": {"b64": 3.5}}, {"nothing": 1}]}}, 8))
+    assert got[0] == b"\x89PNG photo"
+    assert got[1] == ("bad_instance", "instance 1: base64 data must be a string, got int")
+    assert got[2][0] == "bad_base64" and got[2][1].startswith("instance 2: not valid base64 (")
+    assert got[3] == ("bad_instance", "instance 3: base64 data must be a string, got NoneType")
+    assert got[4] == ("bad_instance", "instance 4: base64 data must be a string, got float")
+    assert got[5][0] == "bad_instance" and got[5][1].startswith("instance 5: expected a base64 string")
+
+
+def test_a_data_url_is_read_after_its_first_comma_and_only_a_data_url_is():
+    b64 = base64.b64encode(b"\x89PNG photo").decode()
+    got = _errors(parse_request({"body": {"instances": [f"data:image/png;base64,{b64}", f"{b64},{b64}",
+                                                        f"data:image/png;base64,{b64},{b64}", "data:nothing"]}}, 8))
+    assert got[0] == b"\x89PNG photo"
+    assert [g[0] for g in got[1:]] == ["bad_base64"] * 3  # commas are no base64; "data:" without one is no URL
+
+
+@pytest.mark.parametrize("body", [b'  \n\t{"instances": ["aGk="]}', b'\n["aGk="]', b"[1, 2]"])
+def test_a_body_that_starts_like_json_after_whitespace_is_parsed_as_json(body):
+    if body.lstrip().startswith(b"{"):
+        assert parse_request({"body": body}, 8).photos == [b"hi"]
+    else:  # a JSON list is JSON, but not a request object
+        with pytest.raises(RequestError) as e:
+            parse_request({"body": body}, 8)
+        assert e.value.code == "bad_request" and "'instances' list" in e.value.message

@@ -326,6 +326,17 @@ def test_client_rejects_an_answer_of_the_wrong_length(tmp_path):
             c.predict(photo_bytes(tmp_path, 3))
 
 
+def test_a_server_breaking_the_contract_fails_the_run_with_status_failed(tmp_path):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 3)
+    with FakeInferenceServer(wrong_length=True) as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "w", "--retries", "0"))
+    meta = json.loads((tmp_path / "out" / "run_w" / "run_metadata.json").read_text())
+    assert code == meta["exit_code"] == 1 and meta["status"] == "failed"  # EXIT_INTERNAL: not ours to retry blindly
+    assert "2 predictions for 3 photos" in meta["error"] and not (tmp_path / "out" / "run_w" / "_SUCCESS").exists()
+    assert sorted(p.name for p in inbox.iterdir()) == [f"item_{i:05d}.png" for i in range(3)]  # nothing lost
+
+
 def test_client_rereads_a_rotated_token_on_401(tmp_path):
     token = tmp_path / "token"
     token.write_text("old\n")

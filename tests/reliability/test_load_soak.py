@@ -46,20 +46,34 @@ def test_soak_mixed_requests(torchserve, fmnist_png, capsys):
                 counts["photos"] += n
                 counts[f"{resp.status_code // 100}xx"] = counts.get(f"{resp.status_code // 100}xx", 0) + 1
 
+    samples: list[tuple[float, float]] = []  # (seconds since start, worker RSS in MB), every tenth of the soak
+
+    def sample():
+        while time.monotonic() < stop_at:
+            samples.append((round(time.monotonic() - t0, 1), round(rss_mb(workers_before[0]), 1)))
+            time.sleep(SOAK_SECONDS / 10)
+
     t0 = time.monotonic()
-    with ThreadPoolExecutor(32) as pool:
-        for f in [pool.submit(client, s) for s in range(32)]:
+    with ThreadPoolExecutor(33) as pool:
+        futures = [pool.submit(client, s) for s in range(32)] + [pool.submit(sample)]
+        for f in futures:
             f.result()
     elapsed = time.monotonic() - t0
+    # "flat": after the first tenth (warm-up: buffers and caches fill), the worker grows by less than
+    # 64 MB over the rest of the soak
+    settled = [mb for t, mb in samples if t >= SOAK_SECONDS / 10]
+    growth = (max(settled) - settled[0]) if settled else 0.0
     workers_after = torchserve.worker_pids()
     mem_after = {"frontend": rss_mb(frontend), "worker": rss_mb(workers_after[0])}
     report = {"seconds": round(elapsed, 1), **counts, "requests_per_s": round(counts["requests"] / elapsed, 1),
               "photos_per_s": round(counts["photos"] / elapsed, 1),
               "rss_mb_before": {k: round(v) for k, v in mem_before.items()},
-              "rss_mb_after": {k: round(v) for k, v in mem_after.items()}}
+              "rss_mb_after": {k: round(v) for k, v in mem_after.items()},
+              "worker_rss_mb_samples": samples, "worker_growth_after_warmup_mb": round(growth, 1)}
     with capsys.disabled():
         print("\nsoak:", json.dumps(report))
     assert counts["5xx"] == 0 and counts["4xx"] == 0
     assert counts["requests"] > 100
     assert workers_after == workers_before  # no worker restarted
     assert mem_after["worker"] < mem_before["worker"] + 300 and mem_after["frontend"] < mem_before["frontend"] + 600
+    assert len(samples) >= 5 and growth < 64
