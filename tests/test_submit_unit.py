@@ -865,3 +865,58 @@ def test_binomial_sf_at_its_edges():
     assert drift.binomial_sf(2, 5, 0.0) == 0.0 and drift.binomial_sf(2, 5, 1.0) == 1.0
     for k, n, p in ((3, 40, 0.02), (12, 100, 0.05), (1, 1, 0.5)):
         assert drift.binomial_sf(k, n, p) == pytest.approx(float(binom.sf(k - 1, n, p)), rel=1e-9)
+
+
+def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
+    """docs/submitter.md's prediction record, field by field, against what was sent and answered."""
+    import hashlib
+    from datetime import datetime
+
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 5)
+    with FakeInferenceServer(delay_s=0.05) as s:
+        assert main(args(inbox, tmp_path / "out", s.url, "--run-id", "f", "--batch-size", "2", "--concurrency", "1",
+                         "--after", "keep", "--shard-count", "1")) == 0
+        expected = {p.name: s.predict(p.read_bytes()) for p in photos}
+    recs = read_jsonl(tmp_path / "out" / "run_f" / "predictions.jsonl")
+    assert sorted(r["path"] for r in recs) == sorted(expected)
+    for r in recs:
+        data = (inbox / r["path"]).read_bytes()
+        assert (r["sha256"], r["size"]) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert {k: r[k] for k in expected[r["path"]]} == expected[r["path"]]
+        assert (r["run_id"], r["shard"], r["shard_count"], r["attempts"]) == ("f", 0, 1, 1)
+        assert datetime.fromisoformat(r["timestamp"]).utcoffset().total_seconds() == 0
+        assert 50 <= r["request_ms"] < 5000 and r["request_ms"] == round(r["request_ms"], 2)
+        assert set(r) == {*expected[r["path"]], "path", "sha256", "size", "run_id", "shard", "shard_count",
+                          "timestamp", "batch", "request_ms", "attempts"}
+    # batches of 2, 2 and 1, numbered <invocation>-<sequence>
+    assert sorted(r["batch"] for r in recs) == ["1-1", "1-1", "1-2", "1-2", "1-3"]
+
+
+@pytest.mark.parametrize("content, kept", [
+    (b"", b""), (b"x", b""), (b"\n", b"\n"), (b"\nabc", b"\n"), (b'{"a":1}\n{"b":', b'{"a":1}\n'),
+    (b"\n" + b"x" * 65536, b"\n"),                       # the newline is alone in the second 64 KiB window
+    (b"r\n" * 40000 + b"y" * 70000, b"r\n" * 40000),      # a torn tail longer than one window
+])
+def test_a_torn_tail_is_cut_after_the_last_newline_whatever_its_length(tmp_path, content, kept):
+    from returns_submit.journal import _truncate_torn_tail
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_bytes(content)
+    _truncate_torn_tail(path)
+    assert path.read_bytes() == kept
+
+
+def test_latest_moves_only_to_a_run_started_no_earlier(tmp_path):
+    from returns_submit.outputs import update_latest
+
+    for name, started in (("run_b", "2026-01-02T00:00:00"), ("run_c", "2026-01-03T00:00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_metadata.json").write_text(json.dumps({"started_at": started}))
+    assert update_latest(tmp_path, "run_b", "2026-01-02T00:00:00") is True
+    assert update_latest(tmp_path, "run_a", "2026-01-01T00:00:00") is False
+    assert (tmp_path / "LATEST").read_text() == "run_b\n"
+    assert update_latest(tmp_path, "run_x", "2026-01-02T00:00:00") is True  # a tie goes to the newer call
+    assert (tmp_path / "LATEST").read_text() == "run_x\n"
+    assert update_latest(tmp_path, "run_c", "2026-01-03T00:00:00") is True
+    assert (tmp_path / "LATEST").read_text() == "run_c\n"
