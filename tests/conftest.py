@@ -24,6 +24,31 @@ except ImportError:  # the predictor's tests then fail with their own import err
     pass
 finally:
     sys.argv = _argv
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Under mutmut's stats run only: collect the functions a test reached in the submitter
+    subprocesses it started (tests/mutmut_bridge.py) and count them as reached by the test."""
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        yield
+        return
+    import tempfile
+
+    fd, hits = tempfile.mkstemp(prefix="mutmut-hits-")
+    os.close(fd)
+    os.environ["RETURNS_MUTMUT_HITS"] = hits
+    try:
+        yield
+    finally:
+        del os.environ["RETURNS_MUTMUT_HITS"]
+        names = set(Path(hits).read_text().split())
+        os.unlink(hits)
+        from mutmut.state import state
+
+        state()._stats.update(names)
+
+
 # The committed release model; RETURNS_TEST_MODEL_DIR points tests at another trained model folder.
 RELEASE_MODEL = Path(os.environ.get("RETURNS_TEST_MODEL_DIR", REPO / "models" / "release"))
 
