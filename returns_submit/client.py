@@ -104,7 +104,7 @@ class InferenceClient:
             except requests.RequestException as e:
                 last = e
             if self.should_stop() or time.monotonic() >= end:
-                raise ServerUnreachable(f"no answer from {self.ping_url} within {deadline_s:.0f} s: {last}")
+                raise ServerUnreachable(f"no answer from {self.ping_url} within {deadline_s:g} s: {last}")
             pause = min(self.delay(attempt), max(0.0, end - time.monotonic()))
             log.info("server not reachable yet, retrying in %.1f s: %s", pause, last)
             time.sleep(max(pause, 0.05))

@@ -3,6 +3,7 @@ per module.
 
     python -m scripts.mutation                      # every module in pyproject's [tool.mutmut] only_mutate
     python -m scripts.mutation returns_submit/drift.py returns_model/manifest.py
+    python -m scripts.mutation --report-only        # the table from the verdicts already in mutants/
 
 mutmut (pinned in requirements.txt) copies the tree to mutants/, records which unit tests reach each
 function (the selection in [tool.mutmut]), and runs only those tests against each mutant of it. The
@@ -15,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -70,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("modules", nargs="*", help="source files (default: [tool.mutmut] only_mutate)")
     p.add_argument("--max-children", type=int, default=2, help="parallel mutants (default: %(default)s)")
     p.add_argument("--report", type=Path, default=REPO / "mutants" / "kill_rates.json")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the verdicts mutmut already holds in mutants/")
     args = p.parse_args(argv)
     modules = args.modules or configured_modules()
     names = [f"{module_of(m)}.*" for m in modules]
-    r = subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children), *names], cwd=REPO)
-    if r.returncode != 0:
-        print(f"mutmut run failed with exit code {r.returncode}", file=sys.stderr)
-        return r.returncode
+    started = time.monotonic()
+    if not args.report_only:
+        r = subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children), *names], cwd=REPO)
+        if r.returncode != 0:
+            print(f"mutmut run failed with exit code {r.returncode}", file=sys.stderr)
+            return r.returncode
     table = report(modules, statuses())
     args.report.parent.mkdir(exist_ok=True)
     args.report.write_text(json.dumps(table, indent=2) + "\n")
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = f"{t['kill_rate']:.1%}" if t["kill_rate"] is not None else "-"
         print(f"{mod:34} {t['mutants']:>8} {t['killed']:>7} {rate:>7}")
     print(f"{'all':34} {total:>8} {killed:>7} {killed / total if total else 0:>7.1%}")
+    if not args.report_only:
+        print(f"wall time: {(time.monotonic() - started) / 60:.1f} min")
     print(f"survivors per module: {args.report}")
     return 0
 
