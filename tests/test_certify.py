@@ -111,7 +111,7 @@ def test_the_default_grid():
     (0.99, 0.0, "delta must be in (0, 1), got 0.0"),
     (0.99, 1.0, "delta must be in (0, 1), got 1.0"),
     (0.99, 1.5, "delta must be in (0, 1), got 1.5"),
-])
+], ids=["target-0", "target-1", "delta-0", "delta-1", "delta-1.5"])
 def test_certify_refuses_impossible_targets_by_name(target, delta, message):
     with pytest.raises(ValueError) as e:
         certify_threshold(torch.rand(10), torch.ones(10, dtype=torch.bool), target, delta)

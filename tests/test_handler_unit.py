@@ -175,7 +175,7 @@ def test_cpu_backend_is_a_model_config_knob(handler, release_model_dir):
 @pytest.mark.parametrize("cpu_max, expected", [
     ("max 100000\n", 8), ("250000 100000\n", 2), ("150000 100000", 1), ("50000 100000", 1),
     ("1600000 100000", 8), ("", 8), ("garbage", 8), (None, 8),
-])
+], ids=["no-quota", "2.5-cpus", "1.5-cpus", "half-a-cpu", "16-cpus", "empty", "garbage", "no-file"])
 def test_available_cpus_is_the_quota_rounded_down_within_the_affinity_mask(tmp_path, monkeypatch, cpu_max, expected):
     monkeypatch.setattr(core.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     path = tmp_path / "cpu.max"
@@ -340,7 +340,8 @@ def test_a_data_url_is_read_after_its_first_comma_and_only_a_data_url_is():
     assert [g[0] for g in got[1:]] == ["bad_base64"] * 3  # commas are no base64; "data:" without one is no URL
 
 
-@pytest.mark.parametrize("body", [b'  \n\t{"instances": ["aGk="]}', b'\n["aGk="]', b"[1, 2]"])
+@pytest.mark.parametrize("body", [b'  \n\t{"instances": ["aGk="]}', b'\n["aGk="]', b"[1, 2]"],
+                         ids=["object-after-whitespace", "list-after-newline", "list"])
 def test_a_body_that_starts_like_json_after_whitespace_is_parsed_as_json(body):
     if body.lstrip().startswith(b"{"):
         assert parse_request({"body": body}, 8).photos == [b"hi"]

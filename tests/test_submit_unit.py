@@ -142,7 +142,7 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     (b"caf\xe9 \n", "caf\ufffd"),
     (b"", "an unknown process"),
     (b'{"pid": 7}', '{"pid": 7}'),
-])
+], ids=["json-holder", "text", "not-utf8", "empty", "json-without-host"])
 def test_a_refused_lock_names_its_holder_exactly(tmp_path, content, who):
     """The holder's JSON becomes 'pid P on host H, run R'; anything else is quoted as text (bytes
     that are not UTF-8 replaced), and an empty lock file is 'an unknown process'."""
