@@ -349,3 +349,27 @@ def test_a_body_that_starts_like_json_after_whitespace_is_parsed_as_json(body):
         with pytest.raises(RequestError) as e:
             parse_request({"body": body}, 8)
         assert e.value.code == "bad_request" and "'instances' list" in e.value.message
+
+
+@pytest.mark.parametrize("row, code, message", [
+    ({"body": {"foo": 1}}, "bad_request", "a JSON request must be an object with an 'instances' list"),
+    ({"body": {"instances": "x"}}, "bad_request", "'instances' must be a list, got str"),
+    ({"body": {"instances": []}}, "bad_request", "'instances' is empty"),
+    ({}, "bad_request", "the request has no body"),
+    ({"a": b"x", "b": b"y"}, "bad_request",
+     "a multipart form must carry exactly one image, got 2 fields; several photos go in JSON instances"),
+    ({"body": 12}, "bad_request", "unsupported request body of type int"),
+], ids=["no-instances", "instances-not-a-list", "instances-empty", "no-body", "two-files", "a-number"])
+def test_a_malformed_request_is_refused_with_its_code_and_message(row, code, message):
+    with pytest.raises(RequestError) as e:
+        parse_request(row, 8)
+    assert (e.value.code, e.value.message) == (code, message)
+
+
+def test_the_body_is_taken_from_body_then_data_and_a_raw_photo_is_a_single_answer():
+    assert parse_request({"data": b"\x89PNG photo", "other": b"x"}, 8).photos == [b"\x89PNG photo"]
+    raw = parse_request({"body": bytearray(b"\x89PNG photo")}, 8)
+    assert raw.photos == [b"\x89PNG photo"] and raw.batch is False
+    assert parse_request({"body": {"instances": ["aGk="]}}, 8).batch is True
+    bare = parse_request({"body": {"instances": ["aGk=", "aGk=", "aGk=", "@@"]}}, 8).photos[3]
+    assert bare.code == "bad_base64" and bare.message.startswith("instance 3: not valid base64")
