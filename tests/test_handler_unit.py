@@ -194,7 +194,7 @@ def test_available_cpus_without_an_affinity_mask(tmp_path, monkeypatch, cpu_coun
 
 def test_batch_stats_time_decoding_and_the_forward_pass_in_milliseconds(classifier, fmnist_png, monkeypatch):
     """A clock that ticks 0.25 s per reading: decoding and the forward pass each take one tick."""
-    ticks = iter(i * 0.25 for i in range(100))
+    ticks = iter(100.0 + i * 0.25 for i in range(100))
     monkeypatch.setattr(core.time, "perf_counter", lambda: next(ticks))
     stats = BatchStats()
     results = classifier.classify([fmnist_png(0), b"not a photo", fmnist_png(1)], stats)
@@ -281,11 +281,20 @@ def test_bucket_sizes():
     assert [bucket(n) for n in (1, 2, 3, 8, 9, 15, 16, 17, 32, 33)] == [1, 2, 4, 8, 16, 16, 16, 32, 32, 48]
 
 
-def test_the_classifier_uses_every_available_cpu_and_channels_last(release_model_dir):
-    c = Classifier(release_model_dir, warmup=False)
-    assert torch.get_num_threads() == available_cpus()
-    conv = next(m for m in c.model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+def test_the_classifier_uses_every_available_cpu_and_channels_last(release_model_dir, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(core, "available_cpus", lambda: 3)
+    try:
+        torch.set_num_threads(1)
+        c = Classifier(release_model_dir, warmup=False)
+        assert torch.get_num_threads() == 3
+        Classifier(release_model_dir, warmup=False, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    conv = next(m for m in c.model.modules() if isinstance(m, torch.nn.Conv2d)
+                and m.weight.shape[1] > 1 and m.weight.shape[2] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     from returns_model.manifest import content_digest, tree_hashes
 
     assert c.model_sha256 == content_digest(tree_hashes(release_model_dir)) and len(c.model_sha256) == 64
