@@ -482,12 +482,17 @@ def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path
     assert "500" in rej["message"] and "Worker died" in rej["message"] and rej["source"] == "server"
     assert rej["request_ms"] == 0.0 and rej["attempts"] == 2
     # each split is logged as a warning with the size split and the error; sizes halve down to 2 or 3
-    splits = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+    err = capsys.readouterr().err
+    splits = [json.loads(line) for line in err.splitlines()
               if line.startswith("{") and '"splitting a failing batch"' in line]
     sizes = [e["size"] for e in splits]
     assert sizes[0] == 9 and sizes[-1] in (2, 3) and all(b in (a // 2, a - a // 2) for a, b in zip(sizes, sizes[1:]))
     assert all(e["level"] == "warning" and e["msg"] == "splitting a failing batch" and "Worker died" in e["error"]
                for e in splits)
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    rejected = [e for e in events if e.get("event") == "rejected"]
+    assert [(e["msg"], e["level"], e["path"], e["code"]) for e in rejected] == \
+        [("rejected", "warning", "poison.png", "server_error")] and "Worker died" in rejected[0]["reason"]
 
 
 @pytest.mark.parametrize("fail_after", [0, 3])
@@ -891,6 +896,26 @@ def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
                           "timestamp", "batch", "request_ms", "attempts"}
     # batches of 2, 2 and 1, numbered <invocation>-<sequence>
     assert sorted(r["batch"] for r in recs) == ["1-1", "1-1", "1-2", "1-2", "1-3"]
+    # the CSV says what the records say, column by column
+    by_path = {r["path"]: r for r in recs}
+    for row in read_csv(tmp_path / "out" / "run_f" / "predictions.csv"):
+        r = by_path[row["path"]]
+        for col in ("sha256", "label", "class_id", "confidence", "unfamiliar_score", "model_name", "model_version",
+                    "model_sha256", "shard", "timestamp"):
+            assert row[col] == str(r[col]), col
+        assert row["needs_review"] == str(r["needs_review"]).lower() and row["review_reason"] == "+".join(
+            r["review_reason"])
+    meta = json.loads((tmp_path / "out" / "run_f" / "run_metadata.json").read_text())
+    assert set(meta["throughput"]) == {"this_invocation_photos", "this_invocation_seconds", "images_per_second"}
+    assert meta["throughput"]["this_invocation_photos"] == 5 and meta["throughput"]["this_invocation_seconds"] > 0
+
+
+def test_the_margin_between_the_top_two_classes():
+    from returns_submit.outputs import top2_margin
+
+    assert top2_margin({"top_k": [{"probability": 0.6}, {"probability": 0.2345678}]}) == 0.365432
+    assert top2_margin({"top_k": [{"probability": 0.3}, {"probability": 0.55}]}) == 0.25  # sorted first
+    assert top2_margin({"top_k": [{"probability": 0.9}]}) == 0.9 and top2_margin({"confidence": 0.7}) == 0.7
 
 
 @pytest.mark.parametrize("content, kept", [
