@@ -387,3 +387,31 @@ def test_finalising_waits_for_the_run_folders_lock(tmp_path, server):
     t.join(30)
     assert result == [True] and json.loads((run / "run_metadata.json").read_text())["counts"] == \
         json.loads(meta_before)["counts"]
+
+
+# ---- the drift section's edges --------------------------------------------------------------------
+
+def test_without_a_reference_the_drift_section_says_so(tmp_path, server):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 5)
+    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "n")) == 0
+    meta = metadata(tmp_path / "out", "n")
+    assert {k: meta["drift"][k] for k in ("available", "drift", "reason")} == {
+        "available": False, "drift": None, "reason": "no --reference given (artifact_manifest.json or model.json)"}
+    assert meta["model"]["name"] == "returns-classifier" and meta["model"]["version"] == "1.0"
+
+
+def test_a_reference_without_a_confidence_histogram_and_classes_it_never_saw(tmp_path, server):
+    """An older reference (no histogram) still judges the class mix; classes the reference does not
+    know are counted, not dropped."""
+    doc = fake_reference(class_names=CLASSES[:8])
+    del doc["reference"]["confidence_histogram"]
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(doc))
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 60)
+    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "o", "--reference", str(ref))) in (0, 8)
+    meta = metadata(tmp_path / "out", "o")
+    recs = read_jsonl(tmp_path / "out" / "run_o" / "predictions.jsonl")
+    unknown = sum(r["class_id"] >= 8 for r in recs)
+    assert unknown > 0 and meta["drift"]["signals"]["class_mix"]["unknown_class_ids"] == unknown
