@@ -2,8 +2,8 @@
 PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
-# mutants per module `make mutation` draws (seeded); 0 tests every mutant (hours on 2 cores: see docs/testing.md)
-MUTATION_SAMPLE ?= 100
+# mutants per module `make mutation` draws (seeded; about 40 minutes on 2 cores); 0 tests every mutant (hours)
+MUTATION_SAMPLE ?= 30
 
 .PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench k8s clean
 
@@ -28,7 +28,7 @@ demo: archive  ## the nightly job end to end on this machine
 demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, gate, promote (build/feedback)
 	$(PY) -m scripts.demo_feedback --release $(MODEL_DIR) --workdir build/feedback
 
-test: setup  ## the whole suite (6 to 9 minutes on 2 idle cores)
+test: setup  ## the whole suite (about 11 minutes on 2 cores)
 	$(PY) -m pytest
 
 test-fast: setup  ## unit tests only
