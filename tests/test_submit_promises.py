@@ -415,3 +415,15 @@ def test_a_reference_without_a_confidence_histogram_and_classes_it_never_saw(tmp
     recs = read_jsonl(tmp_path / "out" / "run_o" / "predictions.jsonl")
     unknown = sum(r["class_id"] >= 8 for r in recs)
     assert unknown > 0 and meta["drift"]["signals"]["class_mix"]["unknown_class_ids"] == unknown
+
+
+def test_a_night_too_small_to_judge_is_neither_off_nor_calm_and_the_start_is_logged(tmp_path, server, capsys):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(fake_reference()))
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 5)
+    assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "t", "--reference", str(ref))) == 0
+    assert metadata(tmp_path / "out", "t")["drift"]["drift"] is None  # 5 photos: no signal can decide
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    (start,) = [e for e in events if e.get("event") == "start"]
+    assert (start["msg"], start["run_id"], start["shard"], start["shard_count"]) == ("start", "t", 0, 1)
