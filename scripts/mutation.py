@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,14 +15,15 @@ pixels are the dataset's own bytes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from returns_model.fileio import write_bytes
 from returns_model.network import ArchConfig, build_model
 
 
@@ -99,10 +100,9 @@ class Oracle:
                 pass
         probs, scores = self.answers(images)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"probs": probs, **({"scores": scores} if scores is not None else {})}, f)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        torch.save({"probs": probs, **({"scores": scores} if scores is not None else {})}, buf)
+        write_bytes(path, buf.getvalue())  # atomic: a forked run never reads half a cache file
         return probs, scores
 
     def _score(self, tapped: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -294,7 +294,7 @@ def test_the_merged_run_says_what_one_unsharded_run_says(tmp_path, server, refer
     queue = read_jsonl(s / "review_queue.jsonl")
     assert [q["sha256"] for q in queue] == [q["sha256"] for q in read_jsonl(u / "review_queue.jsonl")]
     assert [q["priority"] for q in queue] == list(range(1, len(queue) + 1))
-    mu, ms = (json.loads((d / "run_metadata.json").read_text()) for d in (u, s))
+    mu, ms = metadata(one, "u"), metadata(two, "s")
     per_invocation = {"other_shards", "resumed_skipped"}
     assert ms["counts"] == {k: v for k, v in mu["counts"].items() if k not in per_invocation}
     for key in ("model", "error_rate", "average_confidence", "low_confidence_rate", "unfamiliar_rate",
@@ -334,7 +334,7 @@ def test_the_merged_status_follows_the_error_rate_limit(tmp_path, server, limit,
     """2 of 40 photos rejected: an error rate of exactly 0.05, which a limit of 0.05 allows."""
     inbox = inbox_with_rejects(tmp_path, 38)
     run_sharded(inbox, tmp_path / "out", server.url, "--max-error-rate", limit)
-    meta = json.loads((tmp_path / "out" / "run_s" / "run_metadata.json").read_text())
+    meta = metadata(tmp_path / "out", "s")
     assert meta["error_rate"] == 0.05 and meta["status"] == status
 
 
@@ -347,12 +347,12 @@ def test_a_failed_drifting_night_is_merged_but_not_published(tmp_path, reference
     with FakeInferenceServer(unfamiliar_share=0.3) as odd:
         assert run_sharded(inbox, out, odd.url, "--reference", str(reference), "--on-drift", "record") == [8, 8]
     run = out / "run_s"
-    assert json.loads((run / "run_metadata.json").read_text())["status"] == "complete"
+    assert metadata(out, "s")["status"] == "complete"
     for name in (run / "run_metadata.json", run / "_SUCCESS", out / "LATEST"):
         name.unlink()
     assert outputs.finalize_shards(out, run, "s", 2, 1.0, 0.01, "fail", {"shard_count": 2},
                                    read_reference(reference)) is True
-    meta = json.loads((run / "run_metadata.json").read_text())
+    meta = metadata(out, "s")
     assert meta["status"] == "failed_drift" and meta["drift"]["action"] == "failed" and meta["night_off"] is True
     assert not (run / "_SUCCESS").exists() and not (out / "LATEST").exists()
 
@@ -385,7 +385,7 @@ def test_finalising_waits_for_the_run_folders_lock(tmp_path, server):
     finally:
         os.close(fd)
     t.join(30)
-    assert result == [True] and json.loads((run / "run_metadata.json").read_text())["counts"] == \
+    assert result == [True] and metadata(out, "s")["counts"] == \
         json.loads(meta_before)["counts"]
 
 
