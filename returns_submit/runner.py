@@ -152,8 +152,8 @@ class Runner:
 
     def _entries(self, done) -> Iterator[Entry]:
         cfg = self.cfg
-        exclude = (self.output, self.archive_root, self.output / "quarantine")
-        for entry in walk(self.inbox, self.skipped, exclude=exclude):
+        # the output folder holds the quarantine too: a walk never enters it, nor the archive
+        for entry in walk(self.inbox, self.skipped, exclude=(self.output, self.archive_root)):
             if cfg.shard_count > 1 and shard_of(entry.rel, cfg.shard_count) != cfg.shard_index:
                 self.invocation["other_shards"] += 1
             elif entry.rel in done:

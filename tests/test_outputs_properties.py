@@ -59,6 +59,18 @@ def test_csv_quotes_commas_quotes_and_new_lines_in_names(tmp_path):
     assert [r["path"] for r in review] == names[::2]  # the JSONL keeps the true names
 
 
+def test_a_label_that_is_not_valid_unicode_is_escaped_in_the_csv_not_fatal(tmp_path):
+    # A server may answer a label with a lone surrogate ("\\ud800" is valid JSON); the journal keeps
+    # it exactly, and the CSV, which must be UTF-8, writes it escaped instead of failing the night.
+    odd = {**record("a.png"), "label": "Bag\ud800"}
+    j = write_journal(tmp_path, [odd, record("b.png", 1)])
+    assert derive(tmp_path, [j.predictions_path], [j.rejected_path], None, 0.01, "record").summary.classified == 2
+    assert [r["label"] for r in read_records(j.predictions_path)] == ["Bag\ud800", "Bag"]
+    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
+        labels = [row[2] for row in csv.reader(f)][1:]
+    assert labels == ["Bag\\ud800", "Bag"]
+
+
 @SETTINGS
 @given(st.lists(file_names, min_size=1, max_size=8, unique=True))
 def test_any_file_name_round_trips_through_csv_and_jsonl(names):
