@@ -33,9 +33,10 @@ class SubmitConfig:
     endpoint: str = "http://127.0.0.1:8080"
     api: str = "predictions"  # or "v1" (KServe), "v2" (Open Inference Protocol, returns-kserve)
     model: str = MODEL_NAME
-    # Photos per request and requests in flight: 32 x 4 was the fastest point of the bench's sweep (TorchServe
-    # batch 4 merges the 4 requests into one worker call). Keep under the handler's max instances per request.
-    batch_size: int = 32
+    # Photos per request and requests in flight: 128 x 4 was the fastest point of the bench's sweep on a quiet
+    # host (TorchServe batch 1; each request costs the frontend and the worker a fixed overhead, so fewer,
+    # fuller requests win). Keep under the handler's max instances per request.
+    batch_size: int = 128
     concurrency: int = 4
     timeout: float = 60.0  # seconds per HTTP request
     retries: int = 8  # retries per request after the first attempt

@@ -39,6 +39,7 @@ from handler.core import Classifier, available_cpus
 from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
 from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
+from returns_submit.config import SubmitConfig
 from training.archive import build_archive
 from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
 from returns_model.fileio import write_bytes, write_json
@@ -88,16 +89,16 @@ class BenchConfig:
     model_root: str = "dist/model"
     model_dir: str = "models/release"  # for rebuilding the archive with other TorchServe batch settings
     n: int = 10000  # photos in the served / raw runs
-    batch_size: int = 32  # photos per request sent by returns-submit (its default)
-    concurrency: int = 4  # requests in flight from returns-submit
+    batch_size: int = SubmitConfig.batch_size  # photos per request sent by returns-submit (its default)
+    concurrency: int = SubmitConfig.concurrency  # requests in flight from returns-submit
     raw_n: int = 2000  # photos per raw run (each of 4 raw figures x runs; the eager path is slow on a busy host)
     naive_n: int = 2000
     naive_concurrency: int = 4
     latency_n: int = 300
     sweep_n: int = 2000
     sweep: bool = True
-    sweep_ts_batches: tuple[int, ...] = (1, 4, 8)
-    sweep_per_request: tuple[int, ...] = (32, 64, 128)
+    sweep_ts_batches: tuple[int, ...] = (1, 4)
+    sweep_per_request: tuple[int, ...] = (64, 128, 256)
     runs: int = 3  # repeats of every figure: median, min, max
     output: str = "bench/results.json"
 

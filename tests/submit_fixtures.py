@@ -18,6 +18,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from returns_model.names import MAX_INSTANCES
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -65,7 +67,7 @@ class FakeInferenceServer:
     fail_after (every request after the first n fails 500: a server gone bad)."""
 
     def __init__(self, model: str = "returns-classifier", *, fail_first=(), delay_s: float = 0.0,
-                 max_instances: int = 64, token: str | None = None, poison: bytes | None = None,
+                 max_instances: int = MAX_INSTANCES, token: str | None = None, poison: bytes | None = None,
                  wrong_length: bool = False, fail_after: int | None = None, unfamiliar_share: float = 0.02):
         self.model = model
         self.unfamiliar_share = unfamiliar_share  # share of photos the fake gate flags
