@@ -326,7 +326,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         extracted = tmp / "extracted"
         with zipfile.ZipFile(model_root / MODEL_STORE / MAR_FILE) as z:
             z.extractall(extracted)
-        forward_batch = cfg.batch_size * cfg.concurrency  # the largest forward the served path runs
+        # the largest forward the served path runs: TorchServe merges up to batch_size requests into one call
+        forward_batch = cfg.batch_size * min(serve_cfg["batch_size"], cfg.concurrency)
         raw = raw_rates(extracted, pngs[:cfg.raw_n], forward_batch, threads, cfg.runs)
         wire = wire_costs(pngs, cfg.batch_size, cfg.runs)
         torch.set_num_threads(available_cpus())
