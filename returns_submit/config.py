@@ -33,10 +33,11 @@ class SubmitConfig:
     endpoint: str = "http://127.0.0.1:8080"
     api: str = "predictions"  # or "v1" (KServe), "v2" (Open Inference Protocol, returns-kserve)
     model: str = MODEL_NAME
-    # Photos per request and requests in flight: 128 x 4 was the fastest point of the bench's sweep on a quiet
-    # host (TorchServe batch 1; each request costs the frontend and the worker a fixed overhead, so fewer,
-    # fuller requests win). Keep under the handler's max instances per request.
-    batch_size: int = 128
+    # Photos per request and requests in flight: 256 (the handler's MAX_INSTANCES) x 4 was the fastest point
+    # of two bench sweeps on a quiet host, ahead of 64 and 128 (TorchServe batch 1; each request costs the
+    # frontend and the worker a fixed overhead, so fewer, fuller requests win). --max-request-bytes still
+    # splits a batch of large photos.
+    batch_size: int = MAX_INSTANCES
     concurrency: int = 4
     timeout: float = 60.0  # seconds per HTTP request
     retries: int = 8  # retries per request after the first attempt
