@@ -18,9 +18,10 @@ from returns_model.names import MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, MODEL
 class ServeConfig:
     """Serving knobs: written to the .mar's model-config.yaml and the server's config.properties."""
 
-    # Requests TorchServe groups into one handler call. Measured with the ONNX path on a quiet 2-core host
-    # (make bench's sweep, 3 runs of 2,000 photos per point, returns-submit 4 in flight): batch 1 beat 4 and 8
-    # at 64 and 128 photos per request and tied at 32; each request already fills the handler's passes of 32.
+    # Requests TorchServe groups into one handler call. One request of returns-submit's 256 photos already
+    # fills the handler's passes of 32, so merging requests gains little: on a quiet 2-core host (make bench's
+    # sweep, 3 runs of 2,000 photos per point) batch 1 beat 4 and 8 at 64 and 128 photos per request, and
+    # later sweeps put batch 1 and 4 within one point's spread (README, Performance).
     batch_size: int = 1
     max_batch_delay_ms: int = 5  # how long a lone request waits for company (batch sizes above 1)
     workers: int = 1
