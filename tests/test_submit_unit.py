@@ -115,6 +115,7 @@ def test_journal_cuts_a_torn_last_line_and_knows_what_is_done(tmp_path):
     j.open()
     j.append([{"path": "a.png"}, {"path": "b.png"}], [{"path": "c.png", "code": "empty"}])
     j.close()
+    j.close()  # a second close (an error path after the normal one) is harmless
     with open(j.predictions_path, "ab") as f:
         f.write(b'{"path": "d.pn')  # killed mid-line
     done = Journal(tmp_path, 0, 1).open()
@@ -791,6 +792,18 @@ def _night(tmp_path, share: float, *extra: str, reference: dict | None = None):
     return code, run, json.loads((run / "run_metadata.json").read_text()), out
 
 
+def test_the_run_says_who_ran_it_and_the_done_event_carries_the_exit_code(tmp_path, capsys):
+    code, run, meta, _ = _night(tmp_path, 0.02)
+    inv = meta["invocation"]
+    assert code == 0 and (inv["pid"], inv["host"], inv["processed"]) == (os.getpid(), socket.gethostname(), 300)
+    assert inv["started_at"] <= inv["ended_at"] == meta["ended_at"]
+    flagged = sum("unfamiliar" in r["review_reason"] for r in read_jsonl(run / "predictions.jsonl"))
+    assert meta["counts"]["unfamiliar"] == flagged > 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("event") == "done"]
+    assert len(done) == 1 and (done[0]["exit_code"], done[0]["status"], done[0]["classified"]) == (0, "complete", 300)
+
+
 def test_an_ordinary_night_is_not_off_and_counts_each_review_reason(tmp_path):
     code, run, meta, out = _night(tmp_path, 0.02)
     assert code == 0 and meta["night_off"] is False and meta["drift"]["drift"] is False
@@ -891,7 +904,8 @@ def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
         assert {k: r[k] for k in expected[r["path"]]} == expected[r["path"]]
         assert (r["run_id"], r["shard"], r["shard_count"], r["attempts"]) == ("f", 0, 1, 1)
         assert datetime.fromisoformat(r["timestamp"]).utcoffset().total_seconds() == 0
-        assert 50 <= r["request_ms"] < 5000 and r["request_ms"] == round(r["request_ms"], 2)
+        assert isinstance(r["request_ms"], float) and 50 <= r["request_ms"] < 5000
+        assert r["request_ms"] == round(r["request_ms"], 2)
         assert set(r) == {*expected[r["path"]], "path", "sha256", "size", "run_id", "shard", "shard_count",
                           "timestamp", "batch", "request_ms", "attempts"}
     # batches of 2, 2 and 1, numbered <invocation>-<sequence>
