@@ -2,8 +2,8 @@
 PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
-# mutants per module `make mutation` draws (seeded; about 40 minutes on 2 cores); 0 tests every mutant (hours)
-MUTATION_SAMPLE ?= 30
+# mutants per module `make mutation` draws (seeded; about 20 minutes on 2 cores); 0 tests every mutant (over an hour)
+MUTATION_SAMPLE ?= 100
 
 .PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench k8s clean
 
