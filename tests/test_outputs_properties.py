@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from returns_submit.journal import Journal, read_records
-from returns_submit.outputs import CSV_COLUMNS, derive, printable_path, spreadsheet_safe
+from returns_submit.outputs import CSV_COLUMNS, derive, printable_path, spreadsheet_safe, summarize
 
 # A relative path as os.scandir gives it: any bytes but NUL, decoded with surrogateescape.
 file_names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b).map(os.fsdecode)
@@ -57,6 +58,33 @@ def test_csv_quotes_commas_quotes_and_new_lines_in_names(tmp_path):
     assert csv_paths(tmp_path)[-1] == "caf\\xe9.png"  # not UTF-8 on disk: escaped in the CSV
     review = [json.loads(line) for line in (tmp_path / "review_queue.jsonl").read_text().splitlines()]
     assert [r["path"] for r in review] == names[::2]  # the JSONL keeps the true names
+
+
+def test_the_summary_is_what_the_records_say(tmp_path):
+    # Every count and distribution of run_metadata.json, recomputed here from the records alone.
+    rng = random.Random(5)
+    recs = [{**record(f"p{i}.png", i), "confidence": rng.random(), "attempts": rng.choice([1, 1, 2, 3]),
+             "batch": f"1-{i // 7}", "request_ms": 10.0 + (i // 7) * 3} for i in range(60)]
+    del recs[0]["attempts"]  # a record without the field was sent once
+    recs[1].update(model_version="0.9", model_sha256="cd" * 32)
+    rejected = [{"path": "r1", "code": "not_an_image", "attempts": 2}, {"path": "r2", "code": "not_an_image"},
+                {"path": "r3", "code": "too_large"}]
+    j = write_journal(tmp_path, recs, rejected)
+    ref_edges = [0.0, 0.5, 0.9, 1.0]
+    s = summarize([j.predictions_path], [j.rejected_path], ref_edges)
+    body = s.as_json()
+    assert body["counts"]["retried"] == sum(r.get("attempts", 1) > 1 for r in recs + rejected)
+    assert body["counts"]["rejected_by_code"] == {"not_an_image": 2, "too_large": 1}
+    tenths = [min(int(r["confidence"] * 10), 9) for r in recs]
+    assert body["confidence_histogram"] == {"edges": [i / 10 for i in range(11)],
+                                            "counts": [tenths.count(b) for b in range(10)]}
+    ref_bins = [sum(lo <= r["confidence"] < hi for r in recs) for lo, hi in zip(ref_edges, ref_edges[1:])]
+    assert s.reference_histogram == ref_bins
+    per_batch = sorted({r["batch"]: r["request_ms"] for r in recs}.values())  # one latency per request
+    assert body["latency_ms"] == {"requests": 9, "p50": per_batch[4], "p95": per_batch[8], "p99": per_batch[8]}
+    assert body["model"]["models_seen"] == [
+        {"name": "returns-classifier", "version": "1.0", "sha256": "ab" * 32, "photos": 59},
+        {"name": "returns-classifier", "version": "0.9", "sha256": "cd" * 32, "photos": 1}]
 
 
 def test_a_label_that_is_not_valid_unicode_is_escaped_in_the_csv_not_fatal(tmp_path):
