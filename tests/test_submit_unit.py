@@ -2,6 +2,7 @@
 (tests/submit_fixtures.py); the real TorchServe runs in test_submit_integration.py."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from tests.submit_fixtures import (submit_args,
 from returns_submit import drift
 from returns_submit.client import BatchFailed, InferenceClient
 from returns_submit.inbox import Entry, Photo, Unreadable, read, shard_of, walk
-from returns_submit.journal import DoneSet, Journal, OutputLock, read_records
+from returns_submit.journal import DoneSet, Journal, OutputLock, read_records, shard_file_names
 from returns_submit.mover import complete_move, move, plan, safe_component
 from returns_submit.cli import get_args_parser, main
 from returns_submit.errors import LockHeld, ProtocolError, RequestRejected
@@ -445,11 +446,31 @@ def test_after_move_archives_only_recorded_photos(tmp_path, server):
     out = tmp_path / "out"
     assert main(args(inbox, out, server.url, "--run-id", "m", "--after", "move", "--max-error-rate", "1")) == 0
     preds = read_jsonl(out / "run_m" / "predictions.jsonl")
+    meta = json.loads((out / "run_m" / "run_metadata.json").read_text())
     assert sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file()) == ["readme.txt"]
     for r in preds:
         dest = out / "archive" / r["archived_to"]
         assert dest.exists() and r["archived_to"].split("/")[1] == safe_component(r["label"])
         assert r["archived_to"].endswith(r["path"])
+        assert r["archived_to"].split("/")[0] == meta["started_at"][:10]  # the night's UTC date
+
+
+def test_an_answer_that_is_neither_a_result_nor_an_error_rejects_that_photo_only(tmp_path):
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 5)
+    odd = photos[2].read_bytes()
+
+    class OddAnswers(FakeInferenceServer):
+        def predict(self, data):
+            return ["a list, not a result"] if data == odd else super().predict(data)
+
+    out = tmp_path / "out"
+    with OddAnswers() as s:
+        assert main(args(inbox, out, s.url, "--run-id", "o", "--max-error-rate", "1")) == 0
+    [rej] = read_jsonl(out / "run_o" / "rejected.jsonl")
+    assert (rej["path"], rej["code"], rej["source"]) == (photos[2].name, "bad_response", "server")
+    assert rej["message"] == "unexpected answer: ['a list, not a result']"
+    assert len(read_jsonl(out / "run_o" / "predictions.jsonl")) == 4
 
 
 def test_after_move_finishes_moves_interrupted_by_a_kill(tmp_path, server):
@@ -597,6 +618,24 @@ def test_shards_write_their_own_files_and_the_last_one_completes_the_run(tmp_pat
     meta = json.loads((run / "run_metadata.json").read_text())
     assert meta["counts"]["seen"] == 32 and len(meta["shards"]) == 2
     assert (run / "_SUCCESS").exists() and (out / "LATEST").read_text().strip() == "run_s"
+    # each shard counts the photos it left to the other, and names its own files (not its state)
+    for i, (mine, theirs) in enumerate(((s0, s1), (s1, s0))):
+        shard = json.loads((run / f"run_metadata.shard-{i}-of-2.json").read_text())
+        assert shard["counts"]["other_shards"] == len(theirs) and shard["counts"]["seen"] == len(mine)
+        assert shard["files"] == {k: v for k, v in shard_file_names(i, 2).items() if k != "state"}
+
+
+def test_what_the_walk_left_out_and_what_the_submitter_rejected_are_counted_and_described(tmp_path, server):
+    inbox = make_inbox(tmp_path, 4)
+    write_photos(inbox, 1, names=[".hidden.png"])
+    write_photos(inbox / "day1", 1, start=7, names=[".also_hidden.png"])
+    out = tmp_path / "out"
+    assert main(args(inbox, out, server.url, "--run-id", "w", "--max-error-rate", "1")) == 0
+    meta = json.loads((out / "run_w" / "run_metadata.json").read_text())
+    assert (meta["counts"]["skipped_hidden"], meta["counts"]["skipped_non_image"]) == (2, 1)
+    [empty] = [r for r in read_jsonl(out / "run_w" / "rejected.jsonl") if r["path"] == "empty.jpg"]
+    assert (empty["size"], empty["sha256"], empty["code"]) == (0, None, "empty")  # sha256 only when read
+    assert isinstance(empty["message"], str) and empty["message"]
 
 
 def test_latest_names_the_newest_complete_run(tmp_path, server):
@@ -624,12 +663,14 @@ def test_help_documents_exit_codes_and_env_vars():
 
 # ---- signals (subprocess) --------------------------------------------------------------------
 
-def test_sigterm_finishes_the_batch_in_flight_and_exits_7(tmp_path):
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_sigterm_finishes_the_batch_in_flight_and_exits_7(tmp_path, concurrency):
     inbox = tmp_path / "inbox"
     write_photos(inbox, 40)
     out = tmp_path / "out"
     with FakeInferenceServer(delay_s=0.15) as s:
-        cmd = submit_cmd(*args(inbox, out, s.url, "--run-id", "t", "--batch-size", "2", "--concurrency", "1"))
+        cmd = submit_cmd(*args(inbox, out, s.url, "--run-id", "t", "--batch-size", "2",
+                               "--concurrency", str(concurrency)))
         proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while s.requests < 3 and time.monotonic() < deadline:
