@@ -123,6 +123,8 @@ def test_review_queue_is_in_teaching_order_with_a_priority(tmp_path):
     assert [q["sha256"][0] for q in queue] == ["d", "c", "b", "a"]
     assert [q["priority"] for q in queue] == [1, 2, 3, 4]
     assert queue[0]["margin"] == pytest.approx(0.2)
-    # Ties are broken by hash: the order never depends on the journal's order.
-    items = [review_item(r, reasons_of(r)) for r in recs[:4]]
-    assert [i["sha256"] for i in review_order(items[::-1])] == [q["sha256"] for q in queue]
+    # Ties (the same reasons and margin) are broken by hash: the order never depends on the journal's order.
+    tied = [_item("g" * 64, ["low_confidence"], [0.6, 0.3]), _item("f" * 64, ["low_confidence"], [0.6, 0.3])]
+    items = [review_item(r, reasons_of(r)) for r in recs[:4] + tied]
+    assert [i["sha256"][0] for i in review_order(items)] == ["d", "c", "b", "f", "g", "a"]
+    assert [i["sha256"] for i in review_order(items[::-1])] == [i["sha256"] for i in review_order(items)]

@@ -633,6 +633,7 @@ def test_what_the_walk_left_out_and_what_the_submitter_rejected_are_counted_and_
     assert main(args(inbox, out, server.url, "--run-id", "w", "--max-error-rate", "1")) == 0
     meta = json.loads((out / "run_w" / "run_metadata.json").read_text())
     assert (meta["counts"]["skipped_hidden"], meta["counts"]["skipped_non_image"]) == (2, 1)
+    assert meta["model"]["matches_reference"] is None  # no --reference: nothing to compare with
     [empty] = [r for r in read_jsonl(out / "run_w" / "rejected.jsonl") if r["path"] == "empty.jpg"]
     assert (empty["size"], empty["sha256"], empty["code"]) == (0, None, "empty")  # sha256 only when read
     assert isinstance(empty["message"], str) and empty["message"]
@@ -831,6 +832,15 @@ def _night(tmp_path, share: float, *extra: str, reference: dict | None = None):
         code = main(args(inbox, out, s.url, "--run-id", "n", "--reference", str(ref), *extra))
     run = out / "run_n"
     return code, run, json.loads((run / "run_metadata.json").read_text()), out
+
+
+def test_a_reference_without_a_confidence_histogram_judges_the_other_signals(tmp_path):
+    ref = fake_reference()
+    del ref["reference"]["confidence_histogram"]  # e.g. a model.json from before the histogram
+    code, _, meta, _ = _night(tmp_path, 0.02, reference=ref)
+    assert code == 0 and set(meta["drift"]["signals"]) == {"class_mix", "unfamiliar"}
+    assert meta["drift"]["method"].startswith("chi-square test of homogeneity")
+    assert meta["drift"]["drift"] is False
 
 
 def test_the_run_says_who_ran_it_and_the_done_event_carries_the_exit_code(tmp_path, capsys):
