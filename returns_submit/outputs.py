@@ -196,8 +196,8 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
     return s
 
 
-def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], all_to_review: bool = False,
-                  merge: bool = False) -> None:
+def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], *, merge: bool,
+                  all_to_review: bool = False) -> None:
     """predictions.csv and review_queue.jsonl from the journal files; with `merge`, also
     predictions.jsonl and rejected.jsonl as the concatenation of the shards' files.
 
