@@ -161,6 +161,7 @@ def wire_costs(pngs: list[bytes], per_request: int, runs: int) -> dict[str, Any]
 
     from handler.payload import parse_request
 
+    per_request = min(per_request, len(pngs))
     batches = [pngs[i:i + per_request] for i in range(0, len(pngs) - per_request + 1, per_request)]
     encode, parse = [], []
     for _ in range(runs):

@@ -139,11 +139,18 @@ def model_root(release_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_root, tmp_path_factory):
-    """One real TorchServe on loopback for the session (tests that stop or kill it start their own)."""
-    from scripts.localserve import LocalTorchServe
+def torchserve(release_model_dir, tmp_path_factory):
+    """One real TorchServe on loopback for the session (tests that stop or kill it start their own).
 
-    server = LocalTorchServe(model_root, workdir=tmp_path_factory.mktemp("torchserve"))
+    Its archive merges up to 4 concurrent requests into one handler call (the shipped default is 1,
+    since returns-submit fills each request): the handler's harder path, answers split back per request."""
+    from handler.serve_config import ServeConfig
+    from scripts.localserve import LocalTorchServe
+    from training.archive import build_archive
+
+    root = tmp_path_factory.mktemp("model_root_batching")
+    build_archive(release_model_dir, root, ServeConfig(batch_size=4))
+    server = LocalTorchServe(root, workdir=tmp_path_factory.mktemp("torchserve"))
     server.start(timeout=240)
     yield server
     server.stop()
