@@ -59,7 +59,8 @@ def label_name(label, names: list[str]) -> str:
     return names[label] if isinstance(label, int) else str(label)
 
 
-def test_nightly_run_counts_add_up_and_csv_matches_jsonl(torchserve, model_root, fmnist_pngs, tmp_path):
+def test_nightly_run_counts_add_up_and_csv_matches_jsonl(torchserve, fmnist_pngs, tmp_path):
+    model_root = torchserve.model_root  # the archive this server serves
     inbox = tmp_path / "inbox"
     truth = {}
     for folder, start in (("shelf A", 0), ("shelf B/ünï", 150)):  # 300 distinct photos

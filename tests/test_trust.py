@@ -57,8 +57,8 @@ def test_the_trust_report_records_what_was_measured(release_model_dir):
 
 
 @pytest.mark.integration
-def test_a_served_night_with_unfamiliar_photos_says_why_each_goes_to_review(torchserve, model_root, fmnist_test,
-                                                                            tmp_path, release_model_dir):
+def test_a_served_night_with_unfamiliar_photos_says_why_each_goes_to_review(torchserve, fmnist_test, tmp_path,
+                                                                            release_model_dir):
     """Through a real TorchServe: 400 ordinary photos and 15% unfamiliar ones; every new field reaches
     the manifests, and the confidences and review decisions follow model.json's numbers."""
     from tests.conftest import encode
@@ -77,7 +77,7 @@ def test_a_served_night_with_unfamiliar_photos_says_why_each_goes_to_review(torc
     out = tmp_path / "out"
     proc = run_submit("--inbox", str(inbox), "--output", str(out), "--endpoint", torchserve.inference_url,
                       "--run-id", "mixed", "--batch-size", "32", "--on-drift", "record",
-                      "--reference", str(model_root / "artifact_manifest.json"), timeout=300)
+                      "--reference", str(torchserve.model_root / "artifact_manifest.json"), timeout=300)
     assert proc.returncode == 8, proc.stderr[-2000:]  # 15% unfamiliar: the night is off, and says so
     run = out / "run_mixed"
     preds = {r["path"]: r for r in read_jsonl(run / "predictions.jsonl")}
