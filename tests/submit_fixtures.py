@@ -187,6 +187,11 @@ def run_submit(*args: str, timeout: float = 120, env: dict | None = None, **kw) 
                           timeout=timeout, env=full_env, **kw)
 
 
+def log_events(stderr: str) -> list[dict]:
+    """The submitter's structured log lines (one JSON object per line on stderr)."""
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -19,7 +19,8 @@ from returns_submit.cli import main
 from returns_submit.client import InferenceClient
 from returns_submit.errors import ProtocolError
 from returns_submit.journal import blocking_lock
-from tests.submit_fixtures import (submit_args, CLASSES, FakeInferenceServer, SmallVolume, fake_reference, read_csv,
+from tests.submit_fixtures import (submit_args, CLASSES, FakeInferenceServer, SmallVolume, fake_reference, log_events,
+                                   read_csv,
                                    read_jsonl,
                                    write_photos)
 
@@ -424,6 +425,5 @@ def test_a_night_too_small_to_judge_is_neither_off_nor_calm_and_the_start_is_log
     write_photos(inbox, 5)
     assert main(args(inbox, tmp_path / "out", server.url, "--run-id", "t", "--reference", str(ref))) == 0
     assert metadata(tmp_path / "out", "t")["drift"]["drift"] is None  # 5 photos: no signal can decide
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    (start,) = [e for e in events if e.get("event") == "start"]
+    (start,) = [e for e in log_events(capsys.readouterr().err) if e.get("event") == "start"]
     assert (start["msg"], start["run_id"], start["shard"], start["shard_count"]) == ("start", "t", 0, 1)

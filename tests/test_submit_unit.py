@@ -23,6 +23,7 @@ from tests.submit_fixtures import (submit_args,
     REPO,
     FakeInferenceServer,
     fake_reference,
+    log_events,
     read_csv,
     read_jsonl,
     recorded_paths,
@@ -504,14 +505,12 @@ def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path
     assert "500" in rej["message"] and "Worker died" in rej["message"] and rej["source"] == "server"
     assert rej["request_ms"] == 0.0 and rej["attempts"] == 2
     # each split is logged as a warning with the size split and the error; sizes halve down to 2 or 3
-    err = capsys.readouterr().err
-    splits = [json.loads(line) for line in err.splitlines()
-              if line.startswith("{") and '"splitting a failing batch"' in line]
+    events = log_events(capsys.readouterr().err)
+    splits = [e for e in events if e.get("msg") == "splitting a failing batch"]
     sizes = [e["size"] for e in splits]
     assert sizes[0] == 9 and sizes[-1] in (2, 3) and all(b in (a // 2, a - a // 2) for a, b in zip(sizes, sizes[1:]))
     assert all(e["level"] == "warning" and e["msg"] == "splitting a failing batch" and "Worker died" in e["error"]
                for e in splits)
-    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     rejected = [e for e in events if e.get("event") == "rejected"]
     assert [(e["msg"], e["level"], e["path"], e["code"]) for e in rejected] == \
         [("rejected", "warning", "poison.png", "server_error")] and "Worker died" in rejected[0]["reason"]
@@ -850,8 +849,7 @@ def test_the_run_says_who_ran_it_and_the_done_event_carries_the_exit_code(tmp_pa
     assert inv["started_at"] <= inv["ended_at"] == meta["ended_at"]
     flagged = sum("unfamiliar" in r["review_reason"] for r in read_jsonl(run / "predictions.jsonl"))
     assert meta["counts"]["unfamiliar"] == flagged > 0
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    done = [e for e in events if e.get("event") == "done"]
+    done = [e for e in log_events(capsys.readouterr().err) if e.get("event") == "done"]
     assert len(done) == 1 and (done[0]["exit_code"], done[0]["status"], done[0]["classified"]) == (0, "complete", 300)
 
 
