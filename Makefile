@@ -5,7 +5,7 @@ DIST ?= dist/model
 # mutants per module `make mutation` draws (seeded; about 20 minutes on 2 cores); 0 tests every mutant (over an hour)
 MUTATION_SAMPLE ?= 100
 
-.PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench k8s clean
+.PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench bench-gpu k8s clean
 
 setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
 	@bash scripts/setup.sh
@@ -43,6 +43,9 @@ mutation: setup  ## mutmut over the modules that carry promises; kill rate per m
 
 bench: archive  ## served vs raw vs naive throughput, latency and memory -> bench/results.json
 	$(PY) -m scripts.bench --model-root $(DIST)
+
+bench-gpu: setup  ## on a machine with a GPU: served vs raw with fp16 autocast, GPU vs CPU answers -> bench/gpu.json
+	$(PY) -m scripts.bench_gpu --model-dir $(MODEL_DIR)
 
 k8s: setup  ## regenerate the plain manifests in k8s/ from the Helm chart
 	$(PY) -m scripts.render_k8s

@@ -100,18 +100,27 @@ def read_knobs(model_dir: Path) -> HandlerKnobs:
     return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the first GPU where CUDA sees one, else the CPU; ``cuda`` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA sees no GPU")
+    return torch.device("cuda:0" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 class ReturnsClassifierModel(kserve.Model):
-    def __init__(self, name: str | None, model_dir: Path) -> None:
+    def __init__(self, name: str | None, model_dir: Path, device: str = "auto") -> None:
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
-        self.core = Classifier(model_dir, threads=knobs.cpu_threads or available_cpus(),
+        self.core = Classifier(model_dir, device=resolve_device(device), threads=knobs.cpu_threads or available_cpus(),
                                max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
         super().__init__(name or self.core.meta.model_name)
         # One classification at a time, off the event loop (like TorchServe's single worker).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self.ready = True
-        log.info("%s ready (%s, %d threads), model %s sha256 %s", self.name, self.core.backend,
-                 torch.get_num_threads(),
+        log.info("%s ready on %s (%s, %d threads), model %s sha256 %s", self.name, self.core.device,
+                 self.core.backend, torch.get_num_threads(),
                  self.core.meta.model_version, self.core.model_sha256)
 
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -212,6 +221,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also serve /metrics (KServe's request metrics and ours) on this port, so that a "
                         "NetworkPolicy can admit Prometheus there without admitting it to inference; "
                         "0 = only on --http_port")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the network runs: auto = the first GPU when CUDA sees one (fp16 autocast), else the CPU")
     p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
     return p
 
@@ -227,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ArchiveRefused, OSError, zipfile.BadZipFile, KeyError) as exc:
             log.error("refusing to serve %s: %s", args.model_dir, exc)
             return 1
-        model = ReturnsClassifierModel(args.model_name, model_dir)
+        try:
+            model = ReturnsClassifierModel(args.model_name, model_dir, args.device)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
         model_server.app.add_exception_handler(Rejected, rejected_handler)
         if args.metrics_port:  # the same registry as the HTTP port's /metrics, on a daemon thread
             start_http_server(args.metrics_port)

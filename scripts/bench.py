@@ -51,15 +51,17 @@ KSERVE_PRED = f"/v1/models/{MODEL_NAME}:predict"  # KServe's v1 REST takes JSON:
 class LocalPredictor:
     """`returns-kserve` on free loopback ports on a model root, for as long as the `with` block runs."""
 
-    def __init__(self, model_root: Path, log: Path) -> None:
+    def __init__(self, model_root: Path, log: Path, extra_args: list[str] | None = None) -> None:
         self.model_root, self.log = Path(model_root), Path(log)
+        self.extra_args = list(extra_args or [])
         self.http_port, self.grpc_port = free_port(), free_port()
         self.inference_url = f"http://127.0.0.1:{self.http_port}"
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalPredictor":
         cmd = [sys.executable, "-m", "handler.kserve_predictor", "--model_dir", str(self.model_root),
-               "--model_name", MODEL_NAME, "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+               "--model_name", MODEL_NAME, "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port),
+               *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         end = time.monotonic() + 180
         while time.monotonic() < end:

@@ -44,3 +44,13 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     assert r["environment"]["kserve"] == "0.21.0"
     out = capsys.readouterr().out
     assert "served: returns-submit" in out and "returns-submit -> returns-kserve" in out
+
+
+def test_gpu_bench_says_plainly_when_there_is_no_gpu(release_model_dir, tmp_path, monkeypatch):
+    import torch
+    from scripts.bench_gpu import main as gpu_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA sees no GPU here"):
+        gpu_main(["--model-dir", str(release_model_dir), "--output", str(tmp_path / "gpu.json")])
+    assert not (tmp_path / "gpu.json").exists()
