@@ -154,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Re-run calibration, evaluation and the report for a trained model.")
     p.add_argument("--model-dir", default="models/release", help="folder with model.pt, model.json, train_config.json")
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="override the device recorded in train_config.json (a model trained on a GPU, "
+                        "reported on the CPU that serves it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
     cfg = TrainConfig.from_json(model_dir / "train_config.json")
     if args.data_dir:
         cfg.data_dir = args.data_dir
+    if args.device:
+        cfg.device = args.device
     device = pick_device(cfg)
     model, meta = load_model(model_dir, device)
     model = model.to(memory_format=torch.channels_last)
