@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from collections import Counter, deque
@@ -37,6 +38,7 @@ from returns_submit.errors import (
     EXIT_TERMINATED,
     BadArguments,
     OutputNotWritable,
+    RequestRejected,
     ServerUnreachable,
     SubmitError,
 )
@@ -69,6 +71,7 @@ class Runner:
         self._pending_rejects: list[Unreadable] = []
         self._requeue: deque[list[Photo]] = deque()
         self._canary: bytes | None = None  # one photo the server classified: a health probe
+        self._batch_limit = cfg.batch_size  # lowered to the server's own limit when it states a smaller one
 
     # ---- the run -------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class Runner:
                 if len(self._pending_rejects) >= cfg.batch_size:
                     self._record([], None)
                 continue
-            if batch and (len(batch) >= cfg.batch_size or size + len(item.data) > cfg.max_request_bytes):
+            if batch and (len(batch) >= self._batch_limit or size + len(item.data) > cfg.max_request_bytes):
                 self._submit(pool, inflight, batch)
                 batch, size = [], 0
             batch.append(item)
@@ -230,6 +233,12 @@ class Runner:
                 return  # not recorded: sent again on resume
             self._batch_failed(batch, e)
             return
+        except RequestRejected as e:
+            if e.code == "too_many_instances" and len(batch) > 1:
+                self._fit_server_limit(batch, e)
+            else:
+                self.fatal = self.fatal or e
+            return
         except SubmitError as e:
             self.fatal = self.fatal or e
             return
@@ -252,6 +261,19 @@ class Runner:
             self._requeue.extend([batch[:half], batch[half:]])
         else:
             self.fatal = self.fatal or e
+
+    def _fit_server_limit(self, batch: list[Photo], e: RequestRejected) -> None:
+        """The server takes fewer photos per request than ``--batch-size``: send this batch again
+        in requests it accepts, and cut every later batch to that size. The limit is the one the
+        server states ("the limit is N", "allowed 1 to N"); a server that states none gets halves."""
+        stated = _stated_limit(str(e))
+        size = stated if stated is not None and stated < len(batch) else max(1, len(batch) // 2)
+        if size < self._batch_limit:
+            self._batch_limit = size
+            self.invocation["batch_size_used"] = size
+            event("the server takes fewer photos per request than --batch-size; sending smaller requests",
+                  level=logging.WARNING, batch_size=self.cfg.batch_size, now=size, server=str(e))
+        self._requeue.extend(batch[i:i + size] for i in range(0, len(batch), size))
 
     def _server_answers_canary(self) -> bool:
         if self._canary is None:
@@ -389,6 +411,13 @@ RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "review_reason
 def _valid_result(r) -> bool:
     return (isinstance(r, dict) and "error" not in r and isinstance(r.get("label"), str)
             and isinstance(r.get("class_id"), int) and isinstance(r.get("confidence"), (int, float)))
+
+
+def _stated_limit(message: str) -> int | None:
+    """The photos-per-request limit a `too_many_instances` message states (TorchServe handler:
+    "the limit is N"; returns-kserve: "allowed 1 to N"), or None."""
+    m = re.search(r"(?:the limit is|allowed 1 to) (\d+)", message)
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
 
 
 def _status_of(e: SubmitError) -> str:

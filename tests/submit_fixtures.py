@@ -140,7 +140,8 @@ class FakeInferenceServer:
             return 400, {"error": {"code": "bad_json", "message": "not JSON with instances"}}
         if len(instances) > self.max_instances:
             return 400, {"error": {"code": "too_many_instances",
-                                   "message": f"{len(instances)} > {self.max_instances}"}}
+                                   "message": f"{len(instances)} instances in one request; "
+                                                      f"the limit is {self.max_instances}"}}
         photos = [base64.b64decode(i["b64"]) for i in instances]
         if self.poison is not None and any(self.poison in p for p in photos):
             return 500, {"code": 500, "type": "InternalServerException", "message": "Worker died."}

@@ -551,11 +551,44 @@ def test_unreachable_server_exits_4_after_the_deadline(tmp_path):
     assert meta["status"] == "server_unreachable" and not (tmp_path / "out" / "run_u" / "_SUCCESS").exists()
 
 
-def test_batch_size_above_the_server_limit_exits_2_with_a_clear_message(tmp_path, capsys):
+def test_a_server_that_takes_fewer_photos_per_request_gets_smaller_requests(tmp_path, capsys):
+    """--batch-size 4 against a server limited to 2: the first request is refused with the limit
+    stated, that batch goes again as requests of 2, every later one is cut to 2, and the night
+    finishes with every photo classified once, a warning in the log and the size used recorded."""
     inbox = tmp_path / "inbox"
-    write_photos(inbox, 5)
+    write_photos(inbox, 9)
     with FakeInferenceServer(max_instances=2) as s:
-        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "b", "--batch-size", "4"))
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "b", "--batch-size", "4", "--concurrency", "1"))
+        requests = s.requests
+    assert code == 0
+    run = tmp_path / "out" / "run_b"
+    assert len(read_jsonl(run / "predictions.jsonl")) == 9 and (run / "_SUCCESS").exists()
+    # the refused 4 and its 2+2, then 2, 2 and 1 for the other five; the next batch of 4 may already
+    # have been formed (and is refused too) while the first one was being answered
+    assert requests in (1 + 5, 2 + 5)
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["invocation"]["batch_size_used"] == 2 and meta["counts"]["rejected"] == 0
+    warned = [e for e in log_events(capsys.readouterr().err) if e.get("now") == 2]
+    assert warned and warned[0]["batch_size"] == 4 and "the limit is 2" in warned[0]["server"]
+
+
+@pytest.mark.parametrize("message, limit", [
+    ("server rejected the request (too_many_instances): 300 instances in one request; the limit is 256", 256),
+    ("server rejected the request (too_many_instances): too_many_instances: 9 photos in one request; allowed 1 to 8", 8),
+    ("server rejected the request (too_many_instances): 9 > 8", None),
+    ("the limit is 0", None),
+])
+def test_the_limit_a_server_states_is_read_from_its_message(message, limit):
+    from returns_submit.runner import _stated_limit
+
+    assert _stated_limit(message) == limit
+
+
+def test_a_one_photo_request_refused_as_too_many_is_still_a_configuration_error(tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 2)
+    with FakeInferenceServer(max_instances=0) as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "z", "--batch-size", "1"))
     assert code == 2 and "too_many_instances" in capsys.readouterr().err
 
 
