@@ -144,8 +144,9 @@ def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
     assert model_sha256(loop["champion"]) == before
 
 
-def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None):
-    stats = lambda acc, prec: {"accuracy": acc, "precision": prec, "coverage": 0.8, "accepted": 0}  # noqa: E731
+def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
+    stats = lambda acc, prec: {"accuracy": acc, "precision": prec, "coverage": 0.8, "accepted": accepted,  # noqa: E731
+                               "errors_accepted": round(accepted * (1 - prec))}
     return {"n": n, "champion": stats(acc1, prec1), "challenger": stats(acc2, prec2),
             "difference": {"accuracy": {"value": acc2 - acc1 if acc_diff is None else acc_diff},
                            "correct_accepted": {"value": sum(ca_ci) / 2, "ci95": list(ca_ci)}}}
@@ -165,6 +166,22 @@ def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
     assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
     no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
     assert "no held-out decided photos" in cmp.gate(no_heldout, 0.99, 0.003, True)["reason"]
+
+
+def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
+    """Better on the held-out decisions by coverage, but 5 wrong of 23 auto-accepted: at a true 99%
+    precision that many errors would happen with probability ~1e-5, so the promise is shown broken."""
+    test = _set(0.942, 0.941, 0.991, 0.992, (0, 0))
+    sloppy = {"sets": {"test": test, "heldout": _set(0.30, 0.80, 0.0, 18 / 23, (0.20, 0.45), accepted=23)}}
+    verdict = cmp.gate(sloppy, target=0.99, tolerance=0.003, certified=True)
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    assert not verdict["promote"] and [c["name"] for c in failed] == ["promise_not_broken_on_heldout"]
+    assert "5 wrong of 23" in failed[0]["detail"] and "precision 78.3%" in failed[0]["detail"]
+    one_slip = {"sets": {"test": test, "heldout": _set(0.30, 0.85, 0.0, 17 / 18, (0.20, 0.45), accepted=18)}}
+    assert cmp.gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
+    assert cmp.precision_below_p_value(0, 50, 0.99) == 1.0
+    assert cmp.precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
+    assert cmp.precision_below_p_value(5, 23, 0.99) < 1e-4
 
 
 def test_paired_bootstrap_interval_covers_the_difference():

@@ -23,7 +23,11 @@ The gate promotes only when all of these hold, and otherwise names each that fai
 3. the challenger's threshold is certified (not "accept nothing");
 4. better on the held-out decided photos: the 95% interval of the difference in correctly
    auto-accepted share lies above 0, and accuracy does not fall;
-5. no more held-out ``not_a_product`` photos auto-accepted than the champion accepts.
+5. no more held-out ``not_a_product`` photos auto-accepted than the champion accepts;
+6. the promise is not shown broken on the held-out decided photos: the challenger's errors among
+   the ones it auto-accepts must not prove, at the 5% level (exact binomial test), a precision
+   below the target. A handful of held-out photos can never certify the promise for a new setup,
+   but a challenger that auto-accepts a new setup's photos at, say, 80% precision is refused.
 
 A promoted challenger is copied to ``<promote-to>/<model_version>/`` (never over an existing
 folder): a new immutable model version, with its lineage in model.json. Serving it stays a values
@@ -36,6 +40,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -49,6 +54,7 @@ from returns_model.artifact import read_meta
 from returns_model.fileio import write_json
 from returns_model.preprocess import bytes_to_uint8
 from training import plots
+from training.certify import log_binom_cdf
 from training.config import TrainConfig
 from training.data import load_data
 from training.retrain import HELDOUT_FILE, index_photos, model_sha256
@@ -129,6 +135,16 @@ def compare_set(champ: dict, chall: dict, labels: torch.Tensor | None, class_nam
     return out
 
 
+PROMISE_LEVEL = 0.05  # check 6 refuses when errors this many would happen with probability <= 5% at the target
+
+
+def precision_below_p_value(errors: int, accepted: int, target: float) -> float:
+    """P(at least ``errors`` wrong among ``accepted``) if the precision were exactly ``target``."""
+    if errors == 0:
+        return 1.0
+    return max(0.0, 1.0 - math.exp(log_binom_cdf(errors - 1, accepted, 1 - target)))
+
+
 def gate(cmp: dict, target: float, tolerance: float, certified: bool) -> dict[str, Any]:
     """The promotion rule of the module docstring: every check with its figures; promote iff all pass."""
     test, checks = cmp["sets"]["test"], []
@@ -148,6 +164,13 @@ def gate(cmp: dict, target: float, tolerance: float, certified: bool) -> dict[st
         checks.append(("better_on_heldout", ca["ci95"][0] > 0 and acc >= 0,
                        f"held-out correctly auto-accepted {100 * ca['value']:+.1f} points, 95% CI "
                        f"[{100 * ca['ci95'][0]:+.1f}, {100 * ca['ci95'][1]:+.1f}]; accuracy {100 * acc:+.1f} points"))
+        errors, accepted = ho["challenger"].get("errors_accepted", 0), ho["challenger"].get("accepted", 0)
+        if accepted:
+            p_value = precision_below_p_value(errors, accepted, target)
+            checks.append(("promise_not_broken_on_heldout", p_value > PROMISE_LEVEL,
+                           f"held-out decided photos auto-accepted: {errors} wrong of {accepted} "
+                           f"(precision {100 * (1 - errors / accepted):.1f}%; p = {p_value:.3g} that a "
+                           f"{100 * target:g}% precision gives this many errors)"))
     nap = cmp["sets"].get("heldout_not_a_product")
     if nap and nap["n"]:
         n1, n2 = nap["champion"]["accepted"], nap["challenger"]["accepted"]
