@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import socket
+import struct
 import threading
+import zlib
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
@@ -276,10 +278,11 @@ class Runner:
         self._requeue.extend(batch[i:i + size] for i in range(0, len(batch), size))
 
     def _server_answers_canary(self) -> bool:
-        if self._canary is None:
-            return False
+        """Is the server healthy? It must classify the last photo it classified in this run, or,
+        before it has classified any, a blank 28x28 PNG (so a night whose first photo crashes the
+        worker rejects that photo instead of stopping, on every resume, at the same photo)."""
         try:
-            return _valid_result(self.client.predict([self._canary]).predictions[0])
+            return _valid_result(self.client.predict([self._canary or BLANK_PNG]).predictions[0])
         except SubmitError:
             return False
 
@@ -411,6 +414,19 @@ RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "review_reason
 def _valid_result(r) -> bool:
     return (isinstance(r, dict) and "error" not in r and isinstance(r.get("label"), str)
             and isinstance(r.get("class_id"), int) and isinstance(r.get("confidence"), (int, float)))
+
+
+def _blank_png(size: int = 28) -> bytes:
+    """A black ``size`` x ``size`` greyscale PNG, built with the standard library (the submitter has no PIL)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(size) for _ in range(size))  # filter byte 0, then the row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+BLANK_PNG = _blank_png()
 
 
 def _stated_limit(message: str) -> int | None:

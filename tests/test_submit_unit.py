@@ -516,6 +516,31 @@ def test_a_batch_that_keeps_failing_is_split_until_the_culprit_is_alone(tmp_path
         [("rejected", "warning", "poison.png", "server_error")] and "Worker died" in rejected[0]["reason"]
 
 
+def test_a_poison_photo_first_in_the_night_is_rejected_not_a_stop_on_every_resume(tmp_path):
+    """One photo per request and the very first photo crashes the worker: no photo has been
+    classified yet to prove the server healthy, so the submitter asks it to classify a blank PNG
+    of its own; the server answers it, so the poison photo alone is rejected and the night goes on."""
+    inbox = tmp_path / "inbox"
+    write_photos(inbox, 4)
+    (inbox / "a_poison.png").write_bytes(b"\x89PNG-POISON")
+    with FakeInferenceServer(poison=b"POISON") as s:
+        code = main(args(inbox, tmp_path / "out", s.url, "--run-id", "f", "--batch-size", "1", "--concurrency", "1",
+                         "--retries", "1", "--max-error-rate", "0.5"))
+    assert code == 0
+    rejs = read_jsonl(tmp_path / "out" / "run_f" / "rejected.jsonl")
+    assert [(r["path"], r["code"]) for r in rejs] == [("a_poison.png", "server_error")]
+    assert len(read_jsonl(tmp_path / "out" / "run_f" / "predictions.jsonl")) == 4
+
+
+def test_the_health_probe_is_a_real_png():
+    from PIL import Image
+    from returns_submit.runner import BLANK_PNG
+
+    img = Image.open(__import__("io").BytesIO(BLANK_PNG))
+    img.load()
+    assert img.size == (28, 28) and img.mode == "L" and img.getextrema() == (0, 0)
+
+
 @pytest.mark.parametrize("fail_after", [0, 3])
 def test_a_server_that_fails_everything_stops_the_run_instead_of_rejecting_photos(tmp_path, fail_after):
     inbox = tmp_path / "inbox"
