@@ -281,3 +281,32 @@ def test_device_choice_is_checked_before_the_model_loads(release_model_dir, monk
     assert resolve_device("auto") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--model_dir", str(release_model_dir), "--device", "cuda"]) == 2
+
+
+def test_a_predictor_with_a_lower_photo_limit_gets_smaller_requests_from_the_submitter(model_root, tmp_path):
+    """A predictor built with `max_instances: 5`: the submitter's batches of 16 are refused with the
+    limit stated (v2: "allowed 1 to 5"; v1: "the limit is 5"), and both nights finish with requests of 5."""
+    import yaml
+    from handler.kserve_predictor import MODEL_CONFIG, resolve_model_dir
+
+    folder = resolve_model_dir(model_root, tmp_path / "model")
+    knobs = yaml.safe_load((folder / MODEL_CONFIG).read_text())
+    knobs["handler"]["max_instances"] = 5
+    (folder / MODEL_CONFIG).write_text(yaml.safe_dump(knobs))
+    server = Predictor(folder, tmp_path / "predictor.log")
+    try:
+        server.wait_ready()
+        for api in ("v2", "v1"):
+            inbox = tmp_path / f"inbox_{api}"
+            write_photos(inbox, 23)
+            r = run_submit("--inbox", str(inbox), "--output", str(tmp_path / "out"), "--endpoint", server.url,
+                           "--api", api, "--run-id", api, "--batch-size", "16", "--concurrency", "2",
+                           "--progress", "log", "--connect-deadline", "30", timeout=240)
+            assert r.returncode == 0, r.stderr[-3000:]
+            run = tmp_path / "out" / f"run_{api}"
+            assert len(read_jsonl(run / "predictions.jsonl")) == 23 and not read_jsonl(run / "rejected.jsonl")
+            assert json.loads((run / "run_metadata.json").read_text())["invocation"]["batch_size_used"] == 5
+            stated = "allowed 1 to 5" if api == "v2" else "the limit is 5"
+            assert stated in r.stderr and "sending smaller requests" in r.stderr
+    finally:
+        server.stop()
