@@ -37,6 +37,7 @@ import torch
 import yaml
 from fastapi.responses import JSONResponse
 from kserve import InferOutput, InferRequest, InferResponse, model_server
+from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from prometheus_client import Counter, Gauge, start_http_server
 
@@ -48,7 +49,9 @@ from returns_model.manifest import ArchiveRefused, verify
 from returns_model.names import META_FILE
 from returns_model.preprocess import PhotoError
 
-log = logging.getLogger(__name__)
+# A child of KServe's own logger: its handler and format apply, so the start-up line (device, model
+# SHA-256) and refusals reach the pod's log like KServe's lines do.
+log = logging.getLogger("kserve.returns_classifier")
 
 MODEL_CONFIG = "model-config.yaml"  # the serving knobs inside the .mar, as TorchServe reads them
 OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
@@ -229,6 +232,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.configure_logging:  # before the model loads (ModelServer would configure it only afterwards)
+        kserve_logging.configure_logging(args.log_config_file)
     if args.workers != 1:
         log.error("--workers must be 1: one process holds the model; run more replicas instead")
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import os
 import socket
 import subprocess
@@ -310,3 +311,12 @@ def test_a_predictor_with_a_lower_photo_limit_gets_smaller_requests_from_the_sub
             assert stated in r.stderr and "sending smaller requests" in r.stderr
     finally:
         server.stop()
+
+
+def test_the_start_up_line_names_the_device_and_the_model(predictor):
+    """The pod's log says where the network runs and which model it serves (it was never printed:
+    the line was logged before any handler existed)."""
+    lines = [line for line in predictor.log.read_text().splitlines() if " ready on " in line]
+    assert len(lines) == 1, predictor.log.read_text()[:2000]
+    assert "returns-classifier ready on cpu (onnx, " in lines[0] and " INFO " in lines[0]
+    assert re.search(r"sha256 [0-9a-f]{64}", lines[0])
