@@ -16,6 +16,7 @@ from torch import nn
 from returns_model.export import INPUT, ONNX_FILE, export_onnx
 
 log = logging.getLogger(__name__)
+SPIN_KEY = "session.intra_op.allow_spinning"
 
 
 class OnnxRunner:
@@ -29,6 +30,11 @@ class OnnxRunner:
         opts.inter_op_num_threads = 1  # one graph of sequential convolutions: no parallel branches to run
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's threads busy-wait between operators by default. In a server the same cores run
+        # the HTTP frontend, the worker's IPC and often the submitter: spinning threads take their
+        # time. Measured on 2 cores (TorchServe, 256 photos per request, 6 runs of 3,000 photos):
+        # served 706 photos/s without spinning, 621 with it.
+        opts.add_session_config_entry(SPIN_KEY, "0")
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,6 +103,15 @@ def test_the_archive_ships_the_graph_and_the_worker_uses_it(model_root, tmp_path
     assert sum(r["label"] == want for r, want in zip(clf.classify([fmnist_png(i) for i in range(8)]), labels)) >= 7
 
 
+def test_the_session_threads_do_not_spin(both_paths):
+    """ONNX Runtime's threads would busy-wait between operators, taking the cores the frontend and
+    the submitter share with the worker (README, performance: 706 against 621 photos/s served)."""
+    from handler.onnx_runner import SPIN_KEY
+
+    opts = both_paths[1]._onnx.session.get_session_options()
+    assert opts.get_session_config_entry(SPIN_KEY) == "0" and opts.intra_op_num_threads >= 1
+
+
 def test_without_onnxruntime_the_core_serves_eager(release_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as on an image without it
     assert Classifier(release_model_dir, warmup=False, cpu_backend="onnx").backend == "eager"
