@@ -93,7 +93,7 @@ def run(model_dir: Path, output: Path, n: int, runs: int) -> dict[str, Any]:
         "latency_ms_concurrency_1": {q: statistics.median(r[q] for r in lat) for q in ("p50", "p95", "p99")},
         "spread": {**raw, "served_images_per_s": spread(served), "naive_images_per_s": spread(naive)},
         "gpu_vs_cpu_answers": agree,
-        "predictor_ready": ready[-1:] and ready[-1].split(" ready on ", 1)[1],
+        "predictor_ready": ready[-1].split(" ready on ", 1)[1] if ready else None,  # device and model, as logged
     }
     write_json(output, results)
     return results
