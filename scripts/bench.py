@@ -148,12 +148,20 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int, runs
             prefix = "raw" if backend == "eager" else f"raw_{backend}"
             for name, fn, items in ((f"{prefix}_images_per_s", clf.probabilities, decoded),
                                     (f"{prefix}_decode_images_per_s", clf.classify, pngs)):
-                fn(items[:batch])  # warm
-                t0 = time.perf_counter()
-                for i in range(0, len(items), batch):
-                    fn(items[i:i + batch])
-                rates.setdefault(name, []).append(len(items) / (time.perf_counter() - t0))
+                rates.setdefault(name, []).append(passes_per_second(fn, items, batch))
     return {k: spread(v) for k, v in rates.items()}
+
+
+def passes_per_second(fn, items: list, batch: int, sync=lambda: None) -> float:
+    """Items per second of ``fn`` over ``items`` in passes of ``batch``, after one warm-up pass;
+    ``sync`` waits for queued device work (a GPU) before each clock reading."""
+    fn(items[:batch])
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(items), batch):
+        fn(items[i:i + batch])
+    sync()
+    return len(items) / (time.perf_counter() - t0)
 
 
 def wire_costs(pngs: list[bytes], per_request: int, runs: int) -> dict[str, Any]:

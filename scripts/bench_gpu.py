@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +24,30 @@ import torch
 from handler.core import Classifier
 from returns_model.fileio import write_json
 from returns_submit.config import SubmitConfig
-from scripts.bench import (KSERVE_PRED, LocalPredictor, one_photo_per_request, percentiles, run_submitter, spread,
-                           write_inbox)
+from scripts.bench import (KSERVE_PRED, LocalPredictor, one_photo_per_request, passes_per_second, percentiles,
+                           run_submitter, spread, write_inbox)
 
 
 def raw_rates(clf: Classifier, pngs: list[bytes], batch: int, runs: int) -> dict[str, dict[str, Any]]:
     """Photos/s of the forward pass on decoded tensors and of decode + forward, with and without autocast."""
     decoded = clf.decode(pngs).pixels
     rates: dict[str, list[float]] = {}
+    served_amp = clf.amp  # as the handler set it (on for a GPU); restored after
     for _ in range(runs):
         for amp in (True, False):
             clf.amp = amp
             tag = "amp" if amp else "fp32"
             for name, fn, items in ((f"raw_{tag}_images_per_s", clf.probabilities, decoded),
                                     (f"raw_{tag}_decode_images_per_s", clf.classify, pngs)):
-                fn(items[:batch])  # warm (cuDNN picks its kernels for this shape)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for i in range(0, len(items), batch):
-                    fn(items[i:i + batch])
-                torch.cuda.synchronize()
-                rates.setdefault(name, []).append(len(items) / (time.perf_counter() - t0))
-    clf.amp = True
+                # the warm-up pass also lets cuDNN pick its kernels for this shape
+                rates.setdefault(name, []).append(passes_per_second(fn, items, batch, torch.cuda.synchronize))
+    clf.amp = served_amp
     return {k: spread(v) for k, v in rates.items()}
 
 
-def agreement(model_dir: Path, pngs: list[bytes]) -> dict[str, Any]:
+def agreement(gpu: Classifier, model_dir: Path, pngs: list[bytes]) -> dict[str, Any]:
     """The GPU's (autocast) answers against the CPU's fp32 answers for the same photos."""
-    gpu, cpu = Classifier(model_dir, device="cuda:0"), Classifier(model_dir, device="cpu")
+    cpu = Classifier(model_dir, device="cpu")
     g, c = gpu.classify(pngs), cpu.classify(pngs)
     diff = max(abs(a["confidence"] - b["confidence"]) for a, b in zip(g, c))
     score_diff = max(abs(a["unfamiliar_score"] - b["unfamiliar_score"]) for a, b in zip(g, c))
@@ -72,8 +67,8 @@ def run(model_dir: Path, output: Path, n: int, runs: int) -> dict[str, Any]:
         pngs = write_inbox(tmp / "inbox", n)
         clf = Classifier(model_dir, device="cuda:0")
         raw = raw_rates(clf, pngs, batch, runs)
+        agree = agreement(clf, model_dir, pngs)
         del clf
-        agree = agreement(model_dir, pngs)
         with LocalPredictor(model_dir, tmp / "predictor.log", extra_args=["--device", "cuda"]) as server:
             served = [n / run_submitter(server, tmp / "inbox", tmp / f"out{i}", batch, SubmitConfig.concurrency,
                                         api="v2")["wall_s"] for i in range(runs)]
