@@ -20,7 +20,9 @@ from returns_model.gate import LayerTap, UnfamiliarGate
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 
-CPU_BACKENDS = ("onnx", "eager")  # the CPU forward pass: ONNX Runtime on the exported graph, or torch eager
+# The CPU forward pass: ONNX Runtime on the exported float graph, on the model folder's int8 graph
+# (with the review rule fitted on its own outputs), or torch eager.
+CPU_BACKENDS = ("onnx", "onnx-int8", "eager")
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +108,27 @@ class Classifier:
         self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
         self.amp = self.device.type == "cuda"
         self._labels = self.meta.class_names
-        # The unfamiliar-photo gate reads an inner layer during the normal forward pass (a hook).
+        # On a CPU a graph in ONNX Runtime does the forward pass (handler/onnx_runner.py); a GPU keeps
+        # the eager model with fp16 autocast. The int8 graph brings its own review rule (meta.on_int8).
+        self._onnx = None
+        self.backend = "eager"
+        if cpu_backend == "onnx-int8" and self.device.type == "cpu":
+            from handler.onnx_runner import open_int8_runner
+
+            self._onnx = open_int8_runner(Path(model_dir), self.meta, threads)
+            if self._onnx is not None:
+                self.meta, self.backend = self.meta.on_int8(), "onnx-int8"
+            else:
+                cpu_backend = "onnx"  # the float graph, with the float rule
+        # The unfamiliar-photo gate reads an inner layer during the forward pass (a hook, or the graph's output).
         self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
         self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
-        # On a CPU the exported graph in ONNX Runtime does the forward pass (handler/onnx_runner.py);
-        # a GPU keeps the eager model with fp16 autocast.
-        self._onnx = None
         if cpu_backend == "onnx" and self.device.type == "cpu":
             from handler.onnx_runner import open_runner
 
             self._onnx = open_runner(Path(model_dir), self.model, self.gate.layer if self.gate else None,
                                      self.spec.channels, self.spec.size, threads)
-        self.backend = "onnx" if self._onnx is not None else "eager"
+            self.backend = "onnx" if self._onnx is not None else "eager"
         if warmup:  # the first real request should not pay for lazy initialisation
             size = (1, self.spec.channels, self.spec.size, self.spec.size)
             for n in (1, 8):

@@ -30,7 +30,9 @@ class ServeConfig:
     max_instances: int = MAX_INSTANCES  # images per JSON request
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0  # per worker; 0 = the machine's cores / workers
-    cpu_backend: str = "onnx"  # the CPU forward pass: "onnx" (ONNX Runtime, where installed) or "eager"
+    # The CPU forward pass (handler/core.py CPU_BACKENDS): "onnx-int8" (the model's int8 graph and its own
+    # review rule; the float graph where the model has none), "onnx" (float graph) or "eager".
+    cpu_backend: str = "onnx-int8"
     job_queue_size: int = 100  # requests queued per model before a 503; a night keeps a few in flight
     max_request_size: int = 64 * 1024 * 1024
     token_auth: bool = False  # TorchServe tokens expire after 60 min, no renewal: off, with network isolation

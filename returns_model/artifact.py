@@ -6,7 +6,7 @@ architecture, class names, preprocessing spec, temperature, threshold, top-k.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ class ModelMeta:
     # the reviewers' decisions it learned from and of the held-out split it was judged on. None for a
     # model trained from scratch; written only when set, so older folders are unchanged.
     lineage: dict[str, Any] | None = None
+    # The int8 CPU path (training/quantize.py): its graph file and SHA-256, and the review rule fitted
+    # on *its* outputs (temperature, certified threshold, gate), with how far its answers are from the
+    # float model's. None where the folder has no int8 graph; written only when set.
+    int8: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.arch.num_classes:
@@ -71,6 +75,7 @@ class ModelMeta:
             "reference": self.reference,
             "data": self.data,
             **({"lineage": self.lineage} if self.lineage else {}),
+            **({"int8": self.int8} if self.int8 else {}),
         }
 
     @classmethod
@@ -84,7 +89,21 @@ class ModelMeta:
                    coverage=cal.get("coverage"), top_k=int(d.get("top_k", 3)),
                    model_name=d.get("model_name", MODEL_NAME), model_version=str(d.get("model_version", "1.0")),
                    reference=d.get("reference", {}), data=d.get("data", {}),
-                   certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"), lineage=d.get("lineage"))
+                   certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"), lineage=d.get("lineage"),
+                   int8=d.get("int8"))
+
+    def on_int8(self) -> "ModelMeta":
+        """The model as its int8 graph serves it: that path's own temperature, certified threshold and
+        gate replace the float path's (a quantised network's confidences are not the float one's)."""
+        if not self.int8:
+            raise ArtifactError("model.json has no int8 section; run `python -m training.quantize` on the folder")
+        try:
+            cal = self.int8["calibration"]
+            return replace(self, temperature=float(cal["temperature"]), threshold=float(cal["threshold"]),
+                           target_precision=float(cal["target_precision"]), coverage=cal.get("coverage"),
+                           certificate=cal.get("certificate"), unfamiliar=self.int8.get("unfamiliar"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
 
 
 def read_meta(model_dir: Path) -> ModelMeta:

@@ -140,12 +140,13 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
 def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int, runs: int) -> dict[str, dict[str, Any]]:
     """Forward pass alone, and decode + forward, in-process with the worker's thread count, on the
     eager model and on the optimised CPU path; runs are interleaved so both see the same host load."""
-    clfs = {b: Classifier(model_dir, threads=threads, cpu_backend=b) for b in ("eager", "onnx")}
+    prefixes = {"eager": "raw", "onnx": "raw_onnx", "onnx-int8": "raw_int8"}
+    clfs = {b: Classifier(model_dir, threads=threads, cpu_backend=b) for b in prefixes}
     decoded = clfs["eager"].decode(pngs).pixels
     rates: dict[str, list[float]] = {}
     for _ in range(runs):
         for backend, clf in clfs.items():
-            prefix = "raw" if backend == "eager" else f"raw_{backend}"
+            prefix = prefixes[backend] if clf.backend == backend else f"{prefixes[backend]}_fell_back_to_{clf.backend}"
             for name, fn, items in ((f"{prefix}_images_per_s", clf.probabilities, decoded),
                                     (f"{prefix}_decode_images_per_s", clf.classify, pngs)):
                 rates.setdefault(name, []).append(passes_per_second(fn, items, batch))
@@ -288,12 +289,13 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     names = [("raw_images_per_s", "raw eager"), ("raw_decode_images_per_s", "raw eager\n+decode"),
              ("raw_onnx_images_per_s", "raw onnx"), ("raw_onnx_decode_images_per_s", "raw onnx\n+decode"),
+             ("raw_int8_images_per_s", "raw int8"), ("raw_int8_decode_images_per_s", "raw int8\n+decode"),
              ("served_images_per_s", "served"), ("naive_images_per_s", "naive")]
     sp = r["spread"]
     med = [sp[k]["median"] for k, _ in names]
     err = [[m - sp[k]["min"] for m, (k, _) in zip(med, names)], [sp[k]["max"] - m for m, (k, _) in zip(med, names)]]
     ax.bar([label for _, label in names], med, yerr=err, capsize=4,
-           color=["#888", "#888", "#4a7", "#4a7", "#37c", "#c63"])
+           color=["#888", "#888", "#4a7", "#4a7", "#a7a", "#a7a", "#37c", "#c63"])
     ax.set_ylabel("photos / s (median of %d runs, min-max)" % r["runs"])
     ax.set_title("Throughput, load average %s" % r["load_average"]["start"][0])
     ax.grid(alpha=0.3, axis="y")
@@ -403,6 +405,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "served_over_raw_decode": round(s_med / raw["raw_decode_images_per_s"]["median"], 3),
         "served_over_naive": round(s_med / naive["median"], 2),
         "served_over_raw_onnx": round(s_med / raw["raw_onnx_images_per_s"]["median"], 3),
+        "served_over_raw_int8": round(s_med / raw["raw_int8_images_per_s"]["median"], 3),
         "wire": wire,
         "predictor": {**predictor,
                       "served_over_raw": round(predictor["served_images_per_s"] / raw["raw_images_per_s"]["median"], 3),
@@ -454,9 +457,11 @@ def table(r: dict[str, Any]) -> str:
             ("raw eager decode + forward", rate("raw_decode_images_per_s")),
             ("raw onnx forward", rate("raw_onnx_images_per_s")),
             ("raw onnx decode + forward", rate("raw_onnx_decode_images_per_s")),
+            ("raw int8 forward (its own review rule)", rate("raw_int8_images_per_s")),
+            ("raw int8 decode + forward", rate("raw_int8_decode_images_per_s")),
             ("served: returns-submit -> TorchServe", rate("served_images_per_s")),
             ("naive: batch 1, one photo per request", rate("naive_images_per_s")),
-            ("served / raw onnx", f"{r['served_over_raw_onnx']:.2f}"),
+            ("served / raw onnx, / raw int8", f"{r['served_over_raw_onnx']:.2f}, {r['served_over_raw_int8']:.2f}"),
             ("served / raw", f"{r['served_over_raw']:.2f}"),
             ("served / raw+decode", f"{r['served_over_raw_decode']:.2f}"),
             ("served / naive", f"{r['served_over_naive']:.1f}x"),

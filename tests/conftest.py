@@ -143,13 +143,15 @@ def torchserve(release_model_dir, tmp_path_factory):
     """One real TorchServe on loopback for the session (tests that stop or kill it start their own).
 
     Its archive merges up to 4 concurrent requests into one handler call (the shipped default is 1,
-    since returns-submit fills each request): the handler's harder path, answers split back per request."""
+    since returns-submit fills each request): the handler's harder path, answers split back per request.
+    It serves the float graph (``cpu_backend: onnx``), so its answers compare with the float oracle;
+    the default int8 path is served and checked against its own oracle in tests/test_int8_path.py."""
     from handler.serve_config import ServeConfig
     from scripts.localserve import LocalTorchServe
     from training.archive import build_archive
 
     root = tmp_path_factory.mktemp("model_root_batching")
-    build_archive(release_model_dir, root, ServeConfig(batch_size=4))
+    build_archive(release_model_dir, root, ServeConfig(batch_size=4, cpu_backend="onnx"))
     server = LocalTorchServe(root, workdir=tmp_path_factory.mktemp("torchserve"))
     server.start(timeout=240)
     yield server

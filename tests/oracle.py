@@ -9,6 +9,10 @@ Mahalanobis form, total variation of the pixels); ``needs_review = confidence < 
 unfamiliar``. A handler that forgets the temperature, hard-codes another threshold, ignores the
 gate or mixes up the order of a batch disagrees with it.
 
+``Oracle(model_dir, path="int8")`` answers for the int8 CPU path instead: logits and the tapped
+embedding from ``model.int8.onnx`` in its own ONNX Runtime session, then the same arithmetic with the
+``int8`` section's temperature, threshold and gate.
+
 Fashion-MNIST test images are 28x28 and PNG is lossless, so no resize is involved: the decoded
 pixels are the dataset's own bytes.
 """
@@ -46,11 +50,18 @@ class Expected:
 
 
 class Oracle:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, path: str = "float"):
         self.model_dir = Path(model_dir)
         meta = json.loads((Path(model_dir) / "model.json").read_text())
-        self.temperature = float(meta["calibration"]["temperature"])
-        self.threshold = float(meta["calibration"]["threshold"])
+        rule = meta["int8"] if path == "int8" else meta
+        self.temperature = float(rule["calibration"]["temperature"])
+        self.threshold = float(rule["calibration"]["threshold"])
+        self.session = None
+        if path == "int8":
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(str(self.model_dir / meta["int8"]["file"]),
+                                                providers=["CPUExecutionProvider"])
         self.top_k = int(meta.get("top_k", 3))
         self.class_names = list(meta["class_names"])
         pre = meta["preprocess"]
@@ -59,7 +70,7 @@ class Oracle:
         self.net = build_model(ArchConfig.from_dict(meta["arch"]))
         self.net.load_state_dict(torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True))
         self.net.eval()
-        self.gate = meta.get("unfamiliar")
+        self.gate = rule.get("unfamiliar")
         self._tapped: list[torch.Tensor] = []
         if self.gate:
             self.net.get_submodule(self.gate["layer"]).register_forward_hook(
@@ -77,7 +88,12 @@ class Oracle:
         logits, scores = [], []
         for i in range(0, len(x), 256):
             self._tapped.clear()
-            logits.append(self.net(x[i:i + 256]))
+            if self.session is not None:  # the int8 graph answers the logits and the pooled tap itself
+                out, tapped = self.session.run(None, {"pixels": x[i:i + 256].numpy()})
+                logits.append(torch.from_numpy(out))
+                self._tapped.append(torch.from_numpy(tapped).double())
+            else:
+                logits.append(self.net(x[i:i + 256]))
             if self.gate:
                 scores.append(self._score(self._tapped[-1], images[i:i + 256]))
         probs = torch.softmax(torch.cat(logits).double() / self.temperature, dim=1)
@@ -88,7 +104,11 @@ class Oracle:
         model.pt, this file, the pixels), so that each of mutmut's forked test runs does not redo
         thousands of forward passes. Nothing of the code under test enters the answers."""
         h = hashlib.sha256()
-        for part in (self.model_dir / "model.json", self.model_dir / "model.pt", Path(__file__)):
+        parts = [self.model_dir / "model.json", self.model_dir / "model.pt", Path(__file__)]
+        if self.session is not None:
+            h.update(b"int8")
+            parts.append(self.model_dir / "model.int8.onnx")
+        for part in parts:
             h.update(part.read_bytes())
         h.update(images.contiguous().numpy().tobytes())
         path = Path(tempfile.gettempdir()) / "returns-classifier-oracle" / f"{h.hexdigest()}.pt"

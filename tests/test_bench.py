@@ -17,7 +17,8 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     r = json.loads(out.read_text())
     for key in ("raw_images_per_s", "raw_decode_images_per_s", "raw_onnx_images_per_s", "raw_onnx_decode_images_per_s",
                 "served_images_per_s", "naive_images_per_s", "served_over_raw", "served_over_raw_decode",
-                "served_over_naive", "served_over_raw_onnx"):
+                "served_over_naive", "served_over_raw_onnx", "raw_int8_images_per_s", "raw_int8_decode_images_per_s",
+                "served_over_raw_int8"):
         assert isinstance(r[key], (int, float)) and r[key] > 0 and math.isfinite(r[key]), key
     for key, s in r["spread"].items():  # every figure repeated: the median of its runs, inside min..max
         assert len(s["runs"]) == r["runs"] >= 3 and s["min"] <= s["median"] <= s["max"], key
@@ -25,7 +26,7 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     assert r["wire"]["json_bytes_over_raw"] > 1.3  # base64 alone adds a third
     assert r["wire"]["json_parse_us_per_photo"]["median"] > 0
     assert len(r["worker_rss_mb_over_time"]) == 3 and len(r["load_average"]["end"]) == 3
-    assert r["environment"]["cpu_backend"] == "onnx"
+    assert r["environment"]["cpu_backend"] == "onnx-int8"
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert r["served_over_raw"] == pytest.approx(r["served_images_per_s"] / r["raw_images_per_s"], rel=0.01)
     for conc in ("concurrency_1", "concurrency_8"):

@@ -65,6 +65,7 @@ def test_torchserve_adapter_answers_each_request_with_its_own_photos(release_mod
     h = ReturnsClassifierHandler()
     ctx = FakeContext(release_model_dir)
     ctx.model_yaml_config["handler"]["max_instances"] = 64
+    ctx.model_yaml_config["handler"]["cpu_backend"] = "onnx"  # the float graph, which the float oracle describes
     h.initialize(ctx)
     h.context = ctx
     photos = spread_photos[:9]

@@ -160,11 +160,11 @@ def test_cpu_passes_of_a_chunk_change_no_result(release_model_dir, fmnist_png, m
 def test_cpu_backend_is_a_model_config_knob(handler, release_model_dir):
     from handler.serve_config import HandlerKnobs, ServeConfig, model_config_yaml
 
-    assert HandlerKnobs.from_model_yaml({}).cpu_backend == ServeConfig().cpu_backend == "onnx"
+    assert HandlerKnobs.from_model_yaml({}).cpu_backend == ServeConfig().cpu_backend == "onnx-int8"
     yaml_eager = model_config_yaml(ServeConfig(cpu_backend="eager"))
     assert yaml_eager["handler"]["cpu_backend"] == "eager"
     assert HandlerKnobs.from_model_yaml(yaml_eager).cpu_backend == "eager"
-    assert handler.core.backend == "onnx"  # the default knob, on a CPU with onnxruntime installed
+    assert handler.core.backend == "onnx-int8"  # the default knob, on a CPU with onnxruntime installed
     h = ReturnsClassifierHandler()
     ctx = FakeContext(release_model_dir)
     ctx.model_yaml_config["handler"]["cpu_backend"] = "eager"
@@ -314,7 +314,7 @@ def test_warm_up_runs_one_and_eight_blank_photos_unless_turned_off(release_model
 def test_an_unknown_cpu_backend_is_refused_by_name(release_model_dir):
     with pytest.raises(ValueError) as e:
         Classifier(release_model_dir, warmup=False, cpu_backend="tensorrt")
-    assert str(e.value) == "cpu_backend must be one of onnx, eager, not 'tensorrt'"
+    assert str(e.value) == "cpu_backend must be one of onnx, onnx-int8, eager, not 'tensorrt'"
 
 
 def test_max_image_pixels_overrides_the_models_limit(release_model_dir, fmnist_png):

@@ -13,7 +13,7 @@ import torch
 from handler.core import Classifier
 from handler.serve_config import HandlerKnobs, ServeConfig, model_config_yaml
 from returns_model.artifact import load_model
-from returns_model.export import ONNX_FILE, export_onnx
+from returns_model.export import INT8_FILE, ONNX_FILE, export_onnx
 
 PROB_TOL = 1e-3  # the bound on calibrated probabilities
 SCORE_TOL = 1e-3  # unfamiliar scores: the flag is a cutoff on them
@@ -92,13 +92,14 @@ def test_export_is_reproducible_and_two_outputs(release_model_dir):
     assert outs == ["logits", "tapped"]
 
 
-def test_the_archive_ships_the_graph_and_the_worker_uses_it(model_root, tmp_path, fmnist_png, fmnist_test):
+def test_the_archive_ships_both_graphs_and_the_worker_uses_the_int8_one(model_root, tmp_path, fmnist_png, fmnist_test):
     with zipfile.ZipFile(model_root / "model-store" / "returns-classifier.mar") as z:
         z.extractall(tmp_path)
-    assert (tmp_path / ONNX_FILE).is_file()
+    assert (tmp_path / ONNX_FILE).is_file() and (tmp_path / INT8_FILE).is_file()
     knobs = HandlerKnobs.from_model_yaml(model_config_yaml(ServeConfig()))
     clf = Classifier(tmp_path, warmup=False, cpu_backend=knobs.cpu_backend)
-    assert knobs.cpu_backend == "onnx" and clf.backend == "onnx"
+    assert knobs.cpu_backend == "onnx-int8" and clf.backend == "onnx-int8"
+    assert Classifier(tmp_path, warmup=False, cpu_backend="onnx").backend == "onnx"
     labels = [clf.meta.class_names[int(c)] for c in fmnist_test[1][:8]]
     assert sum(r["label"] == want for r, want in zip(clf.classify([fmnist_png(i) for i in range(8)]), labels)) >= 7
 
@@ -118,5 +119,5 @@ def test_without_onnxruntime_the_core_serves_eager(release_model_dir, monkeypatc
 
 
 def test_an_unknown_backend_is_refused(release_model_dir):
-    with pytest.raises(ValueError, match="onnx, eager"):
+    with pytest.raises(ValueError, match="onnx, onnx-int8, eager"):
         Classifier(release_model_dir, warmup=False, cpu_backend="tensorrt")

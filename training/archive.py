@@ -30,7 +30,8 @@ import handler
 import returns_model
 from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
 from returns_model.artifact import load_model, read_meta
-from returns_model.export import ONNX_FILE, write_onnx
+from handler.core import CPU_BACKENDS
+from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
 from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
@@ -115,6 +116,8 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
     model, _ = load_model(model_dir)
     gate_layer = (meta.unfamiliar or {}).get("layer")
     write_onnx(model, gate_layer, meta.preprocess.channels, meta.preprocess.size, payload / ONNX_FILE)
+    if meta.int8 and (model_dir / INT8_FILE).is_file():  # quantised with its own rule in model.json: shipped as is
+        shutil.copy2(model_dir / INT8_FILE, payload / INT8_FILE)
     shutil.copy2(METRICS_YAML, payload / "metrics.yaml")
     write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
     write_text(stage / "model-config.yaml", yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-timeout-s", type=int, default=d.response_timeout_s)
     p.add_argument("--max-instances", type=int, default=d.max_instances, help="images allowed in one JSON request")
     p.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="torch threads per worker (0 = auto)")
-    p.add_argument("--cpu-backend", choices=("onnx", "eager"), default=d.cpu_backend,
-                   help="the CPU forward pass: ONNX Runtime on the shipped graph, or torch eager")
+    p.add_argument("--cpu-backend", choices=CPU_BACKENDS, default=d.cpu_backend,
+                   help="the CPU forward pass: ONNX Runtime on the shipped float graph, on the model's int8 graph "
+                        "(its own review rule; the float graph where the model has none), or torch eager")
     p.add_argument("--token-auth", action="store_true", help="turn TorchServe's (60-minute) token auth on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -47,6 +47,7 @@ class TrainConfig:
     unfamiliar_rate: float = 0.02  # share of ordinary validation photos the unfamiliar gate may flag
     gate_layer: str = ""  # block whose pooled output the gate reads; "" = the middle block (blocks.3 of 6)
     trust_photos: int = 1000  # photos of each unfamiliar kind in the trust report
+    int8: bool = True  # also build the int8 CPU graph and fit its own review rule (training/quantize.py)
     top_k: int = 3
     # run
     seed: int = 0

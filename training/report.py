@@ -33,6 +33,7 @@ from training.data import Dataset, load_data, make_spec
 from training.evaluate import predict_logits, test_metrics
 from training.data import Split
 from training.gate_fit import add_modes, choose_cutoff, fit_statistics, forward_with_tap, sharpen
+from training.quantize import add_int8_path
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
@@ -104,6 +105,9 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     trust = trust_report(out, ds.test.images, ds.test.labels, cfg.trust_photos, cfg.seed)
     metrics["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
                         "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
+    if cfg.int8 and decided is None:  # a retrained candidate serves the float graph (its gate learnt decided photos)
+        section = add_int8_path(out, ds, cfg)
+        metrics["int8"] = {k: section[k] for k in ("test", "agreement_with_float_path", "trust")}
     write_json(out / "metrics.json", metrics)
     log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; served rule: %.1f%% auto-accepted at %.2f%% precision",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece_before_calibration"],

@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-layer", default=d.gate_layer, help="block the gate reads (default: the middle one)")
     p.add_argument("--trust-photos", type=int, default=d.trust_photos,
                    help="photos of each unfamiliar kind in the trust report")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the int8 CPU graph and its review rule (training/quantize.py)")
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)

@@ -39,10 +39,11 @@ def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]
 
 
 def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.Tensor, photos_per_kind: int,
-                 seed: int = 0) -> dict[str, Any]:
-    """Measure the served rule on the test split and on every kind of unfamiliar photo; write the report."""
+                 seed: int = 0, cpu_backend: str = "eager", write: bool = True) -> dict[str, Any]:
+    """Measure the served rule on the test split and on every kind of unfamiliar photo; write the report
+    (``write=False``: only return it, as training/quantize.py does for the int8 path)."""
     model_dir = Path(model_dir)
-    clf = Classifier(model_dir, warmup=False)
+    clf = Classifier(model_dir, warmup=False, cpu_backend=cpu_backend)
     ordinary = _served(clf, list(test_images))
     pred = torch.tensor([r["class_id"] for r in ordinary])
     correct = pred == test_labels
@@ -73,10 +74,12 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
     night = {"ordinary": len(ordinary), "unfamiliar": n_unf,
              "unfamiliar_routed_to_review": float(torch.tensor(routed_pool)[pick].float().mean()),
              "ordinary_auto_accepted": test["coverage"], "ordinary_accepted_precision": test["precision"]}
-    report = {"measured_with": "handler.core.Classifier on this model folder (the served code path)",
+    report = {"measured_with": f"handler.core.Classifier on this model folder (the served code path, {clf.backend})",
               "threshold": clf.meta.threshold, "certificate": clf.meta.certificate,
               "gate": {k: v for k, v in (clf.meta.unfamiliar or {}).items() if k not in ("means", "precision")},
               "test": test, "unfamiliar_kinds": kinds, "mixed_night": night}
+    if not write:
+        return report
     write_json(model_dir / "trust.json", report)
     if clf.gate is not None:
         plots.unfamiliar_histograms(scores["ordinary"], {k: v for k, v in scores.items() if k != "ordinary" and len(v)},

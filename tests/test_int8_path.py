@@ -1,0 +1,143 @@
+"""The int8 CPU path (training/quantize.py): a quantised graph with a review rule fitted on its own
+outputs. It must keep the promise by itself, and agree with the float path photo by photo."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from handler.core import Classifier
+from handler.onnx_runner import Int8GraphError
+from returns_model.export import INT8_FILE
+from training import unfamiliar
+
+
+@pytest.fixture(scope="session")
+def int8_classifier(release_model_dir) -> Classifier:
+    clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
+    assert clf.backend == "onnx-int8"
+    return clf
+
+
+@pytest.fixture(scope="session")
+def float_classifier(release_model_dir) -> Classifier:
+    return Classifier(release_model_dir, warmup=False, cpu_backend="onnx")
+
+
+def served(clf: Classifier, images: torch.Tensor) -> list[dict]:
+    pixels = list(images.unsqueeze(1))
+    out = []
+    for i in range(0, len(pixels), 500):
+        out += clf.describe(*clf.scores(pixels[i:i + 500]))
+    return out
+
+
+def test_the_int8_path_serves_with_its_own_rule(int8_classifier, release_model_dir):
+    section = json.loads((release_model_dir / "model.json").read_text())["int8"]
+    cal = section["calibration"]
+    assert int8_classifier.meta.threshold == cal["threshold"] and int8_classifier.meta.temperature == cal["temperature"]
+    assert int8_classifier.gate.cutoff == section["unfamiliar"]["cutoff"]
+    cert = int8_classifier.meta.certificate
+    assert cert == cal["certificate"] and not cert["accept_nothing"] and cert["precision_lower_bound"] >= 0.99
+
+
+def test_its_certified_promise_holds_on_the_test_split(int8_classifier, release_model_dir, fmnist_test):
+    images, labels = fmnist_test
+    results = served(int8_classifier, images)
+    accepted = torch.tensor([not r["needs_review"] for r in results])
+    correct = torch.tensor([r["class_id"] for r in results]) == labels
+    precision, coverage = float(correct[accepted].float().mean()), float(accepted.float().mean())
+    assert precision >= 0.99 and coverage >= 0.75, (precision, coverage)  # 99.27% at 78.6% measured
+    recorded = json.loads((release_model_dir / "model.json").read_text())["int8"]["test"]
+    assert coverage == pytest.approx(recorded["auto_accepted"], abs=1e-4)  # model.json says what the server does
+    assert precision == pytest.approx(recorded["precision"], abs=1e-4)
+    assert float(correct.float().mean()) >= 0.94
+
+
+def test_it_agrees_with_the_float_path_photo_by_photo(int8_classifier, float_classifier, fmnist_test):
+    images, _ = fmnist_test
+    a, b = served(int8_classifier, images[:3000]), served(float_classifier, images[:3000])
+    same_label = sum(x["class_id"] == y["class_id"] for x, y in zip(a, b)) / len(a)
+    same_decision = sum(x["needs_review"] == y["needs_review"] for x, y in zip(a, b)) / len(a)
+    assert same_label >= 0.995 and same_decision >= 0.99, (same_label, same_decision)  # 99.8% / 99.4% on all 10,000
+    assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b)) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["inverted", "noise", "scene_crops", "shapes_text", "blank", "patterns"])
+def test_unfamiliar_photos_go_to_review_on_the_int8_path(int8_classifier, fmnist_test, kind):
+    results = int8_classifier.classify(unfamiliar.make(kind, 40, seed=3, images=fmnist_test[0].numpy()))
+    routed = sum(r.get("needs_review", True) for r in results) / len(results)
+    assert routed >= 0.9, f"{kind}: only {routed:.0%} sent to review"
+    assert any("unfamiliar" in r.get("review_reason", []) for r in results)
+
+
+def test_a_graph_that_is_not_the_one_fitted_is_refused(release_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(release_model_dir, folder)
+    graph = bytearray((folder / INT8_FILE).read_bytes())
+    graph[-1] ^= 0xFF
+    (folder / INT8_FILE).write_bytes(bytes(graph))
+    with pytest.raises(Int8GraphError, match="SHA-256"):
+        Classifier(folder, warmup=False, cpu_backend="onnx-int8")
+
+
+def test_a_folder_without_an_int8_graph_serves_the_float_graph_and_rule(release_model_dir, tmp_path, caplog):
+    folder = tmp_path / "model"
+    shutil.copytree(release_model_dir, folder, ignore=shutil.ignore_patterns(INT8_FILE))
+    clf = Classifier(folder, warmup=False, cpu_backend="onnx-int8")
+    meta = json.loads((folder / "model.json").read_text())
+    assert clf.backend == "onnx" and clf.meta.threshold == meta["calibration"]["threshold"]
+    assert "no int8 graph" in caplog.text
+
+
+def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test):
+    """The tool on small real splits: the section describes the graph it returns."""
+    import hashlib
+
+    from training.config import TrainConfig
+    from training.data import Dataset, Split
+    from training.quantize import int8_section
+
+    images, labels = fmnist_test
+    split = lambda a, b: Split(images[a:b].unsqueeze(1), labels[a:b])  # noqa: E731
+    ds = Dataset(split(0, 4000), split(4000, 7000), split(7000, 10000), json.loads(
+        (release_model_dir / "model.json").read_text())["class_names"], "test", "x")
+    graph, section = int8_section(release_model_dir, ds, TrainConfig())
+    assert section["sha256"] == hashlib.sha256(graph).hexdigest() and section["file"] == INT8_FILE
+    assert section["calibration"]["certificate"]["n_calibration"] == 3000
+    assert section["unfamiliar"]["info"]["fitted_on"] == "training split, 4000 photos"
+    agree = section["agreement_with_float_path"]
+    assert agree["same_label"] >= 0.99 and 0 < agree["max_abs_probability_difference"] < 0.2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_torchserve_serves_the_int8_rule_by_default(model_root, release_model_dir, fmnist_test, tmp_path):
+    """The shipped archive (default knobs) in a real TorchServe: its answers are the int8 graph's logits
+    under the int8 section's temperature, threshold and gate, computed without the handler
+    (tests/oracle.py, ``path="int8"``), across the confidence range and on both sides of the threshold."""
+    import base64
+
+    import requests
+
+    from scripts.localserve import LocalTorchServe
+    from tests.conftest import encode
+    from tests.oracle import Oracle, spread_sample
+    from tests.test_calibrated_answers import assert_answer
+
+    oracle = Oracle(release_model_dir, path="int8")
+    images, _ = fmnist_test
+    sample = spread_sample(oracle, images)
+    near = sorted(sample, key=lambda e: abs(e.confidence - oracle.threshold))[:4]
+    assert {e.needs_review for e in near} == {True, False}
+    body = {"instances": [base64.b64encode(encode(images[e.index])).decode() for e in sample]}
+    with LocalTorchServe(model_root, workdir=tmp_path / "ts") as server:
+        r = requests.post(server.inference_url + "/predictions/returns-classifier", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(sample)
+    for result, want in zip(preds, sample):
+        assert_answer(result, want, oracle.class_names, tol=1e-4)

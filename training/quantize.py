@@ -1,0 +1,178 @@
+"""The int8 CPU path: a statically quantised copy of the exported graph, with a review rule of its own.
+
+    python -m training.quantize --model-dir models/release
+
+Writes ``model.int8.onnx`` into the model folder and an ``int8`` section into ``model.json``; the
+server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``).
+
+Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean ~5e-4 on the test
+split), far more than the 1e-3 within which the float graph matches the eager model. So the float
+path's temperature, certified threshold and gate are not reused: everything is fitted again on the
+int8 graph's own outputs, on the same splits and by the same code as the float path
+(training/report.py): gate statistics on the training split, its cutoff, the temperature and the
+certified threshold on the validation split, figures on the test split.
+
+Quantisation (ONNX Runtime, QDQ format): weights int8 per output channel, activations uint8 with
+ranges from the min/max over ``CAL_PHOTOS`` seeded training photos. The agreement with the float
+path's served answers on the test split is recorded beside the rule.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from handler.onnx_runner import OnnxRunner
+from returns_model.artifact import ModelMeta, load_model, write_meta
+from returns_model.export import INPUT, INT8_FILE, export_onnx
+from returns_model.fileio import atomic_open
+from returns_model.gate import UnfamiliarGate
+from returns_model.preprocess import PreprocessSpec, normalize
+from training.calibrate import calibrate
+from training.config import TrainConfig
+from training.data import Dataset, load_data
+from training.evaluate import test_metrics
+from training.gate_fit import choose_cutoff, fit_statistics
+
+log = logging.getLogger("training.quantize")
+CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
+THREADS = 2
+
+
+def quantize_graph(graph: bytes, calibration: np.ndarray) -> bytes:
+    """Float ONNX bytes -> QDQ int8 ONNX bytes, activation ranges from ``calibration`` (normalised float32 [N, C, H, W])."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{INPUT: calibration[i:i + 64]} for i in range(0, len(calibration), 64)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(graph)
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return out.read_bytes()
+
+
+def run_graph(runner: OnnxRunner, images: torch.Tensor, spec: PreprocessSpec,
+              batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> (logits, tapped embedding) from one ONNX Runtime session."""
+    parts = [runner(normalize(images[i:i + batch], spec)) for i in range(0, len(images), batch)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
+            threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The served rule: (probabilities, predicted class, auto-accepted)."""
+    probs = torch.softmax(logits / temperature, 1)
+    conf, pred = probs.max(1)
+    return probs, pred, (conf >= threshold) & ~gate.flag(gate.score(tapped, pixels=images))
+
+
+def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS) -> tuple[bytes, dict[str, Any]]:
+    """Quantise the folder's model and fit the int8 path's review rule; nothing is written here."""
+    model, meta = load_model(model_dir)
+    if not meta.unfamiliar:
+        raise ValueError(f"{model_dir}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
+                         "re-report the model first")
+    spec, layer, k = meta.preprocess, meta.unfamiliar["layer"], meta.arch.num_classes
+    float_graph = export_onnx(model, layer, spec.channels, spec.size)
+    pick = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:CAL_PHOTOS]
+    graph = quantize_graph(float_graph, normalize(ds.train.images[pick], spec).numpy())
+    int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
+
+    _, train_tap = run_graph(int8, ds.train.images, spec)
+    gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, k)
+    val_logits, val_tap = run_graph(int8, ds.val.images, spec)
+    gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
+    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta,
+                    flagged=gate.flag(gate.score(val_tap, pixels=ds.val.images)))
+    test_logits, test_tap = run_graph(int8, ds.test.images, spec)
+    test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
+    m = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
+
+    p8, pred8, acc8 = _served(test_logits, test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
+    f_logits, f_tap = run_graph(fp, ds.test.images, spec)
+    pf, predf, accf = _served(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
+                              UnfamiliarGate.from_dict(meta.unfamiliar))
+    cert = cal.certificate
+    section = {
+        "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
+        "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                         "weights": "int8, per output channel", "activations": "uint8, min/max ranges",
+                         "calibration_photos": f"{len(pick)} of the training split, seed {cfg.seed}"},
+        "calibration": {"temperature": cal.temperature, "threshold": cert.threshold,
+                        "target_precision": cert.target_precision, "coverage": cert.coverage,
+                        "certificate": cert.to_dict()},
+        "unfamiliar": gate.to_dict(),
+        "test": {"n": len(ds.test), "accuracy": m["accuracy"], "ece_after_calibration": m["ece_after_calibration"],
+                 "auto_accepted": m["test_coverage_at_threshold"], "precision": m["test_precision_at_threshold"],
+                 "flagged_unfamiliar": m["test_flagged_unfamiliar"]},
+        "agreement_with_float_path": {
+            "n": len(ds.test), "same_label": float((pred8 == predf).double().mean()),
+            "same_review_decision": float((acc8 == accf).double().mean()),
+            "max_abs_probability_difference": float((p8 - pf).abs().max()),
+            "mean_abs_probability_difference": float((p8 - pf).abs().mean()),
+        },
+    }
+    log.info("int8: test accuracy %.4f (float %.4f); %.1f%% auto-accepted at %.2f%%; same label %.2f%%, "
+             "same review decision %.2f%%", m["accuracy"], float((predf == ds.test.labels).double().mean()),
+             100 * section["test"]["auto_accepted"], 100 * (section["test"]["precision"] or 0),
+             100 * section["agreement_with_float_path"]["same_label"],
+             100 * section["agreement_with_float_path"]["same_review_decision"])
+    return graph, section
+
+
+def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None) -> dict[str, Any]:
+    """Write ``model.int8.onnx`` and the ``int8`` section of ``model.json``, then measure the int8 path
+    as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``) on every unfamiliar kind."""
+    from returns_model.artifact import read_meta
+    from training.trust import trust_report
+
+    model_dir = Path(model_dir)
+    graph, section = int8_section(model_dir, ds, cfg)
+    with atomic_open(model_dir / INT8_FILE, "wb") as f:
+        f.write(graph)
+    meta: ModelMeta = read_meta(model_dir)
+    write_meta(replace(meta, int8=section), model_dir)
+    trust = trust_report(model_dir, ds.test.images, ds.test.labels, trust_photos or cfg.trust_photos, cfg.seed,
+                         cpu_backend="onnx-int8", write=False)
+    section["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
+                        "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
+    write_meta(replace(meta, int8=section), model_dir)
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Add the int8 CPU path (graph + its own review rule) to a model folder.")
+    p.add_argument("--model-dir", default="models/release", help="a model folder with model.pt, model.json, train_config.json")
+    p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model_dir = Path(args.model_dir)
+    cfg = TrainConfig.from_json(model_dir / "train_config.json")
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    _, meta = load_model(model_dir)
+    section = add_int8_path(model_dir, load_data(cfg, meta.preprocess), cfg)
+    print(f"{model_dir / INT8_FILE}: test accuracy {section['test']['accuracy']:.4f}, "
+          f"{100 * section['test']['auto_accepted']:.1f}% auto-accepted at {100 * (section['test']['precision'] or 0):.2f}%; "
+          f"unfamiliar kinds routed {', '.join(f'{k} {v:.1%}' for k, v in section['trust']['unfamiliar_kinds_routed'].items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
