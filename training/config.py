@@ -78,6 +78,14 @@ class TrainConfig:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+    @classmethod
+    def of_folder(cls, model_dir: Path, data_dir: str | None = None) -> "TrainConfig":
+        """What a model folder's ``train_config.json`` records, its data folder overridden where given."""
+        cfg = cls.from_json(Path(model_dir) / "train_config.json")
+        if data_dir:
+            cfg.data_dir = data_dir
+        return cfg
+
 
 def make_arch(cfg: TrainConfig, spec: PreprocessSpec, num_classes: int) -> ArchConfig:
     return ArchConfig(in_channels=spec.channels, num_classes=num_classes, widths=cfg.widths,

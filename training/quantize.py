@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
-    cfg = TrainConfig.from_json(model_dir / "train_config.json")
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
+    cfg = TrainConfig.of_folder(model_dir, args.data_dir)
     _, meta = load_model(model_dir)
     section = add_int8_path(model_dir, load_data(cfg, meta.preprocess), cfg)
     print(f"{model_dir / INT8_FILE}: test accuracy {section['test']['accuracy']:.4f}, "

@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
-    cfg = TrainConfig.from_json(model_dir / "train_config.json")
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
+    cfg = TrainConfig.of_folder(model_dir, args.data_dir)
     if args.device:
         cfg.device = args.device
     device = pick_device(cfg)
