@@ -318,5 +318,5 @@ def test_the_start_up_line_names_the_device_and_the_model(predictor):
     the line was logged before any handler existed)."""
     lines = [line for line in predictor.log.read_text().splitlines() if " ready on " in line]
     assert len(lines) == 1, predictor.log.read_text()[:2000]
-    assert "returns-classifier ready on cpu (onnx, " in lines[0] and " INFO " in lines[0]
+    assert "returns-classifier ready on cpu (onnx-int8, " in lines[0] and " INFO " in lines[0]
     assert re.search(r"sha256 [0-9a-f]{64}", lines[0])
