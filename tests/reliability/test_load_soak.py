@@ -19,6 +19,20 @@ def rss_mb(pid):
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+@pytest.fixture(scope="module")
+def torchserve(release_model_dir, tmp_path_factory):
+    """The shipped CPU path (default knobs: the int8 graph) with server batching on (up to 4 requests
+    per handler call), so the soak runs what a cluster runs, on the handler's harder path."""
+    from handler.serve_config import ServeConfig
+    from scripts.localserve import LocalTorchServe
+    from training.archive import build_archive
+
+    root = tmp_path_factory.mktemp("model_root_soak")
+    build_archive(release_model_dir, root, ServeConfig(batch_size=4))
+    with LocalTorchServe(root, workdir=tmp_path_factory.mktemp("torchserve_soak")) as server:
+        yield server
+
+
 def test_soak_mixed_requests(torchserve, fmnist_png, capsys):
     photos = [fmnist_png(i) for i in range(300)]
     b64 = [base64.b64encode(p).decode() for p in photos]
