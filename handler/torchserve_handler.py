@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -33,6 +34,21 @@ COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConf
             "UnfamiliarTotal": "unfamiliar"}
 
 
+WORKERS_ENV = "RETURNS_WORKERS_PER_MODEL"
+
+
+def workers_per_model(model_yaml: dict[str, Any]) -> int:
+    """How many workers share the pod's CPUs: the chart's count (``RETURNS_WORKERS_PER_MODEL``, set
+    beside its model_snapshot, which overrides the archive's) or else the archive's ``minWorkers``."""
+    for value in (os.environ.get(WORKERS_ENV), model_yaml.get("minWorkers")):
+        try:
+            if value is not None and int(value) >= 1:
+                return int(value)
+        except ValueError:
+            log.warning("%s=%r is not a worker count; ignored", WORKERS_ENV, value)
+    return 1
+
+
 class ReturnsClassifierHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
@@ -43,7 +59,7 @@ class ReturnsClassifierHandler(BaseHandler):
             device = torch.device(f"cuda:{gpu_id}")
         else:
             device = torch.device("cpu")
-        workers = int(model_yaml.get("minWorkers", 1) or 1)
+        workers = workers_per_model(model_yaml)
         threads = knobs.cpu_threads or max(1, available_cpus() // workers)
         self.max_instances = knobs.max_instances
         self.core = Classifier(props["model_dir"], device=device, threads=threads,

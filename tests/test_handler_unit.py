@@ -157,6 +157,19 @@ def test_cpu_passes_of_a_chunk_change_no_result(release_model_dir, fmnist_png, m
     assert torch.allclose(clf.probabilities(pixels), whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("env, yaml_workers, expected", [
+    (None, 3, 3), ("4", 1, 4), ("0", 2, 2), ("two", 2, 2), (None, None, 1),
+], ids=["archive", "chart-wins", "zero-ignored", "garbage-ignored", "none"])
+def test_workers_per_model_prefers_the_charts_count(monkeypatch, env, yaml_workers, expected):
+    from handler.torchserve_handler import WORKERS_ENV, workers_per_model
+
+    if env is None:
+        monkeypatch.delenv(WORKERS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WORKERS_ENV, env)
+    assert workers_per_model({} if yaml_workers is None else {"minWorkers": yaml_workers}) == expected
+
+
 def test_cpu_backend_is_a_model_config_knob(handler, release_model_dir):
     from handler.serve_config import HandlerKnobs, ServeConfig, model_config_yaml
 

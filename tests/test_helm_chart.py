@@ -1001,8 +1001,8 @@ def test_schema_rejects_bad_model_values(bad: dict[str, Any]) -> None:
 
 @pytest.mark.integration
 def test_workers_and_batching_reach_torchserve() -> None:
-    """The archive's model-config.yaml pins minWorkers = maxWorkers = 1; the chart's model_snapshot,
-    applied after it by TorchServe, carries the values instead."""
+    """The archive's model-config.yaml pins minWorkers = maxWorkers; the chart's model_snapshot,
+    applied after it by TorchServe, carries the values instead, and tells the handler its count."""
     knobs = {"defaultWorkersPerModel": 3, "batchSize": 16, "maxBatchDelay": 20, "defaultResponseTimeout": 90}
     cm = hr.render({"serving": {"torchserve": knobs}}).one("ConfigMap")
     props = properties(cm["data"]["config.properties"])
@@ -1012,6 +1012,9 @@ def test_workers_and_batching_reach_torchserve() -> None:
     assert entry == {"defaultVersion": True, "marName": "returns-classifier.mar", "minWorkers": 3, "maxWorkers": 3,
                      "batchSize": 16, "maxBatchDelay": 20, "responseTimeout": 90}
     assert props["default_workers_per_model"] == "3" and props["default_response_timeout"] == "90"
+    (container,) = hr.render({"serving": {"torchserve": knobs}}).one("Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["RETURNS_WORKERS_PER_MODEL"] == "3"  # the handler sizes its threads by the chart's count
 
 
 @pytest.mark.integration
