@@ -287,7 +287,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     names = [("raw_images_per_s", "raw eager"), ("raw_decode_images_per_s", "raw eager\n+decode"),
              ("raw_onnx_images_per_s", "raw onnx"), ("raw_onnx_decode_images_per_s", "raw onnx\n+decode"),
              ("raw_int8_images_per_s", "raw int8"), ("raw_int8_decode_images_per_s", "raw int8\n+decode"),
@@ -297,6 +297,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     err = [[m - sp[k]["min"] for m, (k, _) in zip(med, names)], [sp[k]["max"] - m for m, (k, _) in zip(med, names)]]
     ax.bar([label for _, label in names], med, yerr=err, capsize=4,
            color=["#888", "#888", "#4a7", "#4a7", "#a7a", "#a7a", "#37c", "#c63"])
+    ax.tick_params(axis="x", labelsize=8, labelrotation=35)
     ax.set_ylabel("photos / s (median of %d runs, min-max)" % r["runs"])
     ax.set_title("Throughput, load average %s" % r["load_average"]["start"][0])
     ax.grid(alpha=0.3, axis="y")
