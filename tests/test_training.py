@@ -1,4 +1,5 @@
 """A short real training run learns, writes a complete model folder, resumes, and stops on NaN."""
+import hashlib
 import json
 
 import pytest
@@ -23,6 +24,17 @@ def test_short_run_learns_and_writes_the_report(tmp_path):
     assert len((out / "history.jsonl").read_text().splitlines()) == 2
     meta = json.loads((out / "model.json").read_text())
     assert sum(meta["reference"]["class_distribution"]) == pytest.approx(1.0, abs=1e-4)
+    # the int8 CPU path comes with every trained model: its graph, and a rule fitted on its outputs
+    int8 = meta["int8"]
+    assert int8["sha256"] == hashlib.sha256((out / "model.int8.onnx").read_bytes()).hexdigest()
+    assert int8["calibration"]["certificate"]["n_calibration"] == 1000 and "unfamiliar_kinds_routed" in int8["trust"]
+    assert metrics["int8"]["agreement_with_float_path"]["n"] == 10000
+
+
+def test_no_int8_skips_the_quantised_path(tmp_path):
+    out = tmp_path / "m"
+    assert train_main(TINY + ["--epochs", "1", "--no-int8", "--output", str(out)]) == 0
+    assert "int8" not in json.loads((out / "model.json").read_text()) and not (out / "model.int8.onnx").exists()
 
 
 def test_compiled_training_learns_and_saves_plain_weights(tmp_path):
