@@ -101,7 +101,8 @@ class ModelMeta:
             cal = self.int8["calibration"]
             return replace(self, temperature=float(cal["temperature"]), threshold=float(cal["threshold"]),
                            target_precision=float(cal["target_precision"]), coverage=cal.get("coverage"),
-                           certificate=cal.get("certificate"), unfamiliar=self.int8.get("unfamiliar"))
+                           certificate=cal.get("certificate"), unfamiliar=self.int8.get("unfamiliar"),
+                           reference=self.int8.get("reference") or self.reference)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
 

@@ -141,3 +141,24 @@ def test_torchserve_serves_the_int8_rule_by_default(model_root, release_model_di
     assert len(preds) == len(sample)
     for result, want in zip(preds, sample):
         assert_answer(result, want, oracle.class_names, tol=1e-4)
+
+
+def test_the_int8_rule_has_its_own_drift_reference_and_the_manifest_describes_it(int8_classifier, release_model_dir,
+                                                                                 model_root, tmp_path):
+    """The submitter's drift check compares a night with the served rule's validation answers: the int8
+    section carries its own, and the default archive's manifest names the int8 rule and copies it."""
+    from handler.serve_config import ServeConfig
+    from training.archive import build_archive
+
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    ref = meta["int8"]["reference"]
+    assert sum(ref["confidence_histogram"]["counts"]) == 5000 and ref["unfamiliar_rate"] == pytest.approx(0.02, abs=1e-3)
+    assert int8_classifier.meta.reference == ref
+    manifest = json.loads((model_root / "artifact_manifest.json").read_text())
+    assert manifest["served_rule"] == "int8" and manifest["reference"] == ref
+    assert manifest["calibration"]["threshold"] == meta["int8"]["calibration"]["threshold"]
+    float_root = tmp_path / "float_root"
+    build_archive(release_model_dir, float_root, ServeConfig(cpu_backend="onnx"))
+    float_manifest = json.loads((float_root / "artifact_manifest.json").read_text())
+    assert float_manifest["served_rule"] == "float" and float_manifest["reference"] == meta["reference"]
+    assert float_manifest["calibration"] == meta["calibration"]

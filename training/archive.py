@@ -150,6 +150,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     train_cfg = (json.loads((model_dir / "train_config.json").read_text())
                  if (model_dir / "train_config.json").exists() else {})
+    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and meta.int8 and (model_dir / INT8_FILE).is_file() else meta
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": meta.model_version,
@@ -163,8 +164,10 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "serve_config": asdict(cfg),
         "train_config": train_cfg,
         "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
-        "calibration": meta.to_dict()["calibration"],
-        "reference": meta.reference,
+        # the rule the archive serves on a CPU: the int8 path's own where it is the backend and shipped
+        "served_rule": "int8" if served is not meta else "float",
+        "calibration": served.to_dict()["calibration"],
+        "reference": served.reference,
         **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))

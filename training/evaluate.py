@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from returns_model.manifest import REFERENCE_EDGES, make_reference
 from returns_model.network import SEResNet
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.calibrate import Calibration, expected_calibration_error, nll, risk_coverage
@@ -72,3 +73,13 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, c
         "test_precision_at_threshold": float(correct[accepted].float().mean()) if accepted.any() else None,
         "aurc": aurc,
     }
+
+
+def drift_reference(probs: torch.Tensor, class_names: list[str], unfamiliar_rate: float | None) -> dict[str, Any]:
+    """What the submitter compares a night's run against: predicted class mix, confidence histogram
+    and the share of photos the gate flags."""
+    conf, pred = probs.max(1)
+    mix = torch.bincount(pred, minlength=len(class_names)).double() / len(pred)
+    counts = torch.histogram(conf.double(), bins=torch.tensor(REFERENCE_EDGES, dtype=torch.float64))[0]
+    return make_reference(class_names, mix.tolist(), counts.tolist(), len(pred), "validation split, calibrated",
+                          unfamiliar_rate)

@@ -38,7 +38,7 @@ from returns_model.preprocess import PreprocessSpec, normalize
 from training.calibrate import calibrate
 from training.config import TrainConfig
 from training.data import Dataset, load_data
-from training.evaluate import test_metrics
+from training.evaluate import drift_reference, test_metrics
 from training.gate_fit import choose_cutoff, fit_statistics
 
 log = logging.getLogger("training.quantize")
@@ -98,8 +98,8 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, k)
     val_logits, val_tap = run_graph(int8, ds.val.images, spec)
     gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta,
-                    flagged=gate.flag(gate.score(val_tap, pixels=ds.val.images)))
+    val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
+    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
     test_logits, test_tap = run_graph(int8, ds.test.images, spec)
     test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
     m = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
@@ -118,6 +118,9 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
                         "target_precision": cert.target_precision, "coverage": cert.coverage,
                         "certificate": cert.to_dict()},
         "unfamiliar": gate.to_dict(),
+        # what the submitter's drift check compares a night against, from this path's own answers
+        "reference": drift_reference(torch.softmax(val_logits / cal.temperature, 1), ds.class_names,
+                                     float(val_flagged.float().mean())),
         "test": {"n": len(ds.test), "accuracy": m["accuracy"], "ece_after_calibration": m["ece_after_calibration"],
                  "auto_accepted": m["test_coverage_at_threshold"], "precision": m["test_precision_at_threshold"],
                  "flagged_unfamiliar": m["test_flagged_unfamiliar"]},

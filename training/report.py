@@ -23,30 +23,19 @@ import torch.nn.functional as F
 
 from returns_model.artifact import ModelMeta, load_model, save_weights, write_meta
 from returns_model.fileio import write_json
-from returns_model.manifest import REFERENCE_EDGES, make_reference
 from returns_model.network import ArchConfig, SEResNet
 from returns_model.preprocess import PreprocessSpec
 from training import plots
 from training.calibrate import Calibration, calibrate, risk_coverage
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
-from training.evaluate import predict_logits, test_metrics
+from training.evaluate import drift_reference, predict_logits, test_metrics
 from training.data import Split
 from training.gate_fit import add_modes, choose_cutoff, fit_statistics, forward_with_tap, sharpen
 from training.quantize import add_int8_path
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
-
-
-def drift_reference(probs: torch.Tensor, class_names: list[str], unfamiliar_rate: float | None) -> dict[str, Any]:
-    """What the submitter compares a night's run against: predicted class mix, confidence histogram
-    and the share of photos the gate flags."""
-    conf, pred = probs.max(1)
-    mix = torch.bincount(pred, minlength=len(class_names)).double() / len(pred)
-    counts = torch.histogram(conf.double(), bins=torch.tensor(REFERENCE_EDGES, dtype=torch.float64))[0]
-    return make_reference(class_names, mix.tolist(), counts.tolist(), len(pred), "validation split, calibrated",
-                          unfamiliar_rate)
 
 
 def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
