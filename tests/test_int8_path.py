@@ -162,3 +162,16 @@ def test_the_int8_rule_has_its_own_drift_reference_and_the_manifest_describes_it
     float_manifest = json.loads((float_root / "artifact_manifest.json").read_text())
     assert float_manifest["served_rule"] == "float" and float_manifest["reference"] == meta["reference"]
     assert float_manifest["calibration"] == meta["calibration"]
+
+
+def test_the_archive_refuses_a_graph_that_is_not_the_one_fitted(release_model_dir, tmp_path, capsys):
+    from training.archive import main as archive_main
+
+    folder = tmp_path / "model"
+    shutil.copytree(release_model_dir, folder)
+    graph = bytearray((folder / INT8_FILE).read_bytes())
+    graph[-1] ^= 0xFF
+    (folder / INT8_FILE).write_bytes(bytes(graph))
+    assert archive_main(["--model-dir", str(folder), "--output", str(tmp_path / "root")]) == 1
+    assert "SHA-256 is not the one model.json's int8 rule was fitted on" in capsys.readouterr().err
+    assert not (tmp_path / "root" / "model-store" / "returns-classifier.mar").exists()

@@ -28,9 +28,9 @@ import yaml
 
 import handler
 import returns_model
-from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
-from returns_model.artifact import load_model, read_meta
 from handler.core import CPU_BACKENDS
+from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
+from returns_model.artifact import ModelMeta, load_model, read_meta
 from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
@@ -101,6 +101,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def ships_int8(meta: ModelMeta, model_dir: Path) -> bool:
+    """Whether the folder has an int8 graph with its rule; one whose SHA-256 is not model.json's is
+    refused here, before it is packed (the server would refuse it at start)."""
+    path = Path(model_dir) / INT8_FILE
+    if not meta.int8 or not path.is_file():
+        return False
+    if sha256_file(path) != meta.int8.get("sha256"):
+        raise ValueError(f"{path}: SHA-256 is not the one model.json's int8 rule was fitted on; "
+                         f"rebuild it with `python -m training.quantize --model-dir {model_dir}`")
+    return True
+
+
 def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
     """Lay out everything the .mar carries besides the handler entry file."""
     meta = read_meta(model_dir)
@@ -116,7 +128,7 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
     model, _ = load_model(model_dir)
     gate_layer = (meta.unfamiliar or {}).get("layer")
     write_onnx(model, gate_layer, meta.preprocess.channels, meta.preprocess.size, payload / ONNX_FILE)
-    if meta.int8 and (model_dir / INT8_FILE).is_file():  # quantised with its own rule in model.json: shipped as is
+    if ships_int8(meta, model_dir):  # quantised with its own rule in model.json: shipped as is
         shutil.copy2(model_dir / INT8_FILE, payload / INT8_FILE)
     shutil.copy2(METRICS_YAML, payload / "metrics.yaml")
     write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
@@ -150,7 +162,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     train_cfg = (json.loads((model_dir / "train_config.json").read_text())
                  if (model_dir / "train_config.json").exists() else {})
-    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and meta.int8 and (model_dir / INT8_FILE).is_file() else meta
+    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and ships_int8(meta, model_dir) else meta
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": meta.model_version,
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                       cpu_threads=args.cpu_threads, cpu_backend=args.cpu_backend, token_auth=args.token_auth)
     try:
         manifest = build_archive(Path(args.model_dir), Path(args.output), cfg)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"archive: {exc}", file=sys.stderr)
         return 1
     print(f"{args.output}/{manifest['mar_file']}  sha256 {manifest['mar_sha256']}")
