@@ -6,19 +6,15 @@ image without it serves on the eager path (``open_runner`` returns None and says
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
 from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
-
-if TYPE_CHECKING:
-    from returns_model.artifact import ModelMeta
 
 log = logging.getLogger(__name__)
 SPIN_KEY = "session.intra_op.allow_spinning"
@@ -72,20 +68,13 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
     return runner
 
 
-class Int8GraphError(RuntimeError):
-    """The folder's int8 graph is not the one its review rule was fitted on."""
-
-
-def open_int8_runner(model_dir: Path, meta: "ModelMeta", threads: int) -> OnnxRunner | None:
+def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> OnnxRunner | None:
     """A runner on the folder's int8 graph (training/quantize.py); None, with the reason logged, where
     the folder has none or onnxruntime is missing (the caller then serves the float graph and rule).
-
-    The graph's SHA-256 must be the one in ``model.json``: its temperature, threshold and gate were
-    fitted on that graph's outputs and hold for no other.
-    """
+    A graph whose SHA-256 is not model.json's is refused (``Int8GraphError``, read_int8_graph)."""
     t0 = time.perf_counter()
-    path = Path(model_dir) / INT8_FILE
-    if not meta.int8 or not path.is_file():
+    graph = read_int8_graph(model_dir, meta)
+    if graph is None:
         log.warning("cpu_backend onnx-int8: %s has no int8 graph and rule (%s, model.json 'int8'); serving the "
                     "float graph", model_dir, INT8_FILE)
         return None
@@ -94,11 +83,6 @@ def open_int8_runner(model_dir: Path, meta: "ModelMeta", threads: int) -> OnnxRu
     except ImportError:
         log.warning("cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path")
         return None
-    graph = path.read_bytes()
-    digest = hashlib.sha256(graph).hexdigest()
-    if digest != meta.int8.get("sha256"):
-        raise Int8GraphError(f"{path}: SHA-256 {digest[:16]}... is not the {str(meta.int8.get('sha256'))[:16]}... "
-                             "its review rule in model.json was fitted on; rebuild it with training/quantize.py")
     runner = OnnxRunner(graph, threads)
     log.info("cpu_backend onnx-int8: session on %s ready in %.2f s", INT8_FILE, time.perf_counter() - t0)
     return runner

@@ -40,12 +40,12 @@ WORKERS_ENV = "RETURNS_WORKERS_PER_MODEL"
 def workers_per_model(model_yaml: dict[str, Any]) -> int:
     """How many workers share the pod's CPUs: the chart's count (``RETURNS_WORKERS_PER_MODEL``, set
     beside its model_snapshot, which overrides the archive's) or else the archive's ``minWorkers``."""
-    for value in (os.environ.get(WORKERS_ENV), model_yaml.get("minWorkers")):
+    for source, value in ((WORKERS_ENV, os.environ.get(WORKERS_ENV)), ("minWorkers", model_yaml.get("minWorkers"))):
         try:
             if value is not None and int(value) >= 1:
                 return int(value)
         except ValueError:
-            log.warning("%s=%r is not a worker count; ignored", WORKERS_ENV, value)
+            log.warning("%s=%r is not a worker count; ignored", source, value)
     return 1
 
 

@@ -5,6 +5,7 @@ architecture, class names, preprocessing spec, temperature, threshold, top-k.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from returns_model.export import INT8_FILE
 from returns_model.fileio import atomic_open, write_json
 from returns_model.names import META_FILE, MODEL_NAME, WEIGHTS_FILE
 from returns_model.network import ArchConfig, SEResNet, build_model
@@ -105,6 +107,26 @@ class ModelMeta:
                            reference=self.int8.get("reference") or self.reference)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
+
+
+class Int8GraphError(ArtifactError):
+    """The folder's int8 graph is not the one its review rule in model.json was fitted on."""
+
+
+def read_int8_graph(model_dir: Path, meta: ModelMeta) -> bytes | None:
+    """The folder's int8 graph (training/quantize.py), checked against the SHA-256 in ``model.json``;
+    None where the folder has no int8 graph or no rule for it. Its temperature, threshold and gate
+    were fitted on that graph's outputs and hold for no other, so a mismatch is an error."""
+    path = Path(model_dir) / INT8_FILE
+    if not meta.int8 or not path.is_file():
+        return None
+    graph = path.read_bytes()
+    digest, expected = hashlib.sha256(graph).hexdigest(), str(meta.int8.get("sha256"))
+    if digest != expected:
+        raise Int8GraphError(f"{path}: SHA-256 is not the one model.json's int8 rule was fitted on ({digest[:16]}... "
+                             f"against {expected[:16]}...); rebuild it with `python -m training.quantize "
+                             f"--model-dir {model_dir}`")
+    return graph
 
 
 def read_meta(model_dir: Path) -> ModelMeta:

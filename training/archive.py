@@ -30,7 +30,7 @@ import handler
 import returns_model
 from handler.core import CPU_BACKENDS
 from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
-from returns_model.artifact import ModelMeta, load_model, read_meta
+from returns_model.artifact import ModelMeta, load_model, read_int8_graph, read_meta
 from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
@@ -101,21 +101,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def ships_int8(meta: ModelMeta, model_dir: Path) -> bool:
-    """Whether the folder has an int8 graph with its rule; one whose SHA-256 is not model.json's is
-    refused here, before it is packed (the server would refuse it at start)."""
-    path = Path(model_dir) / INT8_FILE
-    if not meta.int8 or not path.is_file():
-        return False
-    if sha256_file(path) != meta.int8.get("sha256"):
-        raise ValueError(f"{path}: SHA-256 is not the one model.json's int8 rule was fitted on; "
-                         f"rebuild it with `python -m training.quantize --model-dir {model_dir}`")
-    return True
-
-
-def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
+def _stage(model_dir: Path, stage: Path, cfg: ServeConfig, meta: ModelMeta, int8_graph: bytes | None) -> Path:
     """Lay out everything the .mar carries besides the handler entry file."""
-    meta = read_meta(model_dir)
     payload = stage / "payload"
     for pkg, files in SHIPPED_PACKAGES.items():
         src = Path(sys.modules[pkg].__file__).parent
@@ -128,8 +115,8 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig) -> Path:
     model, _ = load_model(model_dir)
     gate_layer = (meta.unfamiliar or {}).get("layer")
     write_onnx(model, gate_layer, meta.preprocess.channels, meta.preprocess.size, payload / ONNX_FILE)
-    if ships_int8(meta, model_dir):  # quantised with its own rule in model.json: shipped as is
-        shutil.copy2(model_dir / INT8_FILE, payload / INT8_FILE)
+    if int8_graph is not None:  # quantised with its own rule in model.json: shipped as is
+        (payload / INT8_FILE).write_bytes(int8_graph)
     shutil.copy2(METRICS_YAML, payload / "metrics.yaml")
     write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
     write_text(stage / "model-config.yaml", yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
@@ -140,13 +127,14 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     cfg = cfg or ServeConfig()
     model_dir, output = Path(model_dir), Path(output)
     meta = read_meta(model_dir)  # fails early, with a clear message, on a bad model folder
+    int8_graph = read_int8_graph(model_dir, meta)  # and on an int8 graph that is not the one its rule was fitted on
     if not (model_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{model_dir / WEIGHTS_FILE}: weights not found; run `make train` first")
     store = output / MODEL_STORE
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
-        payload = _stage(model_dir, stage, cfg)
+        payload = _stage(model_dir, stage, cfg, meta, int8_graph)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME,
                "--version", meta.model_version, "--serialized-file", str(model_dir / WEIGHTS_FILE),
                "--handler", str(HANDLER_ENTRY), "--extra-files", str(payload),
@@ -162,7 +150,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     train_cfg = (json.loads((model_dir / "train_config.json").read_text())
                  if (model_dir / "train_config.json").exists() else {})
-    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and ships_int8(meta, model_dir) else meta
+    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and int8_graph is not None else meta
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": meta.model_version,

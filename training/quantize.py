@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from handler.onnx_runner import OnnxRunner
-from returns_model.artifact import ModelMeta, load_model, write_meta
+from returns_model.artifact import load_model, read_meta, write_meta
 from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
@@ -40,6 +40,7 @@ from training.config import TrainConfig
 from training.data import Dataset, load_data
 from training.evaluate import drift_reference, test_metrics
 from training.gate_fit import choose_cutoff, fit_statistics
+from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
@@ -142,14 +143,11 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
 def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None) -> dict[str, Any]:
     """Write ``model.int8.onnx`` and the ``int8`` section of ``model.json``, then measure the int8 path
     as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``) on every unfamiliar kind."""
-    from returns_model.artifact import read_meta
-    from training.trust import trust_report
-
     model_dir = Path(model_dir)
     graph, section = int8_section(model_dir, ds, cfg)
     with atomic_open(model_dir / INT8_FILE, "wb") as f:
         f.write(graph)
-    meta: ModelMeta = read_meta(model_dir)
+    meta = read_meta(model_dir)
     write_meta(replace(meta, int8=section), model_dir)
     trust = trust_report(model_dir, ds.test.images, ds.test.labels, trust_photos or cfg.trust_photos, cfg.seed,
                          cpu_backend="onnx-int8", write=False)
