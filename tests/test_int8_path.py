@@ -113,6 +113,31 @@ def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test)
     assert agree["same_label"] >= 0.99 and 0 < agree["max_abs_probability_difference"] < 0.2
 
 
+def test_spatial_means_become_global_average_pools_with_the_same_answers(release_model_dir, fmnist_test):
+    """The rewrite before quantising changes the graph, not its outputs; the shipped graph pools in int8."""
+    import onnx
+    import onnxruntime as ort
+
+    from returns_model.artifact import load_model
+    from returns_model.export import export_onnx
+    from returns_model.preprocess import normalize
+    from training.quantize import pools_as_global_average
+
+    model, meta = load_model(release_model_dir)
+    graph = export_onnx(model, meta.unfamiliar["layer"], meta.preprocess.channels, meta.preprocess.size)
+    rewritten = pools_as_global_average(graph)
+    ops = lambda g: [n.op_type for n in onnx.load_from_string(g).graph.node]  # noqa: E731
+    assert "ReduceMean" in ops(graph) and "ReduceMean" not in ops(rewritten)
+    assert ops(rewritten).count("GlobalAveragePool") == ops(graph).count("ReduceMean")
+    x = normalize(fmnist_test[0][:256].unsqueeze(1), meta.preprocess).numpy()
+    before, after = (ort.InferenceSession(g, providers=["CPUExecutionProvider"]).run(None, {"pixels": x})
+                     for g in (graph, rewritten))
+    for b, a in zip(before, after):  # logits and the gate's tapped embedding
+        assert b.shape == a.shape and abs(b - a).max() < 1e-4
+    shipped = ops((release_model_dir / INT8_FILE).read_bytes())
+    assert "ReduceMean" not in shipped and "GlobalAveragePool" in shipped
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_torchserve_serves_the_int8_rule_by_default(model_root, release_model_dir, fmnist_test, tmp_path):

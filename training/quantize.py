@@ -13,7 +13,10 @@ int8 graph's own outputs, on the same splits and by the same code as the float p
 certified threshold on the validation split, figures on the test split.
 
 Quantisation (ONNX Runtime, QDQ format): weights int8 per output channel, activations uint8 with
-ranges from the min/max over ``CAL_PHOTOS`` seeded training photos. The agreement with the float
+ranges from the min/max over ``CAL_PHOTOS`` seeded training photos. Before it, every mean over the
+spatial axes (the squeeze-excite squeezes and the final pool, exported as ``ReduceMean``) becomes a
+``GlobalAveragePool``, the same arithmetic, which ONNX Runtime runs quantised; a ``ReduceMean``
+is left in float between a dequantise and a quantise of the whole feature map. The agreement with the float
 path's served answers on the test split is recorded beside the rule.
 """
 from __future__ import annotations
@@ -47,6 +50,40 @@ CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
 THREADS = 2
 
 
+def pools_as_global_average(graph: bytes) -> bytes:
+    """Rewrite each ``ReduceMean`` over axes (2, 3) of a float graph as ``GlobalAveragePool`` (then a
+    flatten to ``[N, C]`` where the mean dropped those axes). The outputs do not change (float rounding
+    aside); the quantiser can then keep the pools in int8 (``QLinearGlobalAveragePool``)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load_from_string(graph)
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+
+    def attr(node: Any, name: str, default: Any) -> Any:
+        found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
+        return found[0] if found else default
+
+    nodes = []
+    for n in m.graph.node:
+        axes = attr(n, "axes", None)
+        if axes is None and len(n.input) > 1:  # opset 18 and later: the axes are an input
+            axes = consts.get(n.input[1])
+        if n.op_type != "ReduceMean" or axes is None or sorted(int(a) for a in axes) != [2, 3]:
+            nodes.append(n)
+            continue
+        if attr(n, "keepdims", 1):
+            nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], [n.output[0]], name=f"{n.name}_gap"))
+        else:
+            pooled, shape = f"{n.output[0]}_gap", f"{n.name}_flat_shape"
+            m.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], dtype=np.int64), shape))
+            nodes += [helper.make_node("GlobalAveragePool", [n.input[0]], [pooled], name=f"{n.name}_gap"),
+                      helper.make_node("Reshape", [pooled, shape], [n.output[0]], name=f"{n.name}_flat")]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m.SerializeToString()
+
+
 def quantize_graph(graph: bytes, calibration: np.ndarray) -> bytes:
     """Float ONNX bytes -> QDQ int8 ONNX bytes, activation ranges from ``calibration`` (normalised float32 [N, C, H, W])."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -61,7 +98,7 @@ def quantize_graph(graph: bytes, calibration: np.ndarray) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
-        src.write_bytes(graph)
+        src.write_bytes(pools_as_global_average(graph))
         quant_pre_process(str(src), str(pre))
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -114,6 +151,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
         "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                          "weights": "int8, per output channel", "activations": "uint8, min/max ranges",
+                         "spatial_means": "GlobalAveragePool, quantised",
                          "calibration_photos": f"{len(pick)} of the training split, seed {cfg.seed}"},
         "calibration": {"temperature": cal.temperature, "threshold": cert.threshold,
                         "target_precision": cert.target_precision, "coverage": cert.coverage,
