@@ -80,6 +80,23 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
 
 
 @pytest.mark.slow
+def test_the_candidate_has_an_int8_path_that_learnt_the_same_decisions(loop):
+    """A promoted candidate keeps the fast CPU path: its int8 gate learns the decided photos too."""
+    from handler.core import Classifier
+    from returns_model.artifact import read_int8_graph
+
+    meta = read_meta(loop["candidate"])
+    c, int8 = meta.lineage["counts"], meta.int8
+    assert read_int8_graph(loop["candidate"], meta) is not None  # the graph is there and its SHA-256 matches
+    learnt = int8["unfamiliar"]["info"]
+    assert learnt["decided_modes"]["decided_photos"] == c["train_products"]
+    assert learnt["not_a_product"]["photos"] == c["train_not_a_product"]
+    assert len(int8["unfamiliar"]["means"]) == 10 + learnt["decided_modes"]["modes_added"]
+    clf = Classifier(loop["candidate"], warmup=False, cpu_backend="onnx-int8")
+    assert clf.backend == "onnx-int8" and clf.meta.threshold == int8["calibration"]["threshold"]
+
+
+@pytest.mark.slow
 def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_path):
     versions = tmp_path / "versions"
     code = cmp.main(["--champion", str(loop["champion"]), "--challenger", str(loop["candidate"]),

@@ -9,7 +9,7 @@ Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean 
 split), far more than the 1e-3 within which the float graph matches the eager model. So the float
 path's temperature, certified threshold and gate are not reused: everything is fitted again on the
 int8 graph's own outputs, on the same splits and by the same code as the float path
-(training/report.py): gate statistics on the training split, its cutoff, the temperature and the
+(training/rule.py; with a retrain's decided photos too): gate statistics on the training split, its cutoff, the temperature and the
 certified threshold on the validation split, figures on the test split.
 
 Quantisation (ONNX Runtime, QDQ format): weights int8 per output channel, activations uint8 with
@@ -38,11 +38,10 @@ from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
-from training.calibrate import calibrate
 from training.config import TrainConfig
-from training.data import Dataset, load_data
-from training.evaluate import drift_reference, test_metrics
-from training.gate_fit import choose_cutoff, fit_statistics
+from training.data import Dataset, Split, load_data
+from training.evaluate import drift_reference
+from training.rule import fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
@@ -120,8 +119,11 @@ def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, te
     return probs, pred, (conf >= threshold) & ~gate.flag(gate.score(tapped, pixels=images))
 
 
-def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS) -> tuple[bytes, dict[str, Any]]:
-    """Quantise the folder's model and fit the int8 path's review rule; nothing is written here."""
+def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS,
+                 decided: Split | None = None, not_products: torch.Tensor | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Quantise the folder's model and fit the int8 path's review rule; nothing is written here.
+    A retrain passes the reviewers' ``decided`` photos and ``not_products``, which the int8 gate learns
+    as the float one did (training/rule.py)."""
     model, meta = load_model(model_dir)
     if not meta.unfamiliar:
         raise ValueError(f"{model_dir}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
@@ -132,17 +134,9 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     graph = quantize_graph(float_graph, normalize(ds.train.images[pick], spec).numpy())
     int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
 
-    _, train_tap = run_graph(int8, ds.train.images, spec)
-    gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, k)
-    val_logits, val_tap = run_graph(int8, ds.val.images, spec)
-    gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
-    val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
-    test_logits, test_tap = run_graph(int8, ds.test.images, spec)
-    test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
-    m = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
-
-    p8, pred8, acc8 = _served(test_logits, test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
+    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, decided, not_products)
+    gate, cal, m = rule.gate, rule.cal, rule.metrics
+    p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)
     pf, predf, accf = _served(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
                               UnfamiliarGate.from_dict(meta.unfamiliar))
@@ -158,8 +152,8 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
                         "certificate": cert.to_dict()},
         "unfamiliar": gate.to_dict(),
         # what the submitter's drift check compares a night against, from this path's own answers
-        "reference": drift_reference(torch.softmax(val_logits / cal.temperature, 1), ds.class_names,
-                                     float(val_flagged.float().mean())),
+        "reference": drift_reference(torch.softmax(rule.val_logits / cal.temperature, 1), ds.class_names,
+                                     float(rule.val_flagged.float().mean())),
         "test": {"n": len(ds.test), "accuracy": m["accuracy"], "ece_after_calibration": m["ece_after_calibration"],
                  "auto_accepted": m["test_coverage_at_threshold"], "precision": m["test_precision_at_threshold"],
                  "flagged_unfamiliar": m["test_flagged_unfamiliar"]},
@@ -178,11 +172,12 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     return graph, section
 
 
-def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None) -> dict[str, Any]:
+def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None,
+                  decided: Split | None = None, not_products: torch.Tensor | None = None) -> dict[str, Any]:
     """Write ``model.int8.onnx`` and the ``int8`` section of ``model.json``, then measure the int8 path
     as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``) on every unfamiliar kind."""
     model_dir = Path(model_dir)
-    graph, section = int8_section(model_dir, ds, cfg)
+    graph, section = int8_section(model_dir, ds, cfg, decided=decided, not_products=not_products)
     with atomic_open(model_dir / INT8_FILE, "wb") as f:
         f.write(graph)
     meta = read_meta(model_dir)

@@ -26,13 +26,14 @@ from returns_model.fileio import write_json
 from returns_model.network import ArchConfig, SEResNet
 from returns_model.preprocess import PreprocessSpec
 from training import plots
-from training.calibrate import Calibration, calibrate, risk_coverage
+from training.calibrate import Calibration, risk_coverage
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
-from training.evaluate import drift_reference, predict_logits, test_metrics
+from training.evaluate import drift_reference, predict_logits
 from training.data import Split
-from training.gate_fit import add_modes, choose_cutoff, fit_statistics, forward_with_tap, sharpen
+from training.gate_fit import forward_with_tap
 from training.quantize import add_int8_path
+from training.rule import fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
@@ -61,41 +62,31 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     if save:
         save_weights(model, out)
     layer = gate_layer(cfg, arch)
-    # The gate: statistics of the training split's inner embedding, cutoff on the validation split.
-    _, train_tap = forward_with_tap(model, ds.train.images, spec, layer)
-    gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, arch.num_classes)
-    val_logits, val_tap = forward_with_tap(model, ds.val.images, spec, layer)
-    gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
-    if decided is not None and len(decided):
-        gate = _learn_from_decisions(gate, model, spec, decided, not_products, arch.num_classes, val_tap,
-                                     ds.val.images, cfg.unfamiliar_rate)
-    val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
-    cert = cal.certificate
+    rule = fit_rule(lambda images: forward_with_tap(model, images, spec, layer), ds, cfg, layer, arch.num_classes,
+                    decided, not_products)
+    cal, cert, val_flag_rate = rule.cal, rule.cal.certificate, float(rule.val_flagged.float().mean())
     log.info("temperature %.4f; gate flags %.1f%% of validation; certified threshold %.4f: %s",
-             cal.temperature, 100 * float(val_flagged.float().mean()), cert.threshold, cert.reason)
-    test_logits, test_tap = forward_with_tap(model, ds.test.images, spec, layer)
-    test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
-    metrics = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
+             cal.temperature, 100 * val_flag_rate, cert.threshold, cert.reason)
+    metrics = rule.metrics
     metrics["train_seconds"] = round(train_seconds, 1) if train_seconds is not None else None
     metrics["data_snapshot_sha256"] = ds.snapshot_sha256
-    val_probs = F.softmax(val_logits / cal.temperature, 1)
+    val_probs = F.softmax(rule.val_logits / cal.temperature, 1)
     new_meta = ModelMeta(arch=arch, class_names=ds.class_names, preprocess=spec, temperature=cal.temperature,
                          threshold=cert.threshold, target_precision=cert.target_precision,
                          top_k=min(cfg.top_k, arch.num_classes), model_version=cfg.model_version,
-                         coverage=cert.coverage, certificate=cert.to_dict(), unfamiliar=gate.to_dict(),
-                         reference=drift_reference(val_probs, ds.class_names, float(val_flagged.float().mean())),
+                         coverage=cert.coverage, certificate=cert.to_dict(), unfamiliar=rule.gate.to_dict(),
+                         reference=drift_reference(val_probs, ds.class_names, val_flag_rate),
                          data={"source": ds.source, "snapshot_sha256": ds.snapshot_sha256, "files": ds.files},
                          lineage=lineage)
     if meta is not None:  # keep what the re-report does not recompute (name, version, top-k)
         new_meta = replace(new_meta, model_name=meta.model_name, model_version=meta.model_version, top_k=meta.top_k)
     write_meta(new_meta, out)  # the trust report serves this folder, so model.json comes first
-    _plots(val_logits, test_logits, model, spec, ds, cal, metrics, cfg, out)
+    _plots(rule.val_logits, rule.test_logits, model, spec, ds, cal, metrics, cfg, out)
     trust = trust_report(out, ds.test.images, ds.test.labels, cfg.trust_photos, cfg.seed)
     metrics["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
                         "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
-    if cfg.int8 and decided is None:  # a retrained candidate serves the float graph (its gate learnt decided photos)
-        section = add_int8_path(out, ds, cfg)
+    if cfg.int8:  # a retrained candidate's int8 rule learns the same decided photos (training/rule.py)
+        section = add_int8_path(out, ds, cfg, decided=decided, not_products=not_products)
         metrics["int8"] = {k: section[k] for k in ("test", "agreement_with_float_path", "trust")}
     write_json(out / "metrics.json", metrics)
     log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; served rule: %.1f%% auto-accepted at %.2f%% precision",
@@ -103,24 +94,6 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
              metrics["ece_after_calibration"], 100 * metrics["test_coverage_at_threshold"],
              100 * (metrics["test_precision_at_threshold"] or 0))
     return metrics
-
-
-def _learn_from_decisions(gate, model: SEResNet, spec: PreprocessSpec, decided: Split,
-                          not_products: torch.Tensor | None, num_classes: int, val_tap: torch.Tensor,
-                          val_images: torch.Tensor, rate: float):
-    """Decided product photos become familiar (extra modes), ``not_a_product`` ones must stay flagged;
-    the cutoff is then chosen again on ordinary validation photos, so their flag rate stays ``rate``."""
-    base_rows = len(gate.means)
-    _, dec_tap = forward_with_tap(model, decided.images, spec, gate.layer)
-    gate, info = add_modes(gate, dec_tap, decided.labels, decided.images, num_classes)
-    gate = choose_cutoff(gate, val_tap, val_images, rate)
-    if not_products is not None and len(not_products):
-        _, nap_tap = forward_with_tap(model, not_products, spec, gate.layer)
-        gate, nap = sharpen(gate, base_rows, nap_tap, not_products)
-        gate = choose_cutoff(gate, val_tap, val_images, rate)
-        info = {**info, "not_a_product": nap}
-    log.info("gate after decisions: %s", info)
-    return gate
 
 
 def _plots(val_logits: torch.Tensor, test_logits: torch.Tensor, model: SEResNet, spec: PreprocessSpec, ds: Dataset,

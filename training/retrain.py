@@ -21,7 +21,8 @@
 4. training/report.write_model_folder then refits the gate (decided products become familiar,
    not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation,
    evaluates on test and writes the candidate folder, with ``lineage`` in model.json: the parent
-   model's SHA-256, the decisions' hash and the held-out split's hash.
+   model's SHA-256, the decisions' hash and the held-out split's hash. The int8 CPU path is built
+   and its own rule fitted the same way, decisions included (``--no-int8`` skips it).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class RetrainConfig:
     threads: int = 0
     progress: bool = True
     model_version: str = ""  # default: the champion's, with the last number raised by one
+    int8: bool = True  # also the int8 CPU graph, its rule fitted on its own outputs with the same decisions
 
     def validate(self) -> list[str]:
         errors = []
@@ -280,7 +282,7 @@ def retrain(rc: RetrainConfig) -> int:
     cfg = replace(cfg, output=rc.output, device=rc.device, threads=rc.threads, progress=rc.progress,
                   trust_photos=rc.trust_photos, tsne_samples=0, compile=False,
                   model_version=rc.model_version or next_version(meta.model_version),
-                  data_dir=rc.data_dir or cfg.data_dir)
+                  data_dir=rc.data_dir or cfg.data_dir, int8=rc.int8)
     device = pick_device(cfg)
     model = model.to(device).to(memory_format=torch.channels_last)
     spec = meta.preprocess
@@ -346,6 +348,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--model-version", default=d.model_version, help="default: the champion's, last number + 1")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the int8 CPU graph (about a minute on 2 cores); the candidate then serves the float graph")
     return p
 
 
