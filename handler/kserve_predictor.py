@@ -16,8 +16,13 @@ gets HTTP 400 / gRPC INVALID_ARGUMENT. The model root is either what ``make arch
 (``artifact_manifest.json`` + ``model-store/*.mar``: the .mar's SHA-256 is verified, then it is
 extracted) or an extracted model folder (``model.json`` + ``model.pt``).
 
-One process holds the model and runs one classification at a time on its own thread, so the event
-loop stays free for health checks and metrics; scale out with replicas rather than ``--workers``.
+One process holds the model and classifies off the event loop, so the loop stays free for health
+checks and metrics; scale out with replicas rather than ``--workers``. On the CPU graph paths
+(``onnx``, ``onnx-int8``) it runs one classification per CPU side by side, each with a one-thread
+ONNX Runtime pass (``--lanes``): the pass releases the GIL, and single-threaded passes side by side
+waste less than one pass spread over every CPU (the TorchServe handler's 2 workers x 1 thread, for
+the same reason). The eager path (a GPU, or no onnxruntime) reads the gate's layer through a
+forward hook that one pass at a time may use, so it keeps one lane.
 """
 from __future__ import annotations
 
@@ -113,17 +118,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ReturnsClassifierModel(kserve.Model):
-    def __init__(self, name: str | None, model_dir: Path, device: str = "auto") -> None:
+    def __init__(self, name: str | None, model_dir: Path, device: str = "auto", lanes: int = 0) -> None:
+        if lanes < 0:
+            raise ValueError(f"--lanes must be 0 (one per CPU on the graph paths) or more, not {lanes}")
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
-        self.core = Classifier(model_dir, device=resolve_device(device), threads=knobs.cpu_threads or available_cpus(),
+        dev, cpus = resolve_device(device), knobs.cpu_threads or available_cpus()
+        parallel = dev.type == "cpu" and knobs.cpu_backend != "eager"
+        self.lanes = (lanes or cpus) if parallel else 1
+        threads = max(1, cpus // self.lanes)
+        self.core = Classifier(model_dir, device=dev, threads=threads,
                                max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
+        if self.core.backend == "eager" and self.lanes > 1:  # the graph path fell back (no onnxruntime)
+            self.lanes, threads = 1, cpus
+            torch.set_num_threads(threads)
         super().__init__(name or self.core.meta.model_name)
-        # One classification at a time, off the event loop (like TorchServe's single worker).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
+        self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="classify")
         self.ready = True
-        log.info("%s ready on %s (%s, %d threads), model %s sha256 %s", self.name, self.core.device,
-                 self.core.backend, torch.get_num_threads(),
+        log.info("%s ready on %s (%s, %d lanes of %d threads), model %s sha256 %s", self.name, self.core.device,
+                 self.core.backend, self.lanes, threads,
                  self.core.meta.model_version, self.core.model_sha256)
 
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -226,6 +239,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "0 = only on --http_port")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the network runs: auto = the first GPU when CUDA sees one (fp16 autocast), else the CPU")
+    p.add_argument("--lanes", default=0, type=int,
+                   help="classifications run side by side on the CPU graph paths, CPUs shared out among them "
+                        "(0 = one per CPU); the eager path and a GPU always use 1")
     p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
     return p
 
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("refusing to serve %s: %s", args.model_dir, exc)
             return 1
         try:
-            model = ReturnsClassifierModel(args.model_name, model_dir, args.device)
+            model = ReturnsClassifierModel(args.model_name, model_dir, args.device, args.lanes)
         except ValueError as exc:
             log.error("%s", exc)
             return 2

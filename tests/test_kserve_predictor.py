@@ -153,6 +153,46 @@ def test_v1_rest_equals_the_core(predictor, photos, expected, archive_sha):
     assert {r["model_sha256"] for r in answer["predictions"]} == {archive_sha}  # the verified .mar's
 
 
+def test_requests_classified_side_by_side_answer_as_one_at_a_time(predictor, photos, expected):
+    """The lanes (one classification per CPU at once on the graph path) change nothing in the answers:
+    many requests in flight at once, each answered exactly as the core answers those photos."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from handler.core import available_cpus
+
+    assert f"(onnx-int8, {available_cpus()} lanes of 1 threads)" in predictor.log.read_text()
+    chunks = [list(range(i, min(i + 32, len(photos)))) for i in range(0, len(photos), 32)] * 3
+
+    def send(idx: list[int]) -> list[dict]:
+        body = {"instances": [{"b64": b64(photos[i])} for i in idx]}
+        r = requests.post(f"{predictor.url}/v1/models/{MODEL}:predict", json=body, timeout=120)
+        r.raise_for_status()
+        return [same(x) for x in r.json()["predictions"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, chunks))
+    for idx, got in zip(chunks, answers):
+        assert got == [expected[i] for i in idx]
+
+
+def test_lanes_are_chosen_by_path_and_checked(release_model_dir, monkeypatch):
+    """One lane per CPU on the graph path; one on the eager path (its layer hook serves one pass at a
+    time), whatever was asked; a negative count is refused."""
+    import torch
+
+    from handler import kserve_predictor as kp
+    from handler.serve_config import HandlerKnobs
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+    monkeypatch.setattr(kp, "available_cpus", lambda: 4)
+    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu").lanes == 4
+    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=2).lanes == 2
+    monkeypatch.setattr(kp, "read_knobs", lambda _: HandlerKnobs(cpu_backend="eager"))
+    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=3).lanes == 1
+    with pytest.raises(ValueError, match="--lanes must be 0"):
+        kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=-1)
+
+
 def test_v2_rest_equals_the_core(predictor, photos, expected, archive_sha):
     response = rest_infer(predictor.url, "v2", v2_request([b64(p) for p in photos]))
     out = outputs(response)
