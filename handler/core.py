@@ -6,6 +6,7 @@ probabilities -> one result per photo. No TorchServe import: another server can 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -112,6 +113,10 @@ class Classifier:
         # the eager model with fp16 autocast. The int8 graph brings its own review rule (meta.on_int8).
         self._onnx = None
         self.backend = "eager"
+        if cpu_backend != "eager" and self.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is None:
+            log.warning("cpu_backend %s: onnxruntime is not installed; serving on the eager path (float rule)",
+                        cpu_backend)
+            cpu_backend = "eager"
         if cpu_backend == "onnx-int8" and self.device.type == "cpu":
             from handler.onnx_runner import open_int8_runner
 

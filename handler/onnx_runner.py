@@ -2,7 +2,7 @@
 
 The graph answers the logits and the gate's tapped embedding, so ``handler.core`` scores both
 paths with the same torch code. ``onnxruntime`` is imported only when this path is chosen: an
-image without it serves on the eager path (``open_runner`` returns None and says why).
+image without it serves on the eager path (``handler.core.Classifier`` checks, and says so once).
 """
 from __future__ import annotations
 
@@ -48,11 +48,6 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
     """A runner on the shipped ``model.onnx``, or on a graph exported now from ``model`` when the
     folder has none (a plain model folder); None, with the reason logged, where that cannot work."""
     t0 = time.perf_counter()
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        log.warning("cpu_backend onnx: onnxruntime is not installed; serving on the eager path")
-        return None
     path = Path(model_dir) / ONNX_FILE
     if path.is_file():
         graph, source = path.read_bytes(), ONNX_FILE
@@ -70,18 +65,13 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
 
 def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> OnnxRunner | None:
     """A runner on the folder's int8 graph (training/quantize.py); None, with the reason logged, where
-    the folder has none or onnxruntime is missing (the caller then serves the float graph and rule).
+    the folder has none (the caller then serves the float graph and rule).
     A graph whose SHA-256 is not model.json's is refused (``Int8GraphError``, read_int8_graph)."""
     t0 = time.perf_counter()
     graph = read_int8_graph(model_dir, meta)
     if graph is None:
         log.warning("cpu_backend onnx-int8: %s has no int8 graph and rule (%s, model.json 'int8'); serving the "
                     "float graph", model_dir, INT8_FILE)
-        return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        log.warning("cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path")
         return None
     runner = OnnxRunner(graph, threads)
     log.info("cpu_backend onnx-int8: session on %s ready in %.2f s", INT8_FILE, time.perf_counter() - t0)

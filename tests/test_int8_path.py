@@ -93,6 +93,22 @@ def test_a_folder_without_an_int8_graph_serves_the_float_graph_and_rule(release_
     assert "no int8 graph" in caplog.text
 
 
+def test_without_onnxruntime_the_server_says_so_once_and_serves_eager_with_the_float_rule(
+        release_model_dir, monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with caplog.at_level(logging.WARNING):
+        clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    assert clf.backend == "eager" and clf.meta.threshold == meta["calibration"]["threshold"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path (float rule)"]
+    assert clf.classify([(release_model_dir / "confusion_matrix.png").read_bytes()])[0]  # it still answers
+
+
 def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test):
     """The tool on small real splits: the section describes the graph it returns."""
     import hashlib
