@@ -50,6 +50,7 @@ from handler.core import BatchStats, Classifier, available_cpus
 from handler.errors import RequestError
 from handler.payload import instance_photo, parse_request
 from handler.serve_config import HandlerKnobs
+from returns_model.artifact import resolve_device
 from returns_model.manifest import ArchiveRefused, verify
 from returns_model.names import META_FILE
 from returns_model.preprocess import PhotoError
@@ -106,15 +107,6 @@ def read_knobs(model_dir: Path) -> HandlerKnobs:
     """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder)."""
     path = model_dir / MODEL_CONFIG
     return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first GPU where CUDA sees one, else the CPU; ``cuda`` without a GPU is an error."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA sees no GPU")
-    return torch.device("cuda:0" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 class ReturnsClassifierModel(kserve.Model):

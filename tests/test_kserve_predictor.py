@@ -322,6 +322,10 @@ def test_device_choice_is_checked_before_the_model_loads(release_model_dir, monk
     assert resolve_device("auto") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--model_dir", str(release_model_dir), "--device", "cuda"]) == 2
+    from training.config import TrainConfig, pick_device  # training asks the same question the same way
+
+    with pytest.raises(SystemExit, match="--device cuda was asked for, but CUDA sees no GPU"):
+        pick_device(TrainConfig(device="cuda"))
 
 
 def test_a_predictor_with_a_lower_photo_limit_gets_smaller_requests_from_the_submitter(model_root, tmp_path):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from returns_model.artifact import resolve_device
 from returns_model.fileio import write_json
 from returns_model.network import ArchConfig
 from returns_model.preprocess import PreprocessSpec
@@ -94,9 +95,12 @@ def make_arch(cfg: TrainConfig, spec: PreprocessSpec, num_classes: int) -> ArchC
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but CUDA is not available")
-    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    """The config's device (returns_model.artifact.resolve_device; a bad one exits with its reason),
+    with the CPU's thread count set."""
+    try:
+        dev = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if dev.type == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     return dev
