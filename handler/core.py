@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,6 +129,9 @@ class Classifier:
         # The unfamiliar-photo gate reads an inner layer during the forward pass (a hook, or the graph's output).
         self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
         self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
+        # The tap holds one pass's layer output, so eager passes from several threads take turns;
+        # decoding and the graph paths (the layer is a graph output) need no turn.
+        self._eager_turn = threading.Lock()
         if cpu_backend == "onnx" and self.device.type == "cpu":
             from handler.onnx_runner import open_runner
 
@@ -182,9 +186,9 @@ class Classifier:
         if self._onnx is not None:
             logits, tapped = self._onnx(x)
         else:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with self._eager_turn, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.model(x.contiguous(memory_format=torch.channels_last))
-            tapped = self._tap.pooled(len(batch)) if self.gate else None
+                tapped = self._tap.pooled(len(batch)) if self.gate else None
         probs = torch.softmax(logits[:n].float() / self.meta.temperature, dim=1).cpu()
         if self.gate is None:
             return probs, None

@@ -17,12 +17,12 @@ gets HTTP 400 / gRPC INVALID_ARGUMENT. The model root is either what ``make arch
 extracted) or an extracted model folder (``model.json`` + ``model.pt``).
 
 One process holds the model and classifies off the event loop, so the loop stays free for health
-checks and metrics; scale out with replicas rather than ``--workers``. On the CPU graph paths
-(``onnx``, ``onnx-int8``) it runs one classification per CPU side by side, each with a one-thread
-ONNX Runtime pass (``--lanes``): the pass releases the GIL, and single-threaded passes side by side
-waste less than one pass spread over every CPU (the TorchServe handler's 2 workers x 1 thread, for
-the same reason). The eager path (a GPU, or no onnxruntime) reads the gate's layer through a
-forward hook that one pass at a time may use, so it keeps one lane.
+checks and metrics; scale out with replicas rather than ``--workers``. It runs one classification
+per CPU side by side (``--lanes``). On the CPU graph paths (``onnx``, ``onnx-int8``) each lane runs
+a one-thread ONNX Runtime pass, which releases the GIL: single-threaded passes side by side waste
+less than one pass spread over every CPU (the TorchServe handler's 2 workers x 1 thread, for the
+same reason). On a GPU the lanes decode side by side and take turns on the GPU (the gate's layer
+hook holds one pass at a time). The CPU eager path runs one pass at a time with every thread.
 """
 from __future__ import annotations
 
@@ -116,20 +116,20 @@ class ReturnsClassifierModel(kserve.Model):
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
         dev, cpus = resolve_device(device), knobs.cpu_threads or available_cpus()
-        parallel = dev.type == "cpu" and knobs.cpu_backend != "eager"
-        self.lanes = (lanes or cpus) if parallel else 1
+        cpu_eager = dev.type == "cpu" and knobs.cpu_backend == "eager"
+        self.lanes = 1 if cpu_eager else (lanes or cpus)
         threads = max(1, cpus // self.lanes)
         self.core = Classifier(model_dir, device=dev, threads=threads,
                                max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
-        if self.core.backend == "eager" and self.lanes > 1:  # the graph path fell back (no onnxruntime)
+        if dev.type == "cpu" and self.core.backend == "eager" and self.lanes > 1:  # no onnxruntime: fell back
             self.lanes, threads = 1, cpus
             torch.set_num_threads(threads)
         super().__init__(name or self.core.meta.model_name)
         self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="classify")
         self.ready = True
-        log.info("%s ready on %s (%s, %d lanes of %d threads), model %s sha256 %s", self.name, self.core.device,
-                 self.core.backend, self.lanes, threads,
-                 self.core.meta.model_version, self.core.model_sha256)
+        lanes_text = f"{self.lanes} lanes" + (f" of {threads} threads" if dev.type == "cpu" else "")
+        log.info("%s ready on %s (%s, %s), model %s sha256 %s", self.name, self.core.device,
+                 self.core.backend, lanes_text, self.core.meta.model_version, self.core.model_sha256)
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": "photos", "datatype": "BYTES", "shape": [-1]}]
@@ -232,8 +232,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the network runs: auto = the first GPU when CUDA sees one (fp16 autocast), else the CPU")
     p.add_argument("--lanes", default=0, type=int,
-                   help="classifications run side by side on the CPU graph paths, CPUs shared out among them "
-                        "(0 = one per CPU); the eager path and a GPU always use 1")
+                   help="classifications run side by side (0 = one per CPU): on the CPU graph paths the CPUs are "
+                        "shared out among them; on a GPU they decode side by side and take turns on it; the CPU "
+                        "eager path always uses 1")
     p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
     return p
 
