@@ -130,7 +130,8 @@ class Classifier:
         self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
         self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
         # The tap holds one pass's layer output, so eager passes from several threads take turns;
-        # decoding and the graph paths (the layer is a graph output) need no turn.
+        # decoding and the graph paths (the layer is a graph output) need no turn. (returns-kserve
+        # runs eager passes one at a time anyway; the lock keeps the core safe for any caller.)
         self._eager_turn = threading.Lock()
         if cpu_backend == "onnx" and self.device.type == "cpu":
             from handler.onnx_runner import open_runner

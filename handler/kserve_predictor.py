@@ -17,12 +17,13 @@ gets HTTP 400 / gRPC INVALID_ARGUMENT. The model root is either what ``make arch
 extracted) or an extracted model folder (``model.json`` + ``model.pt``).
 
 One process holds the model and classifies off the event loop, so the loop stays free for health
-checks and metrics; scale out with replicas rather than ``--workers``. It runs one classification
-per CPU side by side (``--lanes``). On the CPU graph paths (``onnx``, ``onnx-int8``) each lane runs
-a one-thread ONNX Runtime pass, which releases the GIL: single-threaded passes side by side waste
+checks and metrics; scale out with replicas rather than ``--workers``. On the CPU graph paths
+(``onnx``, ``onnx-int8``) it runs one classification per CPU side by side (``--lanes``), each a
+one-thread ONNX Runtime pass, which releases the GIL: single-threaded passes side by side waste
 less than one pass spread over every CPU (the TorchServe handler's 2 workers x 1 thread, for the
-same reason). On a GPU the lanes decode side by side and take turns on the GPU (the gate's layer
-hook holds one pass at a time). The CPU eager path runs one pass at a time with every thread.
+same reason). A GPU and the CPU eager path take one request at a time: on an H200 with 16 cores,
+16 lanes that decode side by side and take turns on the GPU served 2,200-3,500 photos/s against
+4,300-4,700 with one lane.
 """
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ class ReturnsClassifierModel(kserve.Model):
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
         dev, cpus = resolve_device(device), knobs.cpu_threads or available_cpus()
-        cpu_eager = dev.type == "cpu" and knobs.cpu_backend == "eager"
-        self.lanes = 1 if cpu_eager else (lanes or cpus)
+        graph_path = dev.type == "cpu" and knobs.cpu_backend != "eager"
+        self.lanes = (lanes or cpus) if graph_path else 1
         threads = max(1, cpus // self.lanes)
         self.core = Classifier(model_dir, device=dev, threads=threads,
                                max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
@@ -232,9 +233,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the network runs: auto = the first GPU when CUDA sees one (fp16 autocast), else the CPU")
     p.add_argument("--lanes", default=0, type=int,
-                   help="classifications run side by side (0 = one per CPU): on the CPU graph paths the CPUs are "
-                        "shared out among them; on a GPU they decode side by side and take turns on it; the CPU "
-                        "eager path always uses 1")
+                   help="classifications run side by side on the CPU graph paths, CPUs shared out among them "
+                        "(0 = one per CPU); a GPU and the CPU eager path always use 1")
     p.set_defaults(model_name=None)  # None: the artifact's own model_name (returns-classifier)
     return p
 

@@ -177,8 +177,7 @@ def test_requests_classified_side_by_side_answer_as_one_at_a_time(predictor, pho
 
 def test_lanes_are_chosen_by_path_and_checked(release_model_dir, monkeypatch):
     """One lane per CPU on the graph path; one on the CPU eager path (one pass with every thread),
-    whatever was asked; a negative count is refused. (A GPU's lanes: the GPU test in
-    test_handler_integration.py runs passes side by side.)"""
+    whatever was asked; a negative count is refused."""
     import torch
 
     from handler import kserve_predictor as kp
