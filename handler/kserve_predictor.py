@@ -185,8 +185,11 @@ class ReturnsClassifierModel(kserve.Model):
                       f"(one encoded photo per element), got {tensor.datatype} {tensor.shape}")
             raise Rejected(reason, {"error": reason})
         n = tensor.shape[0]
-        if n < 1 or n > self.max_instances:
-            reason = f"too_many_instances: {n} photos in one request; allowed 1 to {self.max_instances}"
+        if n < 1:
+            reason = f"bad_request: input {tensor.name!r} has shape [{n}]; a request carries at least one photo"
+            raise Rejected(reason, {"error": reason})
+        if n > self.max_instances:  # the wording of the v1 path (handler/payload.py), which clients read
+            reason = f"too_many_instances: {n} photos in one request; the limit is {self.max_instances}"
             raise Rejected(reason, {"error": reason})
         try:
             items = list(tensor.as_numpy()) if tensor._raw_data is not None else list(tensor.data or [])
