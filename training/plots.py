@@ -98,8 +98,10 @@ def unfamiliar_histograms(ordinary: torch.Tensor, kinds: dict[str, torch.Tensor]
     bins = torch.linspace(float(min([ordinary.min()] + [v.min() for v in kinds.values()])), min(hi, 12.0), 80).numpy()
     ax.hist(ordinary.clamp(max=bins[-1]).numpy(), bins=bins, density=True, alpha=0.6, color="black",
             label=f"ordinary test photos (n={len(ordinary)})")
-    for name, v in kinds.items():
-        ax.hist(v.clamp(max=bins[-1]).numpy(), bins=bins, density=True, histtype="step", label=name)
+    colours = plt.get_cmap("tab20").colors  # one colour per kind (the default cycle repeats after 10)
+    for i, (name, v) in enumerate(kinds.items()):
+        ax.hist(v.clamp(max=bins[-1]).numpy(), bins=bins, density=True, histtype="step", label=name,
+                color=colours[i % len(colours)], lw=1.2)
     ax.axvline(cutoff, color="red", ls="--", label=f"cutoff {cutoff:.3f} (2% of validation)")
     ax.set_xlabel("unfamiliarity score (clipped at 12)")
     ax.set_ylabel("density")
@@ -111,7 +113,7 @@ def unfamiliar_histograms(ordinary: torch.Tensor, kinds: dict[str, torch.Tensor]
 def routed_shares(shares: dict[str, dict[str, float]], path: Path) -> None:
     """Share of each kind sent to review, split by reason."""
     names = list(shares)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(names)), 4.6))
     x = range(len(names))
     ax.bar(x, [shares[n]["routed_to_review"] for n in names], color="tab:blue", label="routed to review")
     ax.bar(x, [shares[n]["flagged_unfamiliar"] for n in names], width=0.4, color="tab:orange",
@@ -120,11 +122,11 @@ def routed_shares(shares: dict[str, dict[str, float]], path: Path) -> None:
     for i, n in enumerate(names):
         ax.text(i, min(shares[n]["routed_to_review"] + 0.01, 1.02), f"{shares[n]['routed_to_review']:.1%}",
                 ha="center", fontsize=7)
-    ax.set_xticks(list(x), [f"{n}\n({shares[n]['group']})" for n in names], fontsize=7, rotation=30)
+    ax.set_xticks(list(x), [f"{n}\n({shares[n]['group']})" for n in names], fontsize=7, rotation=35, ha="right")
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of photos")
     ax.set_title("Where unfamiliar photos go (ordinary test photos for comparison)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=3, frameon=False)
     fig.tight_layout()
     _save(fig, path)
 

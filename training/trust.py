@@ -7,7 +7,7 @@ training data, measured through the serving core itself (handler.core.Classifier
     unfamiliar_routed.png       the share of each kind sent to review
 
 Kinds come in groups (training/unfamiliar.py): `tuning` kinds were looked at while designing the
-gate, `held_out` and `confirmation` kinds only ever reported. training/report.py calls this after
+gate, `held_out`, `confirmation` and `confirmation_2` kinds only ever reported. training/report.py calls this after
 writing model.json, so `make train` and `returns-report` both produce it.
 """
 from __future__ import annotations
@@ -25,9 +25,11 @@ MIXED_NIGHT_SHARE = 0.15  # unfamiliar photos in the mixed night
 
 
 def _group(kind: str) -> str:
-    if kind in unfamiliar.TUNING_KINDS:
-        return "tuning"
-    return "held_out" if kind in unfamiliar.HELD_OUT_KINDS else "confirmation"
+    for group, kinds in (("tuning", unfamiliar.TUNING_KINDS), ("held_out", unfamiliar.HELD_OUT_KINDS),
+                         ("confirmation", unfamiliar.CONFIRMATION_KINDS)):
+        if kind in kinds:
+            return group
+    return "confirmation_2"
 
 
 def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
