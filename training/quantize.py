@@ -9,15 +9,16 @@ Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean 
 split), far more than the 1e-3 within which the float graph matches the eager model. So the float
 path's temperature, certified threshold and gate are not reused: everything is fitted again on the
 int8 graph's own outputs, on the same splits and by the same code as the float path
-(training/rule.py; with a retrain's decided photos too): gate statistics on the training split, its cutoff, the temperature and the
-certified threshold on the validation split, figures on the test split.
+(training/rule.py; with a retrain's decided photos too): gate statistics on the training split,
+its cutoff, the temperature and the certified threshold on the validation split, figures on the
+test split.
 
 Quantisation (ONNX Runtime, QDQ format): weights int8 per output channel, activations uint8 with
 ranges from the min/max over ``CAL_PHOTOS`` seeded training photos. Before it, every mean over the
 spatial axes (the squeeze-excite squeezes and the final pool, exported as ``ReduceMean``) becomes a
 ``GlobalAveragePool``, the same arithmetic, which ONNX Runtime runs quantised; a ``ReduceMean``
-is left in float between a dequantise and a quantise of the whole feature map. The agreement with the float
-path's served answers on the test split is recorded beside the rule.
+is left in float between a dequantise and a quantise of the whole feature map. The agreement with
+the float path's served answers on the test split is recorded beside the rule.
 """
 from __future__ import annotations
 
