@@ -56,14 +56,21 @@ class HandlerKnobs:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     cpu_threads: int = 0
     cpu_backend: str = ServeConfig.cpu_backend
+    # The archive's worker count (minWorkers): TorchServe's processes, returns-kserve's default lanes.
+    workers: int = ServeConfig.workers
 
     @classmethod
     def from_model_yaml(cls, model_yaml: dict[str, Any]) -> "HandlerKnobs":
         section = model_yaml.get("handler") or {}
+        try:
+            workers = max(1, int(model_yaml.get("minWorkers") or ServeConfig.workers))
+        except (TypeError, ValueError):
+            workers = ServeConfig.workers
         return cls(max_instances=int(section.get("max_instances") or MAX_INSTANCES),
                    max_image_pixels=int(section.get("max_image_pixels") or MAX_IMAGE_PIXELS),
                    cpu_threads=int(section.get("cpu_threads") or 0),
-                   cpu_backend=str(section.get("cpu_backend") or ServeConfig.cpu_backend))
+                   cpu_backend=str(section.get("cpu_backend") or ServeConfig.cpu_backend),
+                   workers=workers)
 
 
 def model_config_yaml(cfg: ServeConfig) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def test_requests_classified_side_by_side_answer_as_one_at_a_time(predictor, pho
 
     from handler.core import available_cpus
 
-    assert f"(onnx-int8, {available_cpus()} lanes of 1 threads)" in predictor.log.read_text()
+    lanes = min(2, available_cpus())  # the archive's 2 workers
+    assert f"(onnx-int8, {lanes} lanes of {max(1, available_cpus() // lanes)} threads)" in predictor.log.read_text()
     chunks = [list(range(i, min(i + 32, len(photos)))) for i in range(0, len(photos), 32)] * 3
 
     def send(idx: list[int]) -> list[dict]:
@@ -176,8 +177,9 @@ def test_requests_classified_side_by_side_answer_as_one_at_a_time(predictor, pho
 
 
 def test_lanes_are_chosen_by_path_and_checked(release_model_dir, monkeypatch):
-    """One lane per CPU on the graph path; one on the CPU eager path (one pass with every thread),
-    whatever was asked; a negative count is refused."""
+    """On the graph path as many lanes as the archive has workers (a plain folder: 2), CPUs shared out,
+    or as asked; one on the CPU eager path (one pass with every thread), whatever was asked; a negative
+    count is refused."""
     import torch
 
     from handler import kserve_predictor as kp
@@ -185,12 +187,18 @@ def test_lanes_are_chosen_by_path_and_checked(release_model_dir, monkeypatch):
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(kp, "available_cpus", lambda: 4)
-    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu").lanes == 4
-    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=2).lanes == 2
+    model = kp.ReturnsClassifierModel(None, release_model_dir, "cpu")
+    assert model.lanes == 2 and model.core._onnx.session.get_session_options().intra_op_num_threads == 2
+    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=4).lanes == 4
+    monkeypatch.setattr(kp, "available_cpus", lambda: 1)
+    assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu").lanes == 1
     monkeypatch.setattr(kp, "read_knobs", lambda _: HandlerKnobs(cpu_backend="eager"))
     assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=3).lanes == 1
     with pytest.raises(ValueError, match="--lanes must be 0"):
         kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=-1)
+    # the worker count comes from the archive's model-config.yaml
+    assert HandlerKnobs.from_model_yaml({"minWorkers": 3}).workers == 3
+    assert HandlerKnobs.from_model_yaml({"minWorkers": "x"}).workers == HandlerKnobs.from_model_yaml({}).workers == 2
 
 
 def test_v2_rest_equals_the_core(predictor, photos, expected, archive_sha):
