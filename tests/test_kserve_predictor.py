@@ -154,7 +154,7 @@ def test_v1_rest_equals_the_core(predictor, photos, expected, archive_sha):
 
 
 def test_requests_classified_side_by_side_answer_as_one_at_a_time(predictor, photos, expected):
-    """The lanes (one classification per CPU at once on the graph path) change nothing in the answers:
+    """The lanes (classifications side by side on the graph path) change nothing in the answers:
     many requests in flight at once, each answered exactly as the core answers those photos."""
     from concurrent.futures import ThreadPoolExecutor
 
