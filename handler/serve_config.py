@@ -8,10 +8,13 @@ and tests/test_helm_chart.py checks its defaults against ``config_properties``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
 from returns_model.names import MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, MODEL_NAME, MODEL_ROOT_IN_POD, MODEL_STORE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +51,17 @@ class ServeConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def worker_count(value: Any, source: str) -> int | None:
+    """A configured worker count (``minWorkers``, or the chart's environment variable); None where it is
+    unset or below 1, and where it is not a number, with a warning naming ``source``."""
+    try:
+        count = int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        log.warning("%s=%r is not a worker count; ignored", source, value)
+        return None
+    return count if count >= 1 else None
+
+
 @dataclass(frozen=True)
 class HandlerKnobs:
     """The handler's section of model-config.yaml, as the handler reads it back."""
@@ -62,10 +76,7 @@ class HandlerKnobs:
     @classmethod
     def from_model_yaml(cls, model_yaml: dict[str, Any]) -> "HandlerKnobs":
         section = model_yaml.get("handler") or {}
-        try:
-            workers = max(1, int(model_yaml.get("minWorkers") or ServeConfig.workers))
-        except (TypeError, ValueError):
-            workers = ServeConfig.workers
+        workers = worker_count(model_yaml.get("minWorkers"), "minWorkers") or ServeConfig.workers
         return cls(max_instances=int(section.get("max_instances") or MAX_INSTANCES),
                    max_image_pixels=int(section.get("max_image_pixels") or MAX_IMAGE_PIXELS),
                    cpu_threads=int(section.get("cpu_threads") or 0),

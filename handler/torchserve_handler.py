@@ -21,7 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.core import BatchStats, Classifier, Work, available_cpus
 from handler.errors import RequestError
 from handler.payload import ParsedRequest, parse_request
-from handler.serve_config import HandlerKnobs
+from handler.serve_config import HandlerKnobs, worker_count
 from returns_model.preprocess import PhotoError
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,8 @@ WORKERS_ENV = "RETURNS_WORKERS_PER_MODEL"
 def workers_per_model(model_yaml: dict[str, Any]) -> int:
     """How many workers share the pod's CPUs: the chart's count (``RETURNS_WORKERS_PER_MODEL``, set
     beside its model_snapshot, which overrides the archive's) or else the archive's ``minWorkers``."""
-    for source, value in ((WORKERS_ENV, os.environ.get(WORKERS_ENV)), ("minWorkers", model_yaml.get("minWorkers"))):
-        try:
-            if value is not None and int(value) >= 1:
-                return int(value)
-        except ValueError:
-            log.warning("%s=%r is not a worker count; ignored", source, value)
-    return 1
+    return (worker_count(os.environ.get(WORKERS_ENV), WORKERS_ENV)
+            or worker_count(model_yaml.get("minWorkers"), "minWorkers") or 1)
 
 
 class ReturnsClassifierHandler(BaseHandler):
