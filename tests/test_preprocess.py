@@ -93,3 +93,60 @@ def test_a_real_photo_stored_as_16_bit_decodes_to_its_8_bit_pixels(fmnist_test):
         Image.fromarray(pixels.astype(np.uint16) * 257).save(buf, "PNG")  # the same photo, 16 bits deep
         got = bytes_to_uint8(buf.getvalue(), PreprocessSpec())[0].numpy()
         assert np.abs(got.astype(int) - pixels.astype(int)).max() <= 1, i
+
+
+def _photo_jpeg(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    """A real colour photo (scikit-learn's sample), resized as a phone would store it."""
+    from sklearn.datasets import load_sample_images
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[1]).resize(size).convert(mode).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _full_decode(data: bytes, spec: PreprocessSpec) -> torch.Tensor:
+    from returns_model.preprocess import image_to_uint8
+
+    return image_to_uint8(decode_image(data), spec)  # no spec: every pixel decoded, then shrunk
+
+
+@pytest.mark.parametrize("size", [(4032, 3024), (3024, 4032)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_a_phone_photo_is_decoded_at_an_eighth_and_matches_the_full_decode(size, mode):
+    """A 12-megapixel JPEG is decoded at 1/8 scale (504x378, not 36 MB of pixels) and still becomes
+    the model input of a full decode, within one grey level, with the same letterbox."""
+    spec = PreprocessSpec()
+    data = _photo_jpeg(size, mode)
+    assert decode_image(data, spec=spec).size == (size[0] // 8, size[1] // 8)
+    full, fast = _full_decode(data, spec), bytes_to_uint8(data, spec)
+    assert (full.int() - fast.int()).abs().max() <= 1
+    assert torch.equal(full.sum(1) > 0, fast.sum(1) > 0) and torch.equal(full.sum(2) > 0, fast.sum(2) > 0)
+
+
+def test_the_letterbox_follows_the_full_photo_not_the_rounded_reduced_one():
+    """300x241 decodes at 1/2 as 150x121 (sizes round up): a band of round(121 x 28 / 150) = 23 rows
+    from the reduced size, 22 from the photo's own 300:241, which a full decode letterboxes to."""
+    spec = PreprocessSpec()
+    data = _photo_jpeg((300, 241))
+    assert decode_image(data, spec=spec).size == (150, 121)
+    full, fast = _full_decode(data, spec), bytes_to_uint8(data, spec)
+    assert int((full.sum((0, 2)) > 0).sum()) == int((fast.sum((0, 2)) > 0).sum()) == 22
+
+
+def test_small_jpegs_and_other_formats_decode_exactly_as_before():
+    spec = PreprocessSpec()
+    small = _photo_jpeg((160, 120))  # under 2 x 3 x 28 on a side: no scaled decoding
+    assert decode_image(small, spec=spec).size == (160, 120)
+    assert torch.equal(_full_decode(small, spec), bytes_to_uint8(small, spec))
+    buf = io.BytesIO()
+    Image.new("L", (1200, 900), 180).save(buf, "PNG")
+    assert decode_image(buf.getvalue(), spec=spec).size == (1200, 900)
+
+
+def test_a_reduced_image_cropped_afterwards_letterboxes_by_its_own_size():
+    from returns_model.preprocess import image_to_uint8
+
+    spec = PreprocessSpec()
+    img = decode_image(_photo_jpeg((4032, 3024)), spec=spec)
+    square = img.crop((0, 0, 378, 378))  # Pillow copies img.info: the full size no longer applies
+    assert image_to_uint8(square, spec)[0].min() > 0  # fills the frame: no black bars
