@@ -3,7 +3,7 @@
 Measures on this machine, in this order: the raw forward pass on decoded tensors and the same with PNG
 decoding, in one process with every core, each on the eager model and on the optimised CPU paths
 (ONNX Runtime, float and int8); what the wire format
-costs (base64 JSON against raw bytes); `returns-submit` end to end against a local TorchServe on the
+costs (base64 JSON against raw bytes); what a 12-megapixel phone JPEG costs to decode; `returns-submit` end to end against a local TorchServe on the
 real archive; a naive set-up (TorchServe batch size 1, one photo per HTTP request, timed after a
 warm-up of ``warmup_n`` requests); single-photo
 latency; memory; a sweep of TorchServe batch size x photos per request. Every figure is measured
@@ -169,6 +169,34 @@ def passes_per_second(fn, items: list, batch: int, sync=lambda: None) -> float:
         fn(items[i:i + batch])
     sync()
     return len(items) / (time.perf_counter() - t0)
+
+
+def phone_photo_costs(runs: int, n: int = 10) -> dict[str, Any]:
+    """Milliseconds to turn one 12-megapixel JPEG (4032x3024, a phone camera's size; scikit-learn's
+    sample photo resized) into the model input, one core: as served (scaled decoding, see
+    ``returns_model.preprocess.decode_image``) and with every pixel decoded first."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from returns_model.preprocess import PreprocessSpec, bytes_to_uint8, decode_image, image_to_uint8
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[1]).resize((4032, 3024)).save(buf, "JPEG", quality=90)
+    data, spec = buf.getvalue(), PreprocessSpec()
+    ways = {"served_ms": lambda: bytes_to_uint8(data, spec), "full_decode_ms": lambda: image_to_uint8(decode_image(data), spec)}
+    out: dict[str, Any] = {"photo": "4032x3024 JPEG", "bytes": len(data)}
+    for name, fn in ways.items():
+        per_run = []
+        for _ in range(runs):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            per_run.append((time.perf_counter() - t0) / n * 1000)
+        out[name] = spread(per_run, 2)
+    return out
 
 
 def wire_costs(pngs: list[bytes], per_request: int, runs: int) -> dict[str, Any]:
@@ -359,6 +387,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         # (not the worker's share: with several workers that would handicap the baseline)
         raw = raw_rates(extracted, pngs[:cfg.raw_n], forward_batch, available_cpus(), cfg.runs)
         wire = wire_costs(pngs, cfg.batch_size, cfg.runs)
+        phone = phone_photo_costs(cfg.runs)
         torch.set_num_threads(available_cpus())
 
         with LocalTorchServe(model_root, workdir=tmp / "ts") as server:
@@ -424,6 +453,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "served_over_raw_onnx": round(s_med / raw["raw_onnx_images_per_s"]["median"], 3),
         "served_over_raw_int8": round(s_med / raw["raw_int8_images_per_s"]["median"], 3),
         "wire": wire,
+        "phone_photo": phone,
         "predictor": {**predictor,
                       "served_over_raw": round(predictor["served_images_per_s"] / raw["raw_images_per_s"]["median"], 3),
                       "served_over_raw_decode": round(predictor["served_images_per_s"]
@@ -492,6 +522,8 @@ def table(r: dict[str, Any]) -> str:
             ("JSON encode / parse per photo", "{} / {} us".format(r["wire"]["json_encode_us_per_photo"]["median"],
                                                                r["wire"]["json_parse_us_per_photo"]["median"])),
             ("raw bytes, one photo per request", rate_of(r["wire"]["served_raw_one_per_request_images_per_s"])),
+            ("12-MP JPEG to model input, as served / full decode", "{} / {} ms".format(
+                r["phone_photo"]["served_ms"]["median"], r["phone_photo"]["full_decode_ms"]["median"])),
             ("load average start / end", f"{r['load_average']['start']} / {r['load_average']['end']}")]
     k = r["predictor"]
     rows += [("served: returns-submit -> returns-kserve (v2)", f"{k['served_images_per_s']:.0f} photos/s"),

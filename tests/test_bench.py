@@ -25,6 +25,9 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
         assert r.get(key, s["median"]) == s["median"], key
     assert r["wire"]["json_bytes_over_raw"] > 1.3  # base64 alone adds a third
     assert r["wire"]["json_parse_us_per_photo"]["median"] > 0
+    assert r["phone_photo"]["photo"] == "4032x3024 JPEG"
+    assert r["phone_photo"]["served_ms"]["median"] > 0 and r["phone_photo"]["full_decode_ms"]["median"] > 0
+    assert r["environment"]["naive_warmup_requests"] == 50
     assert len(r["worker_rss_mb_over_time"]) == 3 and len(r["load_average"]["end"]) == 3
     assert r["environment"]["cpu_backend"] == "onnx-int8"
     assert (tmp_path / "throughput.png").stat().st_size > 1000
