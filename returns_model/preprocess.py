@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from returns_model.names import MAX_IMAGE_PIXELS
 
@@ -85,7 +85,8 @@ SCALED_FROM = "returns_scaled_from"
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, spec: PreprocessSpec | None = None) -> Image.Image:
-    """Decode bytes into a fully loaded PIL image (first frame of an animation).
+    """Decode bytes into a fully loaded PIL image (first frame of an animation), turned upright
+    as its EXIF orientation says (``_upright``).
 
     With ``spec``, a JPEG large enough is decoded at 1/2, 1/4 or 1/8 of its size straight from its
     DCT coefficients (libjpeg's scaled decoding, Pillow's ``draft``), never below ``REDUCING_GAP`` x
@@ -116,6 +117,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, spec: Preproce
             if spec is not None and img.format == "JPEG":
                 _scaled_decoding(img, spec)
             img.load()
+        _upright(img)
     except PhotoError:
         raise
     except UnidentifiedImageError:
@@ -139,12 +141,35 @@ def _scaled_decoding(img: Image.Image, spec: PreprocessSpec) -> None:
             img.info[SCALED_FROM] = (full, round(full[0] / box[2]))
 
 
+# Where Pillow's getexif() finds an orientation: EXIF blocks, ImageMagick's PNG text chunk, XMP
+# (and a TIFF's own tags, ``tag_v2``).
+_ORIENTATION_SOURCES = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
+
+
+def _upright(img: Image.Image) -> None:
+    """Turn the pixels the way the photo's EXIF orientation says (a phone stores a portrait shot
+    sideways and tags it), so the model sees the garment as every photo viewer shows it. A tag
+    that cannot be read leaves the pixels as stored: they are still the photo."""
+    if not (_ORIENTATION_SOURCES & img.info.keys()) and not hasattr(img, "tag_v2"):
+        return  # nothing that could carry an orientation (the common case; reading EXIF costs ~6 us)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data" before giving up on a block
+            ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds on damaged EXIF blocks
+        pass
+
+
 def _source_size(img: Image.Image) -> tuple[int, int]:
-    """The size the letterbox follows: the full photo's for a scaled decoding, else the image's own."""
+    """The size the letterbox follows: the full photo's for a scaled decoding (turned with the
+    pixels when its orientation swapped the sides), else the image's own."""
     full, scale = img.info.get(SCALED_FROM, (img.size, 1))
-    if ((full[0] + scale - 1) // scale, (full[1] + scale - 1) // scale) != img.size:
-        return img.size  # not the image that was decoded (cropped or resized since): its own size
-    return full
+    reduced = ((full[0] + scale - 1) // scale, (full[1] + scale - 1) // scale)
+    if reduced == img.size:
+        return full
+    if reduced[::-1] == img.size:
+        return full[1], full[0]
+    return img.size  # not the image that was decoded (cropped or resized since): its own size
 
 
 def _to_mode(img: Image.Image, channels: int, fill: int) -> Image.Image:

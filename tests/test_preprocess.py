@@ -150,3 +150,51 @@ def test_a_reduced_image_cropped_afterwards_letterboxes_by_its_own_size():
     img = decode_image(_photo_jpeg((4032, 3024)), spec=spec)
     square = img.crop((0, 0, 378, 378))  # Pillow copies img.info: the full size no longer applies
     assert image_to_uint8(square, spec)[0].min() > 0  # fills the frame: no black bars
+
+
+def _tagged(img: Image.Image, fmt: str, orientation: int | None = None, exif: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    if orientation is not None:
+        tags = Image.Exif()
+        tags[0x0112] = orientation  # EXIF Orientation
+        exif = tags.tobytes()
+    img.save(buf, fmt, **({"exif": exif} if exif is not None else {}))
+    return buf.getvalue()
+
+
+def test_a_phone_photo_tagged_sideways_is_classified_upright():
+    """A phone stores a portrait shot as landscape pixels tagged "turn 90 degrees clockwise to view"
+    (orientation 6): the model gets the portrait, as a photo viewer shows it."""
+    from sklearn.datasets import load_sample_images
+
+    spec = PreprocessSpec()
+    sensor = Image.fromarray(load_sample_images().images[1]).resize((4032, 3024))
+    as_viewed = sensor.transpose(Image.Transpose.ROTATE_270)
+    stored = _tagged(sensor, "JPEG", orientation=6)
+    assert decode_image(stored, spec=spec).size == (378, 504)  # scaled, then turned
+    got, want = bytes_to_uint8(stored, spec), bytes_to_uint8(_tagged(as_viewed, "JPEG"), spec)
+    assert (got.int() - want.int()).abs().max() <= 2
+    # portrait: black bars left and right, the photo from the top row to the bottom one
+    assert got[0, :, 0].max() == 0 and got[0, :, -1].max() == 0 and got[0, 0].max() > 0 and got[0, -1].max() > 0
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_orientation_tags_of_other_formats_are_followed(fmt):
+    img = Image.new("L", (60, 30), 0)
+    img.paste(255, (0, 0, 20, 30))  # white on the left third
+    buf = io.BytesIO()
+    tags = Image.Exif()
+    tags[0x0112] = 8  # turn 90 degrees counter-clockwise to view: the white third ends at the bottom
+    img.save(buf, fmt, exif=tags if fmt == "TIFF" else tags.tobytes())
+    viewed = decode_image(buf.getvalue()).convert("L")  # WebP decodes as RGB
+    assert viewed.size == (30, 60)
+    assert viewed.getpixel((15, 55)) == 255 and viewed.getpixel((15, 5)) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's own, when it opens the file
+def test_a_damaged_exif_block_leaves_the_photo_as_stored():
+    img = Image.new("L", (60, 30), 0)
+    img.paste(255, (0, 0, 20, 30))
+    damaged = _tagged(img, "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff garbage")
+    plain = _tagged(img, "JPEG")
+    assert torch.equal(bytes_to_uint8(damaged, PreprocessSpec()), bytes_to_uint8(plain, PreprocessSpec()))
