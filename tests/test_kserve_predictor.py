@@ -276,13 +276,14 @@ def test_garbage_and_oversized_requests_are_4xx_and_the_server_stays_healthy(pre
     assert "error" not in rest_infer(predictor.url, "v1", {"instances": [b64(photos[0])]})["predictions"][0]
 
 
-def test_metadata_health_and_metrics(predictor):
+def test_metadata_health_and_metrics(predictor, photos):
     meta = requests.get(f"{predictor.url}/v2/models/{MODEL}", timeout=10).json()
     assert meta["name"] == MODEL and [i["datatype"] for i in meta["inputs"]] == ["BYTES"]
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == \
         {"label": "BYTES", "confidence": "FP32", "needs_review": "BOOL", "result": "BYTES"}
     assert requests.get(f"{predictor.url}/v2/health/ready", timeout=10).json()["ready"] is True
-    requests.post(f"{predictor.url}/v1/models/{MODEL}:predict", json={"instances": ["@@"]}, timeout=30)
+    # one photo and one bad instance, so every gauge has a value even when this test runs alone
+    requests.post(f"{predictor.url}/v1/models/{MODEL}:predict", json={"instances": [b64(photos[0]), "@@"]}, timeout=30)
     text = requests.get(f"{predictor.url}/metrics", timeout=10).text
     values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line.startswith("returns_") and f'model_name="{MODEL}"' in line}
