@@ -40,16 +40,26 @@ def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, class_names: list
     return out
 
 
+def served_decisions(logits: torch.Tensor, temperature: float, threshold: float,
+                     flagged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The served rule on logits: (calibrated probabilities, predicted class, auto-accepted). A photo
+    is auto-accepted when its calibrated confidence reaches the threshold and the gate does not flag it."""
+    probs = F.softmax(logits / temperature, 1)
+    conf, pred = probs.max(1)
+    accepted = conf >= threshold
+    return probs, pred, accepted if flagged is None else accepted & ~flagged
+
+
 def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, class_names: list[str],
                  flagged: torch.Tensor | None = None) -> dict[str, Any]:
     """Accuracy, calibration and the served review rule's effect on the test split: a photo is
     auto-accepted when its calibrated confidence reaches the certified threshold and the gate
     does not flag it."""
     raw_conf, pred = F.softmax(logits, 1).max(1)
-    conf = F.softmax(logits / cal.temperature, 1).max(1)[0]
+    probs, _, accepted = served_decisions(logits, cal.temperature, cal.threshold, flagged)
+    conf = probs.max(1)[0]
     correct = pred == labels
     flagged = torch.zeros_like(correct) if flagged is None else flagged
-    accepted = (conf >= cal.threshold) & ~flagged
     _, _, aurc = risk_coverage(conf, correct)
     per_class = per_class_scores(pred, labels, class_names)
     return {

@@ -41,7 +41,7 @@ from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.config import TrainConfig
 from training.data import Dataset, Split, load_data
-from training.evaluate import drift_reference
+from training.evaluate import drift_reference, served_decisions
 from training.rule import fit_rule
 from training.trust import trust_report
 
@@ -114,10 +114,8 @@ def run_graph(runner: OnnxRunner, images: torch.Tensor, spec: PreprocessSpec,
 
 def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
             threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The served rule: (probabilities, predicted class, auto-accepted)."""
-    probs = torch.softmax(logits / temperature, 1)
-    conf, pred = probs.max(1)
-    return probs, pred, (conf >= threshold) & ~gate.flag(gate.score(tapped, pixels=images))
+    """The served rule with this gate: (probabilities, predicted class, auto-accepted)."""
+    return served_decisions(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
 
 
 def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS,
