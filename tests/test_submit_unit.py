@@ -85,6 +85,26 @@ def test_read_rejects_empty_large_special_and_vanished_files(tmp_path):
     assert isinstance(ok, Photo) and len(ok.sha256) == 64
 
 
+def test_a_photo_that_grows_after_its_size_was_taken_is_read_whole_up_to_the_limit(tmp_path, monkeypatch):
+    """read() asks for the size fstat gave (+1), so a file written on meanwhile is read on, and the
+    byte limit still holds over the whole of it."""
+    import hashlib
+
+    data = b"\x89PNG" + bytes(range(100))
+    (tmp_path / "growing.png").write_bytes(data)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size the file had a moment before the rest was written
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 10,
+                               st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr("returns_submit.inbox.os.fstat", stale_fstat)
+    whole = read(Entry(tmp_path, "growing.png"), max_bytes=1000)
+    assert isinstance(whole, Photo) and whole.sha256 == hashlib.sha256(data).hexdigest()
+    assert read(Entry(tmp_path, "growing.png"), max_bytes=50).code == "too_large"
+
+
 def test_a_folder_swapped_for_a_symlink_after_the_listing_is_not_followed(tmp_path):
     inbox, outside = tmp_path / "inbox", tmp_path / "outside"
     write_photos(inbox / "sub", 1)
