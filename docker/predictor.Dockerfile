@@ -27,7 +27,7 @@ RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user
 # predictor"). No torchserve, training or test packages.
 RUN sed -n '/^# The KServe predictor/,$p' requirements.txt | grep -v '^#' > /tmp/kserve-deps.txt \
     && python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
-        --constraint requirements.txt -r /tmp/kserve-deps.txt pillow numpy PyYAML requests onnxruntime \
+        --constraint requirements.txt -r /tmp/kserve-deps.txt pillow numpy PyYAML requests onnxruntime openvino \
     && rm /tmp/kserve-deps.txt
 # kserve itself with --no-deps, as scripts/setup.sh does (requirements.txt says why).
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \

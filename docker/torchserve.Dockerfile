@@ -26,9 +26,9 @@ COPY requirements.txt ./
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch==' requirements.txt)"
 # TorchServe and what the handler inside the .mar imports (the .mar ships handler/ and
-# returns_model/ themselves; onnxruntime runs its model.onnx), all at requirements.txt's pins; no per-model pip installs at run time.
+# returns_model/ themselves; onnxruntime runs its model.onnx, openvino its int8 graph), all at requirements.txt's pins; no per-model pip installs at run time.
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
-        --constraint requirements.txt torchserve PyYAML pillow numpy psutil onnxruntime \
+        --constraint requirements.txt torchserve PyYAML pillow numpy psutil onnxruntime openvino \
     && python -c "import ts, torch; print('torchserve', ts.__version__, 'torch', torch.__version__)"
 RUN groupadd --system --gid 1000 model-server \
     && useradd --system --uid 1000 --gid 1000 --home-dir /home/model-server --create-home \

@@ -22,8 +22,8 @@ from returns_model.gate import LayerTap, UnfamiliarGate
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 
-# The CPU forward pass: ONNX Runtime on the exported float graph, on the model folder's int8 graph
-# (with the review rule fitted on its own outputs), or torch eager.
+# The CPU forward pass: the model folder's int8 graph (with the review rule fitted on its own outputs,
+# in the runtime they came from), ONNX Runtime on the exported float graph, or torch eager.
 CPU_BACKENDS = ("onnx", "onnx-int8", "eager")
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,12 @@ class Classifier:
         self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
         self.amp = self.device.type == "cuda"
         self._labels = self.meta.class_names
-        # On a CPU a graph in ONNX Runtime does the forward pass (handler/onnx_runner.py); a GPU keeps
-        # the eager model with fp16 autocast. The int8 graph brings its own review rule (meta.on_int8).
+        # On a CPU a graph does the forward pass (handler/onnx_runner.py): the int8 graph in the runtime
+        # its own review rule was fitted on (meta.on_int8), or the float graph in ONNX Runtime. A GPU
+        # keeps the eager model with fp16 autocast.
         self._onnx = None
         self.backend = "eager"
-        if cpu_backend != "eager" and self.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is None:
-            log.warning("cpu_backend %s: onnxruntime is not installed; serving on the eager path (float rule)",
-                        cpu_backend)
-            cpu_backend = "eager"
+        requested = cpu_backend
         if cpu_backend == "onnx-int8" and self.device.type == "cpu":
             from handler.onnx_runner import open_int8_runner
 
@@ -133,6 +131,10 @@ class Classifier:
         # decoding and the graph paths (the layer is a graph output) need no turn. (returns-kserve
         # runs eager passes one at a time anyway; the lock keeps the core safe for any caller.)
         self._eager_turn = threading.Lock()
+        if cpu_backend == "onnx" and self.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is None:
+            log.warning("cpu_backend %s: onnxruntime is not installed; serving on the eager path (float rule)",
+                        requested)
+            cpu_backend = "eager"
         if cpu_backend == "onnx" and self.device.type == "cpu":
             from handler.onnx_runner import open_runner
 

@@ -1,14 +1,18 @@
-"""The optimised CPU forward pass: the exported graph (``returns_model/export.py``) in ONNX Runtime.
+"""The optimised CPU forward passes: the exported float graph (``returns_model/export.py``) in ONNX
+Runtime, and the int8 graph in the runtime its review rule was fitted on (OpenVINO since it was
+measured faster, handler/openvino_runner.py; ONNX Runtime for older model folders).
 
-The graph answers the logits and the gate's tapped embedding, so ``handler.core`` scores both
-paths with the same torch code. ``onnxruntime`` is imported only when this path is chosen: an
-image without it serves on the eager path (``handler.core.Classifier`` checks, and says so once).
+The graphs answer the logits and the gate's tapped embedding, so ``handler.core`` scores every
+path with the same torch code. A runtime is imported only when its path is chosen: an image without
+it serves the next path down (int8 -> float graph -> eager) and says why.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +21,8 @@ from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph  #
 from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
 
 log = logging.getLogger(__name__)
+# ``float32 [N, C, H, W] -> (logits, tapped)``: an OnnxRunner, or handler.openvino_runner.OpenVinoRunner
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SPIN_KEY = "session.intra_op.allow_spinning"
 
 
@@ -63,16 +69,40 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
     return runner
 
 
-def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> OnnxRunner | None:
-    """A runner on the folder's int8 graph (training/quantize.py); None, with the reason logged, where
-    the folder has none (the caller then serves the float graph and rule).
-    A graph whose SHA-256 is not model.json's is refused (``Int8GraphError``, read_int8_graph)."""
+def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> Runner | None:
+    """A runner on the folder's int8 graph (training/quantize.py), in the runtime its rule was fitted
+    on (``model.json`` ``int8.runtime``: OpenVINO, or ONNX Runtime for folders made before it);
+    None, with the reason logged, where the folder has no int8 graph or that runtime is missing (the
+    caller then serves the float graph and rule). A graph whose SHA-256 is not model.json's is
+    refused (``Int8GraphError``, read_int8_graph)."""
     t0 = time.perf_counter()
     graph = read_int8_graph(model_dir, meta)
     if graph is None:
         log.warning("cpu_backend onnx-int8: %s has no int8 graph and rule (%s, model.json 'int8'); serving the "
                     "float graph", model_dir, INT8_FILE)
         return None
-    runner = OnnxRunner(graph, threads)
-    log.info("cpu_backend onnx-int8: session on %s ready in %.2f s", INT8_FILE, time.perf_counter() - t0)
+    fitted = meta.int8.get("runtime") or {"name": "onnxruntime"}
+    if fitted.get("name") == "openvino":
+        from handler.openvino_runner import OpenVinoRunner, runtime_version
+
+        installed = runtime_version()
+        if installed is None:
+            log.warning("cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino is not "
+                        "installed; serving the float graph")
+            return None
+        if installed != fitted.get("version"):
+            log.warning("cpu_backend onnx-int8: OpenVINO %s is installed, the int8 rule was fitted on %s; its "
+                        "answers may differ slightly from the ones certified", installed, fitted.get("version"))
+        runner: Runner = OpenVinoRunner(graph, threads)
+    elif fitted.get("name") == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            log.warning("cpu_backend onnx-int8: the int8 rule was fitted on ONNX Runtime's outputs and onnxruntime "
+                        "is not installed; serving the float graph")
+            return None
+        runner = OnnxRunner(graph, threads)
+    else:
+        log.warning("cpu_backend onnx-int8: model.json's int8 rule names an unknown runtime %r; serving the float "
+                    "graph", fitted.get("name"))
+        return None
+    log.info("cpu_backend onnx-int8: %s on %s ready in %.2f s", fitted["name"], INT8_FILE, time.perf_counter() - t0)
     return runner

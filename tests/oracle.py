@@ -10,8 +10,9 @@ unfamiliar``. A handler that forgets the temperature, hard-codes another thresho
 gate or mixes up the order of a batch disagrees with it.
 
 ``Oracle(model_dir, path="int8")`` answers for the int8 CPU path instead: logits and the tapped
-embedding from ``model.int8.onnx`` in its own ONNX Runtime session, then the same arithmetic with the
-``int8`` section's temperature, threshold and gate.
+embedding from ``model.int8.onnx`` in its own session of the runtime the ``int8`` section names
+(OpenVINO; ONNX Runtime for older folders), then the same arithmetic with that section's
+temperature, threshold and gate.
 
 Fashion-MNIST test images are 28x28 and PNG is lossless, so no resize is involved: the decoded
 pixels are the dataset's own bytes.
@@ -56,12 +57,24 @@ class Oracle:
         rule = meta["int8"] if path == "int8" else meta
         self.temperature = float(rule["calibration"]["temperature"])
         self.threshold = float(rule["calibration"]["threshold"])
-        self.session = None
+        self.session = None  # the int8 graph, in the runtime its rule was fitted on: numpy x -> (logits, tapped)
         if path == "int8":
-            import onnxruntime as ort
+            graph = str(self.model_dir / meta["int8"]["file"])
+            if (meta["int8"].get("runtime") or {}).get("name", "onnxruntime") == "openvino":
+                import openvino as ov
 
-            self.session = ort.InferenceSession(str(self.model_dir / meta["int8"]["file"]),
-                                                providers=["CPUExecutionProvider"])
+                request = ov.Core().compile_model(graph, "CPU").create_infer_request()
+
+                def run(x):
+                    request.infer({"pixels": x})
+                    return request.get_tensor("logits").data.copy(), request.get_tensor("tapped").data.copy()
+
+                self.session = run
+            else:
+                import onnxruntime as ort
+
+                ort_session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+                self.session = lambda x: tuple(ort_session.run(None, {"pixels": x}))
         self.top_k = int(meta.get("top_k", 3))
         self.class_names = list(meta["class_names"])
         pre = meta["preprocess"]
@@ -89,7 +102,7 @@ class Oracle:
         for i in range(0, len(x), 256):
             self._tapped.clear()
             if self.session is not None:  # the int8 graph answers the logits and the pooled tap itself
-                out, tapped = self.session.run(None, {"pixels": x[i:i + 256].numpy()})
+                out, tapped = self.session(x[i:i + 256].numpy())
                 logits.append(torch.from_numpy(out))
                 self._tapped.append(torch.from_numpy(tapped).double())
             else:

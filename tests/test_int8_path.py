@@ -93,20 +93,108 @@ def test_a_folder_without_an_int8_graph_serves_the_float_graph_and_rule(release_
     assert "no int8 graph" in caplog.text
 
 
-def test_without_onnxruntime_the_server_says_so_once_and_serves_eager_with_the_float_rule(
-        release_model_dir, monkeypatch, caplog):
+def _hide(monkeypatch, *packages: str) -> None:
+    """As if ``packages`` were not installed (the server checks with importlib.util.find_spec)."""
     import importlib.util
-    import logging
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in packages else real(name, *a))
+
+
+def _warnings(caplog) -> list[str]:
+    import logging
+
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_int8_rule_is_served_by_the_runtime_it_was_fitted_on(int8_classifier, release_model_dir):
+    from handler.openvino_runner import OpenVinoRunner, runtime_version
+
+    runtime = json.loads((release_model_dir / "model.json").read_text())["int8"]["runtime"]
+    assert runtime == {"name": "openvino", "version": runtime_version()}
+    assert isinstance(int8_classifier._onnx, OpenVinoRunner)
+
+
+def test_without_onnxruntime_the_int8_path_still_serves(release_model_dir, monkeypatch, caplog):
+    import logging
+
+    _hide(monkeypatch, "onnxruntime")
+    with caplog.at_level(logging.WARNING):
+        clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
+    assert clf.backend == "onnx-int8" and _warnings(caplog) == []
+
+
+def test_without_openvino_the_float_graph_and_rule_serve(release_model_dir, monkeypatch, caplog):
+    import logging
+
+    _hide(monkeypatch, "openvino")
+    with caplog.at_level(logging.WARNING):
+        clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    assert clf.backend == "onnx" and clf.meta.threshold == meta["calibration"]["threshold"]
+    assert _warnings(caplog) == ["cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino "
+                                 "is not installed; serving the float graph"]
+
+
+def test_without_either_runtime_the_server_says_why_and_serves_eager_with_the_float_rule(
+        release_model_dir, monkeypatch, caplog):
+    import logging
+
+    _hide(monkeypatch, "openvino", "onnxruntime")
     with caplog.at_level(logging.WARNING):
         clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
     meta = json.loads((release_model_dir / "model.json").read_text())
     assert clf.backend == "eager" and clf.meta.threshold == meta["calibration"]["threshold"]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == ["cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path (float rule)"]
+    assert _warnings(caplog) == [
+        "cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino is not installed; "
+        "serving the float graph",
+        "cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path (float rule)"]
     assert clf.classify([(release_model_dir / "confusion_matrix.png").read_bytes()])[0]  # it still answers
+
+
+def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | None) -> Path:
+    shutil.copytree(release_model_dir, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    if runtime is None:
+        del meta["int8"]["runtime"]
+    else:
+        meta["int8"]["runtime"] = runtime
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_folder_fitted_before_openvino_keeps_onnx_runtime(release_model_dir, tmp_path):
+    from handler.onnx_runner import OnnxRunner
+
+    clf = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "m", None), warmup=False, cpu_backend="onnx-int8")
+    assert clf.backend == "onnx-int8" and isinstance(clf._onnx, OnnxRunner)
+
+
+def test_another_openvino_version_or_an_unknown_runtime_is_said(release_model_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        other = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "a", {"name": "openvino", "version": "2020.1"}),
+                           warmup=False, cpu_backend="onnx-int8")
+    assert other.backend == "onnx-int8" and "the int8 rule was fitted on 2020.1" in caplog.text
+    unknown = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "b", {"name": "tvm"}), warmup=False,
+                         cpu_backend="onnx-int8")
+    assert unknown.backend == "onnx" and "unknown runtime 'tvm'" in caplog.text
+
+
+def test_threads_each_get_the_answers_of_one_thread(int8_classifier, fmnist_test):
+    """A compiled OpenVINO model runs one inference at a time: returns-kserve's lanes call the runner
+    from several threads, and each must get its own photos' answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from returns_model.preprocess import normalize
+
+    x = normalize(fmnist_test[0][:256].unsqueeze(1), int8_classifier.spec)
+    chunks = [x[i:i + 32] for i in range(0, 256, 32)]
+    alone = [int8_classifier._onnx(c)[0] for c in chunks]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: int8_classifier._onnx(c)[0], chunks * 3))
+    assert all(torch.equal(t, alone[i % len(chunks)]) for i, t in enumerate(together))
 
 
 def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test):
@@ -123,6 +211,7 @@ def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test)
         (release_model_dir / "model.json").read_text())["class_names"], "test", "x")
     graph, section = int8_section(release_model_dir, ds, TrainConfig())
     assert section["sha256"] == hashlib.sha256(graph).hexdigest() and section["file"] == INT8_FILE
+    assert section["runtime"]["name"] == "openvino" and section["runtime"]["version"]
     assert section["calibration"]["certificate"]["n_calibration"] == 3000
     assert section["unfamiliar"]["info"]["fitted_on"] == "training split, 4000 photos"
     agree = section["agreement_with_float_path"]

@@ -41,7 +41,8 @@ log = logging.getLogger("training.archive")
 SHIPPED_PACKAGES = {
     "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
                       "artifact.py", "gate.py", "export.py"],
-    "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py"],
+    "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py",
+                "openvino_runner.py"],
 }
 HANDLER_ENTRY = Path(handler.__file__).parent / "torchserve_handler.py"
 METRICS_YAML = Path(handler.__file__).parent / "metrics.yaml"

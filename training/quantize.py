@@ -13,7 +13,12 @@ int8 graph's own outputs, on the same splits and by the same code as the float p
 its cutoff, the temperature and the certified threshold on the validation split, figures on the
 test split.
 
-Quantisation (ONNX Runtime, QDQ format): weights int8 per output channel, activations uint8 with
+The int8 graph runs in OpenVINO, on the server as here (handler/openvino_runner.py: faster than ONNX
+Runtime on it, and not bit-identical to it), so the rule is fitted on OpenVINO's outputs and
+``model.json`` names the runtime and its version (``int8.runtime``); a server without OpenVINO
+serves the float graph and rule instead.
+
+Quantisation (ONNX Runtime's quantiser, QDQ format): weights int8 per output channel, activations uint8 with
 ranges from the min/max over ``CAL_PHOTOS`` seeded training photos. Before it, every mean over the
 spatial axes (the squeeze-excite squeezes and the final pool, exported as ``ReduceMean``) becomes a
 ``GlobalAveragePool``, the same arithmetic, which ONNX Runtime runs quantised; a ``ReduceMean``
@@ -33,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from handler.onnx_runner import OnnxRunner
+from handler.onnx_runner import OnnxRunner, Runner
+from handler.openvino_runner import RUNTIME, OpenVinoRunner, runtime_version
 from returns_model.artifact import load_model, read_meta, write_meta
 from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
@@ -105,9 +111,9 @@ def quantize_graph(graph: bytes, calibration: np.ndarray) -> bytes:
         return out.read_bytes()
 
 
-def run_graph(runner: OnnxRunner, images: torch.Tensor, spec: PreprocessSpec,
+def run_graph(runner: Runner, images: torch.Tensor, spec: PreprocessSpec,
               batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> (logits, tapped embedding) from one ONNX Runtime session."""
+    """uint8 images -> (logits, tapped embedding) from one runner (ONNX Runtime or OpenVINO)."""
     parts = [runner(normalize(images[i:i + batch], spec)) for i in range(0, len(images), batch)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -131,7 +137,8 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     float_graph = export_onnx(model, layer, spec.channels, spec.size)
     pick = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:CAL_PHOTOS]
     graph = quantize_graph(float_graph, normalize(ds.train.images[pick], spec).numpy())
-    int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
+    # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
+    int8, fp = OpenVinoRunner(graph, threads), OnnxRunner(float_graph, threads)
 
     rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, decided, not_products)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
@@ -142,6 +149,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     cert = cal.certificate
     section = {
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
+        "runtime": {"name": RUNTIME, "version": runtime_version()},
         "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                          "weights": "int8, per output channel", "activations": "uint8, min/max ranges",
                          "spatial_means": "GlobalAveragePool, quantised",
