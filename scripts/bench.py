@@ -2,7 +2,7 @@
 
 Measures on this machine, in this order: the raw forward pass on decoded tensors and the same with PNG
 decoding, in one process with every core, each on the eager model and on the optimised CPU paths
-(ONNX Runtime, float and int8); what the wire format
+(ONNX Runtime on the float graph, the int8 graph in its own runtime); what the wire format
 costs (base64 JSON against raw bytes); what a 12-megapixel phone JPEG costs to decode; `returns-submit` end to end against a local TorchServe on the
 real archive; a naive set-up (TorchServe batch size 1, one photo per HTTP request, timed after a
 warm-up of ``warmup_n`` requests); single-photo
@@ -315,7 +315,8 @@ def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any], backend: 
             else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
             "submit_concurrency": cfg.concurrency, "naive_warmup_requests": cfg.warmup_n, "torchserve_batch": serve, "cpu_backend": backend, "python": platform.python_version(),
             "torch": torch.__version__, "torchserve": metadata.version("torchserve"),
-            "onnxruntime": metadata.version("onnxruntime"), "kserve": metadata.version("kserve")}
+            "onnxruntime": metadata.version("onnxruntime"), "openvino": metadata.version("openvino"),
+            "kserve": metadata.version("kserve")}
 
 
 def plot(r: dict[str, Any], path: Path) -> None:

@@ -45,7 +45,7 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     assert k["served_over_torchserve"] == pytest.approx(k["served_images_per_s"] / r["served_images_per_s"], rel=0.02)
     for conc in ("concurrency_1", "concurrency_8"):
         assert 0 < k["latency_ms"][conc]["p50"] <= k["latency_ms"][conc]["p99"]
-    assert r["environment"]["kserve"] == "0.21.0"
+    assert r["environment"]["kserve"] == "0.21.0" and r["environment"]["openvino"] == "2026.4.1"
     out = capsys.readouterr().out
     assert "served: returns-submit" in out and "returns-submit -> returns-kserve" in out
 
