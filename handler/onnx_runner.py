@@ -44,6 +44,11 @@ class OnnxRunner:
         opts.add_session_config_entry(SPIN_KEY, "0")
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
+    @property
+    def threads(self) -> int:
+        """The threads one pass uses, as the session reports them."""
+        return self.session.get_session_options().intra_op_num_threads
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, tapped = self.session.run(None, {INPUT: x.contiguous().numpy()})
         return torch.from_numpy(logits), torch.from_numpy(tapped)

@@ -51,6 +51,11 @@ class OpenVinoRunner:
         self._local = threading.local()
         self._request()  # compile now: a broken graph fails at start-up, not on the first photo
 
+    @property
+    def threads(self) -> int:
+        """The threads one pass uses, as the compiled model reports them."""
+        return int(self._request().get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+
     def _request(self):
         req = getattr(self._local, "request", None)
         if req is None:

@@ -188,7 +188,7 @@ def test_lanes_are_chosen_by_path_and_checked(release_model_dir, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(kp, "available_cpus", lambda: 4)
     model = kp.ReturnsClassifierModel(None, release_model_dir, "cpu")
-    assert model.lanes == 2 and model.core._onnx.session.get_session_options().intra_op_num_threads == 2
+    assert model.lanes == 2 and model.core._onnx.threads == 2
     assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu", lanes=4).lanes == 4
     monkeypatch.setattr(kp, "available_cpus", lambda: 1)
     assert kp.ReturnsClassifierModel(None, release_model_dir, "cpu").lanes == 1
