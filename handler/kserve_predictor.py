@@ -23,9 +23,9 @@ the archive's TorchServe workers, 2, at most one per CPU), the CPUs shared out a
 TorchServe shares them among its workers. An ONNX Runtime or OpenVINO pass releases the GIL
 (OpenVINO: each lane compiles its own model, handler/openvino_runner.py), and on 2 cores two
 one-thread passes side by side served 1,930 photos/s against 1,474 for one two-thread pass at a
-time (ONNX Runtime, int8 graph). A GPU and the CPU eager path take one request at a time: on an H200 with 16 cores, 16 lanes
-that decode side by side and take turns on the GPU served 2,200-3,500 photos/s against 4,300-4,700
-with one lane.
+time (ONNX Runtime, int8 graph). A GPU and the CPU eager path take one request at a time: on an
+H200 with 16 cores, 16 lanes that decode side by side and take turns on the GPU served
+2,200-3,500 photos/s against 4,300-4,700 with one lane.
 """
 from __future__ import annotations
 
