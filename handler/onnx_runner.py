@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
+from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph, read_probe  # noqa: F401 (Int8GraphError: re-exported)
 from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
+from returns_model.preprocess import normalize
 
 log = logging.getLogger(__name__)
 # ``float32 [N, C, H, W] -> (logits, tapped)``: an OnnxRunner, or handler.openvino_runner.OpenVinoRunner
@@ -109,5 +110,27 @@ def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> Runner |
         log.warning("cpu_backend onnx-int8: model.json's int8 rule names an unknown runtime %r; serving the float "
                     "graph", fitted.get("name"))
         return None
+    if not reproduces_probe(runner, meta):
+        return None
     log.info("cpu_backend onnx-int8: %s on %s ready in %.2f s", fitted["name"], INT8_FILE, time.perf_counter() - t0)
     return runner
+
+
+def reproduces_probe(runner: Runner, meta: ModelMeta) -> bool:
+    """Whether the runner gives the int8 probe's photos the logits recorded when the rule was fitted
+    (``returns_model.artifact.make_probe``). Another CPU family's kernels, or another runtime
+    version, can answer differently; the certificate holds for the recorded answers, so a runner that
+    does not reproduce them is not used (logged). A section without a probe (older folders) passes."""
+    probe = meta.int8.get("probe")
+    if probe is None:
+        log.info("cpu_backend onnx-int8: model.json's int8 section has no probe; the runtime's answers are not checked")
+        return True
+    pixels, expected, tolerance = read_probe(probe)
+    logits, _ = runner(normalize(pixels, meta.preprocess))
+    worst = float((logits.double() - expected).abs().max())
+    if worst > tolerance:
+        log.warning("cpu_backend onnx-int8: on this CPU the int8 graph's logits for the probe photos differ from the "
+                    "ones its rule was certified on by up to %.3g (allowed %.3g); serving the float graph and rule",
+                    worst, tolerance)
+        return False
+    return True

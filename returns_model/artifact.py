@@ -5,6 +5,7 @@ architecture, class names, preprocessing spec, temperature, threshold, top-k.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,37 @@ class ModelMeta:
                            reference=self.int8.get("reference") or self.reference)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
+
+
+# The int8 section's probe: a few photos and the logits the runtime gave them when the rule was fitted.
+# A server runs them at start-up and serves the rule only where its runtime gives the same logits on
+# this CPU (handler/onnx_runner.py): the certificate holds for those outputs, not for another CPU
+# family's kernels. The runtime was bit-exact across threads and pass sizes where it was measured.
+PROBE_TOLERANCE = 1e-4
+
+
+def make_probe(pixels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+    """``uint8 [K, C, H, W]`` photos and their ``[K, classes]`` logits -> the JSON of ``int8.probe``."""
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or len(pixels) != len(logits):
+        raise ArtifactError(f"a probe needs uint8 [K, C, H, W] pixels and K rows of logits, got "
+                            f"{pixels.dtype} {tuple(pixels.shape)} and {tuple(logits.shape)}")
+    return {"shape": list(pixels.shape), "pixels_b64": base64.b64encode(pixels.contiguous().numpy().tobytes()).decode(),
+            "logits": logits.double().tolist(), "max_abs_logit_difference": PROBE_TOLERANCE}
+
+
+def read_probe(probe: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``int8.probe`` -> (uint8 pixels, logits, tolerance); ArtifactError when it does not fit together."""
+    try:
+        shape = [int(d) for d in probe["shape"]]
+        raw = bytearray(base64.b64decode(probe["pixels_b64"], validate=True))
+        pixels = torch.frombuffer(raw, dtype=torch.uint8).view(shape)
+        logits = torch.tensor(probe["logits"], dtype=torch.float64)
+        tolerance = float(probe["max_abs_logit_difference"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"model.json: malformed int8 probe ({exc!r})") from None
+    if len(logits) != shape[0]:
+        raise ArtifactError(f"model.json: the int8 probe has {shape[0]} photos and {len(logits)} rows of logits")
+    return pixels, logits, tolerance
 
 
 class Int8GraphError(ArtifactError):

@@ -155,8 +155,8 @@ def test_without_either_runtime_the_server_says_why_and_serves_eager_with_the_fl
 def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | None) -> Path:
     shutil.copytree(release_model_dir, folder)
     meta = json.loads((folder / "model.json").read_text())
-    if runtime is None:
-        del meta["int8"]["runtime"]
+    if runtime is None:  # a folder fitted before OpenVINO: no runtime named, no probe
+        del meta["int8"]["runtime"], meta["int8"]["probe"]
     else:
         meta["int8"]["runtime"] = runtime
     (folder / "model.json").write_text(json.dumps(meta))
@@ -180,6 +180,40 @@ def test_another_openvino_version_or_an_unknown_runtime_is_said(release_model_di
     unknown = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "b", {"name": "tvm"}), warmup=False,
                          cpu_backend="onnx-int8")
     assert unknown.backend == "onnx" and "unknown runtime 'tvm'" in caplog.text
+
+
+def _with_probe(release_model_dir: Path, folder: Path, change) -> Path:
+    shutil.copytree(release_model_dir, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    change(meta["int8"]["probe"])
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_cpu_that_does_not_reproduce_the_certified_logits_serves_the_float_rule(release_model_dir, tmp_path, caplog):
+    """The int8 section records 32 photos and the logits its runtime gave them; a server whose CPU
+    answers otherwise (here: recorded logits moved by 0.01) must not serve the rule certified on them."""
+    import logging
+
+    def nudge(probe):
+        probe["logits"][5][3] += 0.01
+
+    with caplog.at_level(logging.WARNING):
+        clf = Classifier(_with_probe(release_model_dir, tmp_path / "m", nudge), warmup=False, cpu_backend="onnx-int8")
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    assert clf.backend == "onnx" and clf.meta.threshold == meta["calibration"]["threshold"]
+    assert "differ from the ones its rule was certified on by up to 0.01" in caplog.text
+
+
+def test_the_release_probe_is_reproduced_here_and_a_malformed_one_is_refused(int8_classifier, release_model_dir, tmp_path):
+    from handler.onnx_runner import reproduces_probe
+    from returns_model.artifact import ArtifactError
+
+    assert int8_classifier.meta.int8["probe"]["shape"] == [32, 1, 28, 28]
+    assert reproduces_probe(int8_classifier._onnx, int8_classifier.meta)
+    with pytest.raises(ArtifactError, match="int8 probe"):
+        Classifier(_with_probe(release_model_dir, tmp_path / "m", lambda probe: probe["logits"].pop()), warmup=False,
+                   cpu_backend="onnx-int8")
 
 
 def test_threads_each_get_the_answers_of_one_thread(int8_classifier, fmnist_test):
@@ -212,6 +246,7 @@ def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test)
     graph, section = int8_section(release_model_dir, ds, TrainConfig())
     assert section["sha256"] == hashlib.sha256(graph).hexdigest() and section["file"] == INT8_FILE
     assert section["runtime"]["name"] == "openvino" and section["runtime"]["version"]
+    assert section["probe"]["shape"] == [32, 1, 28, 28] and len(section["probe"]["logits"]) == 32
     assert section["calibration"]["certificate"]["n_calibration"] == 3000
     assert section["unfamiliar"]["info"]["fitted_on"] == "training split, 4000 photos"
     agree = section["agreement_with_float_path"]

@@ -40,7 +40,7 @@ import torch
 
 from handler.onnx_runner import OnnxRunner, Runner
 from handler.openvino_runner import RUNTIME, OpenVinoRunner, runtime_version
-from returns_model.artifact import load_model, read_meta, write_meta
+from returns_model.artifact import load_model, make_probe, read_meta, write_meta
 from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
@@ -53,6 +53,7 @@ from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
+PROBE_PHOTOS = 32  # validation photos whose int8 logits a server must reproduce (model.json int8.probe)
 THREADS = 2
 
 
@@ -150,6 +151,8 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     section = {
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
         "runtime": {"name": RUNTIME, "version": runtime_version()},
+        # photos and the logits this runtime gave them: a server checks its CPU reproduces them
+        "probe": make_probe(ds.val.images[:PROBE_PHOTOS], int8(normalize(ds.val.images[:PROBE_PHOTOS], spec))[0]),
         "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                          "weights": "int8, per output channel", "activations": "uint8, min/max ranges",
                          "spatial_means": "GlobalAveragePool, quantised",
