@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph, read_probe  # noqa: F401 (Int8GraphError: re-exported)
+from returns_model.artifact import (Int8GraphError, ModelMeta, read_int8_graph,  # noqa: F401 (Int8GraphError: re-exported)
+                                    read_probe)
 from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
 from returns_model.preprocess import normalize
 
@@ -97,8 +98,8 @@ def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> Runner |
                         "installed; serving the float graph")
             return None
         if installed != fitted.get("version"):
-            log.warning("cpu_backend onnx-int8: OpenVINO %s is installed, the int8 rule was fitted on %s; its "
-                        "answers may differ slightly from the ones certified", installed, fitted.get("version"))
+            log.warning("cpu_backend onnx-int8: OpenVINO %s is installed, the int8 rule was fitted on %s; the probe "
+                        "checks that its answers are the certified ones", installed, fitted.get("version"))
         runner: Runner = OpenVinoRunner(graph, threads)
     elif fitted.get("name") == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:

@@ -4,10 +4,11 @@ int8 rule was fitted on OpenVINO's outputs (``model.json`` ``int8.runtime``; tra
 Why OpenVINO for the int8 graph: it runs the quantised 3x3 convolutions on the CPU's int8 matrix
 units where there are some (AMX on the Xeon this was measured on; its execution graph names the
 kernels ``brgconv_avx512_amx_I8``), which ONNX Runtime's kernels do not use: 2,263 against 1,735
-photos/s on one thread for the whole scoring step, and served 2,410-2,518 against 1,782-2,030 photos/s through TorchServe (2 cores,
-3 runs of 6,000 each way, twice). Its answers are not ONNX Runtime's to the last bit (probabilities
-up to 0.05 apart on the same graph), so a rule is fitted on one runtime's outputs and served by
-that runtime only.
+photos/s on one thread for the whole scoring step, and served 2,410-2,518 against 1,782-2,030
+photos/s through TorchServe (2 cores, 3 runs of 6,000 each way, twice). Its answers are not ONNX
+Runtime's to the last bit (probabilities up to 0.05 apart on the same graph), so a rule is fitted on
+one runtime's outputs and served by that runtime only, where it reproduces the recorded answers
+(``int8.probe``, handler/onnx_runner.reproduces_probe).
 
 ``openvino`` is imported only here, when this path is chosen. A compiled model runs one inference
 at a time, so each calling thread compiles its own (returns-kserve's lanes call from several).
