@@ -152,15 +152,23 @@ def test_without_either_runtime_the_server_says_why_and_serves_eager_with_the_fl
     assert clf.classify([(release_model_dir / "confusion_matrix.png").read_bytes()])[0]  # it still answers
 
 
-def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | None) -> Path:
+def _with_int8(release_model_dir: Path, folder: Path, change) -> Path:
+    """A copy of the release folder whose model.json ``int8`` section ``change`` has edited in place."""
     shutil.copytree(release_model_dir, folder)
     meta = json.loads((folder / "model.json").read_text())
-    if runtime is None:  # a folder fitted before OpenVINO: no runtime named, no probe
-        del meta["int8"]["runtime"], meta["int8"]["probe"]
-    else:
-        meta["int8"]["runtime"] = runtime
+    change(meta["int8"])
     (folder / "model.json").write_text(json.dumps(meta))
     return folder
+
+
+def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | None) -> Path:
+    def name(section):
+        if runtime is None:  # a folder fitted before OpenVINO: no runtime named, no probe
+            del section["runtime"], section["probe"]
+        else:
+            section["runtime"] = runtime
+
+    return _with_int8(release_model_dir, folder, name)
 
 
 def test_a_folder_fitted_before_openvino_keeps_onnx_runtime(release_model_dir, tmp_path):
@@ -183,11 +191,7 @@ def test_another_openvino_version_or_an_unknown_runtime_is_said(release_model_di
 
 
 def _with_probe(release_model_dir: Path, folder: Path, change) -> Path:
-    shutil.copytree(release_model_dir, folder)
-    meta = json.loads((folder / "model.json").read_text())
-    change(meta["int8"]["probe"])
-    (folder / "model.json").write_text(json.dumps(meta))
-    return folder
+    return _with_int8(release_model_dir, folder, lambda section: change(section["probe"]))
 
 
 def test_a_cpu_that_does_not_reproduce_the_certified_logits_serves_the_float_rule(release_model_dir, tmp_path, caplog):
