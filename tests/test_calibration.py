@@ -6,11 +6,11 @@ import torch
 from training.calibrate import calibrate, expected_calibration_error, fit_temperature, nll, risk_coverage
 
 
-def overconfident(n=4000, k=10, seed=0):
+def overconfident(n=4000, k=10, seed=0, signal=2.0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, k, (n,), generator=g)
     logits = torch.randn(n, k, generator=g)
-    logits[torch.arange(n), labels] += 2.0  # informative but noisy
+    logits[torch.arange(n), labels] += signal  # informative but noisy
     return logits * 4.0, labels  # ...and far too sharp
 
 
@@ -89,3 +89,37 @@ def test_a_failed_temperature_fit_says_so():
     logits[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"temperature fit failed \(got nan\)"):
         fit_temperature(logits, labels)
+
+
+def test_a_new_setup_gets_its_own_certificate_and_the_highest_threshold_is_served():
+    """A retrained model's new setup, less accurate than ordinary photos: certified on the mixture,
+    its errors would hide among ordinary photos; certified on its own, the served threshold rises
+    until the setup keeps the target too, and both certificates are stated at that threshold."""
+    logits, labels = overconfident(n=6000, seed=2)
+    hard, hard_labels = overconfident(n=4000, seed=3, signal=1.7)  # the setup: right less often at each confidence
+    alone = calibrate(logits, labels, 0.8, 0.05)
+    cal = calibrate(logits, labels, 0.8, 0.05, setups={"booth": (hard, hard_labels, None)})
+    assert cal.temperature == alone.temperature  # fitted on ordinary validation photos only
+    setup = cal.certificate.setups["booth"]
+    assert cal.threshold > alone.threshold and setup["threshold"] == cal.threshold
+    assert setup["precision_lower_bound"] >= 0.8 and setup["n_calibration"] == 4000
+    # the validation certificate, restated at the served threshold: recounted, still certified
+    conf = torch.softmax(logits / cal.temperature, 1).max(1)
+    accepted = conf[0] >= cal.threshold
+    assert cal.certificate.n_accepted == int(accepted.sum()) < alone.certificate.n_accepted
+    assert cal.certificate.errors == int((conf[1] != labels)[accepted].sum())
+    assert cal.certificate.precision_lower_bound >= 0.8
+    # on a fresh draw of the setup, the served threshold keeps the promise
+    fresh, fresh_labels = overconfident(n=20000, seed=4, signal=1.7)
+    c, p = torch.softmax(fresh / cal.temperature, 1).max(1)
+    assert (p == fresh_labels)[c >= cal.threshold].float().mean() >= 0.8
+    c, p = torch.softmax(fresh / cal.temperature, 1).max(1)
+    assert (p == fresh_labels)[c >= alone.threshold].float().mean() < 0.8  # what the mixture would have served
+
+
+def test_a_new_setup_too_small_to_certify_sends_everything_to_review():
+    logits, labels = overconfident(n=6000, seed=5)
+    cal = calibrate(logits, labels, 0.9, 0.05, setups={"booth": (logits[:20], labels[:20], None)})
+    assert cal.certificate.accept_nothing and cal.certificate.coverage == 0 and cal.threshold > 1
+    assert "setup booth cannot be certified" in cal.certificate.reason
+    assert cal.certificate.setups["booth"]["accept_nothing"] and "only 20 calibration photos" in cal.certificate.setups["booth"]["reason"]

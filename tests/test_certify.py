@@ -212,3 +212,22 @@ def test_a_grid_of_one_candidate_or_with_ties_is_fine():
     conf, ok = torch.full((400,), 0.95), torch.ones(400, dtype=torch.bool)
     assert certify_threshold(conf, ok, grid=torch.tensor([0.9])).threshold == pytest.approx(0.9)
     assert certify_threshold(conf, ok, grid=torch.tensor([0.96, 0.9, 0.9, 0.5])).threshold == pytest.approx(0.5)
+
+
+def test_a_certificate_restated_higher_up_the_walk_is_recounted_and_never_lower():
+    from training.certify import certificate_at
+
+    g = torch.Generator().manual_seed(7)
+    conf = torch.rand(5000, generator=g) ** 0.3
+    correct = torch.rand(5000, generator=g) < conf  # right more often when confident
+    walked = certify_threshold(conf, correct, 0.9, 0.05)
+    higher = float(default_grid()[(default_grid() > walked.threshold + 0.02)][-1])
+    up = certificate_at(conf, correct, walked, higher)
+    accepted = conf.double() >= higher
+    assert up.threshold == higher and up.n_accepted == int(accepted.sum()) < walked.n_accepted
+    assert up.errors == int((~correct)[accepted].sum()) and up.precision_lower_bound >= 0.9
+    assert certificate_at(conf, correct, walked, walked.threshold) == walked
+    with pytest.raises(ValueError, match="below the walk's end"):
+        certificate_at(conf, correct, walked, walked.threshold - 0.01)
+    nothing = certificate_at(conf, correct, walked, 1.01, why="setup x cannot be certified")
+    assert nothing.accept_nothing and nothing.coverage == 0 and nothing.reason.startswith("setup x cannot")

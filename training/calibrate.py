@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from training.certify import Certificate, certify_threshold
+from training.certify import Certificate, certificate_at, certify_threshold
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -68,11 +68,36 @@ class Calibration:
         return self.certificate.threshold
 
 
-def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, target_precision: float, delta: float,
-              flagged: torch.Tensor | None = None) -> Calibration:
-    """Fit the temperature, then certify the review threshold on the calibrated validation confidences."""
-    temperature = fit_temperature(val_logits, val_labels)
-    conf, pred = torch.softmax(val_logits / temperature, 1).max(1)
+# name -> (logits [N, K], labels [N], flagged by the gate [N]) of one new setup's calibration photos
+Setups = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def _served_confidence(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                       flagged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    conf, pred = torch.softmax(logits / temperature, 1).max(1)
     if flagged is not None:  # a flagged photo is never accepted, whatever its confidence
         conf = torch.where(flagged, torch.zeros_like(conf), conf)
-    return Calibration(temperature, certify_threshold(conf, pred == val_labels, target_precision, delta))
+    return conf, pred == labels
+
+
+def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, target_precision: float, delta: float,
+              flagged: torch.Tensor | None = None, setups: Setups | None = None) -> Calibration:
+    """Fit the temperature, then certify the review threshold on the calibrated validation confidences.
+
+    ``setups`` (a retrain that learnt a new photo setup): each setup's calibration photos get their
+    own certificate, with the same temperature, and the highest threshold is served, so the promise
+    holds for each of them, not for a mixture in which ordinary photos hide a new setup's errors.
+    The validation certificate is restated at that threshold, with every setup's beside it.
+    """
+    temperature = fit_temperature(val_logits, val_labels)
+    conf, correct = _served_confidence(val_logits, val_labels, temperature, flagged)
+    cert = certify_threshold(conf, correct, target_precision, delta)
+    if not setups:
+        return Calibration(temperature, cert)
+    scored = {name: _served_confidence(*s[:2], temperature, s[2]) for name, s in setups.items()}
+    walks = {name: certify_threshold(c, ok, target_precision, delta) for name, (c, ok) in scored.items()}
+    top = max([cert.threshold] + [w.threshold for w in walks.values()])
+    failed = [name for name, w in walks.items() if w.accept_nothing]
+    why = "; ".join(f"setup {name} cannot be certified ({walks[name].reason})" for name in failed)
+    per_setup = {name: certificate_at(*scored[name], w, top, why).to_dict() for name, w in walks.items()}
+    return Calibration(temperature, replace(certificate_at(conf, correct, cert, top, why), setups=per_setup))

@@ -30,7 +30,7 @@ bound is found by bisection to 1e-12.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -123,6 +123,8 @@ class Certificate:
     method: str = METHOD
     accept_nothing: bool = False
     reason: str = ""
+    # a retrained model's new setups: each one's certificate at the served threshold (to_dict() form)
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,3 +211,27 @@ def _accept_nothing(n_total: int, failed: tuple[int, int] | None, target: float,
     return Certificate(threshold=ACCEPT_NOTHING_THRESHOLD, target_precision=target, delta=delta,
                        n_accepted=0, errors=0, observed_precision=None,
                        precision_lower_bound=None, coverage=0.0, accept_nothing=True, n_calibration=n_total, reason=reason)
+
+
+def certificate_at(confidence: torch.Tensor, correct: torch.Tensor, walked: Certificate, threshold: float,
+                   why: str = "") -> Certificate:
+    """``walked``'s guarantee at a higher threshold of the same grid (or nothing accepted).
+
+    The walk rejected the null at every grid threshold above where it ended, with family-wise error
+    at most delta, so each of them is certified at once; the figures are recounted at ``threshold``.
+    ``why`` says what raised the threshold past every candidate, when it did.
+    """
+    if threshold < walked.threshold:
+        raise ValueError(f"threshold {threshold} is below the walk's end {walked.threshold}: not certified there")
+    if threshold == walked.threshold:
+        return walked
+    if threshold >= ACCEPT_NOTHING_THRESHOLD:
+        return replace(walked, threshold=ACCEPT_NOTHING_THRESHOLD, n_accepted=0, errors=0, observed_precision=None,
+                       precision_lower_bound=None, coverage=0.0, accept_nothing=True,
+                       reason=f"{why or 'another calibration set cannot be certified'}; everything goes to review")
+    accepted = confidence.double() >= threshold
+    n, k = int(accepted.sum()), int((accepted & ~correct.bool()).sum())
+    ucb = clopper_pearson_upper(k, n, walked.delta)
+    return replace(walked, threshold=float(threshold), n_accepted=n, errors=k, observed_precision=1 - k / n,
+                   precision_lower_bound=1 - ucb, coverage=n / len(confidence),
+                   reason=f"certified: precision >= {1 - ucb:.5f} with probability >= {1 - walked.delta:g}")

@@ -46,9 +46,9 @@ from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.config import TrainConfig
-from training.data import Dataset, Split, load_data
+from training.data import Dataset, load_data
 from training.evaluate import drift_reference, served_decisions
-from training.rule import fit_rule
+from training.rule import Lessons, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
@@ -126,10 +126,10 @@ def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, te
 
 
 def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS,
-                 decided: Split | None = None, not_products: torch.Tensor | None = None) -> tuple[bytes, dict[str, Any]]:
+                 lessons: Lessons | None = None) -> tuple[bytes, dict[str, Any]]:
     """Quantise the folder's model and fit the int8 path's review rule; nothing is written here.
-    A retrain passes the reviewers' ``decided`` photos and ``not_products``, which the int8 gate learns
-    as the float one did (training/rule.py)."""
+    A retrain passes what it learnt from reviewers' decisions (``lessons``), which the int8 rule
+    learns as the float one did (training/rule.py)."""
     model, meta = load_model(model_dir)
     if not meta.unfamiliar:
         raise ValueError(f"{model_dir}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
@@ -141,7 +141,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
     int8, fp = OpenVinoRunner(graph, threads), OnnxRunner(float_graph, threads)
 
-    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, decided, not_products)
+    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, lessons)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
     p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)
@@ -183,11 +183,11 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
 
 
 def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None,
-                  decided: Split | None = None, not_products: torch.Tensor | None = None) -> dict[str, Any]:
+                  lessons: Lessons | None = None) -> dict[str, Any]:
     """Write ``model.int8.onnx`` and the ``int8`` section of ``model.json``, then measure the int8 path
     as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``) on every unfamiliar kind."""
     model_dir = Path(model_dir)
-    graph, section = int8_section(model_dir, ds, cfg, decided=decided, not_products=not_products)
+    graph, section = int8_section(model_dir, ds, cfg, lessons=lessons)
     with atomic_open(model_dir / INT8_FILE, "wb") as f:
         f.write(graph)
     meta = read_meta(model_dir)

@@ -30,10 +30,9 @@ from training.calibrate import Calibration, risk_coverage
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.evaluate import drift_reference, predict_logits
-from training.data import Split
 from training.gate_fit import forward_with_tap
 from training.quantize import add_int8_path
-from training.rule import fit_rule
+from training.rule import Lessons, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
@@ -46,15 +45,15 @@ def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
 
 def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: torch.device, out: Path,
                        train_seconds: float | None = None, save: bool = True,
-                       meta: ModelMeta | None = None, decided: Split | None = None,
-                       not_products: torch.Tensor | None = None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+                       meta: ModelMeta | None = None, lessons: Lessons | None = None,
+                       lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the gate, calibrate and certify on validation, evaluate on test, and write the model
     folder with its report and trust report.
 
     ``meta`` (re-reporting an existing model) supplies the architecture and preprocessing;
-    otherwise they come from the training config. A retrain (training/retrain.py) passes the
-    reviewers' ``decided`` product photos (they become familiar to the gate), their ``not_products``
-    (uint8 images that must stay flagged) and the model's ``lineage``.
+    otherwise they come from the training config. A retrain (training/retrain.py) passes what it
+    learnt from the reviewers' decisions (``lessons``: decided products become familiar to the gate,
+    ``not_a_product`` photos stay flagged, new setups are certified) and the model's ``lineage``.
     """
     out = Path(out)
     spec: PreprocessSpec = meta.preprocess if meta else make_spec(cfg, ds)
@@ -63,7 +62,7 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
         save_weights(model, out)
     layer = gate_layer(cfg, arch)
     rule = fit_rule(lambda images: forward_with_tap(model, images, spec, layer), ds, cfg, layer, arch.num_classes,
-                    decided, not_products)
+                    lessons)
     cal, cert, val_flag_rate = rule.cal, rule.cal.certificate, float(rule.val_flagged.float().mean())
     log.info("temperature %.4f; gate flags %.1f%% of validation; certified threshold %.4f: %s",
              cal.temperature, 100 * val_flag_rate, cert.threshold, cert.reason)
@@ -86,7 +85,7 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     metrics["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
                         "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
     if cfg.int8:  # a retrained candidate's int8 rule learns the same decided photos (training/rule.py)
-        section = add_int8_path(out, ds, cfg, decided=decided, not_products=not_products)
+        section = add_int8_path(out, ds, cfg, lessons=lessons)
         metrics["int8"] = {k: section[k] for k in ("test", "agreement_with_float_path", "trust")}
     write_json(out / "metrics.json", metrics)
     log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; served rule: %.1f%% auto-accepted at %.2f%% precision",

@@ -4,18 +4,19 @@ Both served paths are fitted by this one sequence on the same splits: the float 
 (training/report.py, eager) and the int8 graph (training/quantize.py, ONNX Runtime). Only the
 forward pass differs, so it is passed in:
 
-    rule = fit_rule(forward, ds, cfg, layer, num_classes, decided, not_products)
+    rule = fit_rule(forward, ds, cfg, layer, num_classes, lessons)
 
 1. the gate's statistics on the training split's tapped embedding, its cutoff on validation;
-2. with reviewers' decisions (a retrain): decided product photos become familiar, ``not_a_product``
-   ones must stay flagged, and the cutoff is chosen again on ordinary validation photos;
-3. temperature and certified threshold on validation (flagged photos never count as accepted);
+2. with reviewers' decisions (a retrain, ``lessons``): decided product photos become familiar,
+   ``not_a_product`` ones must stay flagged, and the cutoff is chosen again on ordinary validation photos;
+3. temperature and certified threshold on validation (flagged photos never count as accepted); a
+   retrain's new setups are certified too, and the highest of the thresholds is served;
 4. the served rule's figures on the test split.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class Lessons:
+    """What a retrain learnt from reviewers' decisions, for the rule of either path (float, int8)."""
+
+    decided: Split | None = None  # decided product photos: they become familiar to the gate
+    not_products: torch.Tensor | None = None  # uint8 photos decided ``not_a_product``: they stay flagged
+    # labelled photos of each new setup, never trained on: the threshold is certified on each as well
+    setups: dict[str, Split] = field(default_factory=dict)
+
+
 @dataclass
 class Rule:
     gate: UnfamiliarGate
@@ -46,16 +57,21 @@ class Rule:
 
 
 def fit_rule(forward: Forward, ds: Dataset, cfg: TrainConfig, layer: str, num_classes: int,
-             decided: Split | None = None, not_products: torch.Tensor | None = None) -> Rule:
+             lessons: Lessons | None = None) -> Rule:
+    lessons = lessons or Lessons()
     _, train_tap = forward(ds.train.images)
     gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, num_classes)
     val_logits, val_tap = forward(ds.val.images)
     gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
-    if decided is not None and len(decided):
-        gate = learn_from_decisions(gate, forward, decided, not_products, num_classes, val_tap, ds.val.images,
-                                    cfg.unfamiliar_rate)
+    if lessons.decided is not None and len(lessons.decided):
+        gate = learn_from_decisions(gate, forward, lessons.decided, lessons.not_products, num_classes, val_tap,
+                                    ds.val.images, cfg.unfamiliar_rate)
     val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged)
+    setups = {}
+    for name, split in lessons.setups.items():
+        logits, tap = forward(split.images)
+        setups[name] = (logits, split.labels, gate.flag(gate.score(tap, pixels=split.images)))
+    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged, setups=setups)
     test_logits, test_tap = forward(ds.test.images)
     test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
     metrics = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
