@@ -13,7 +13,7 @@ import torch
 from returns_feedback.decisions import decisions_hash, read_decisions, split_hash
 from returns_model.artifact import load_model, read_meta, save_weights
 from training import compare as cmp
-from training.retrain import main as retrain_main, model_sha256, next_version
+from training.retrain import SETUP_NAME, main as retrain_main, model_sha256, next_version
 from training.train import main as train_main
 
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
@@ -73,6 +73,15 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     assert len(heldout) == c["heldout_products"] + c["heldout_not_a_product"]
     saved = json.loads((loop["candidate"] / "lineage.json").read_text())
     assert saved["model_sha256"] == model_sha256(loop["candidate"])
+    # the decided booth photos lent their backdrops to the fine-tune, and the threshold is certified
+    # on validation garments shown on them as well as on ordinary validation photos
+    assert lineage["fine_tune"]["backdrop_share"] == 0.3
+    assert 0.9 * c["train_products"] <= lineage["fine_tune"]["new_setup_backdrops"] <= c["train_products"]
+    cert = meta.certificate
+    setup = cert["setups"][SETUP_NAME]
+    assert setup["n_calibration"] == cert["n_calibration"] == 1000  # every validation garment, once
+    assert meta.threshold == cert["threshold"] == setup["threshold"]  # both stated at the served threshold
+    assert setup["accept_nothing"] or setup["precision_lower_bound"] >= 0.99
     gate = meta.unfamiliar
     assert gate["info"]["decided_modes"]["decided_photos"] == c["train_products"]
     assert len(gate["means"]) == 10 + gate["info"]["decided_modes"]["modes_added"]
@@ -208,3 +217,15 @@ def test_paired_bootstrap_interval_covers_the_difference():
     d = cmp.paired_bootstrap(a, b, draws=500)
     assert d["value"] == pytest.approx((b.double() - a.double()).mean().item())
     assert 0 < d["ci95"][0] < d["value"] < d["ci95"][1]
+
+
+def test_backdrop_transfer_is_off_with_a_warning_when_the_training_photos_have_no_plain_backdrop(caplog):
+    from training.data import Dataset, Split
+    from training.retrain import RetrainConfig, new_setup
+
+    noisy = Split(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8), torch.arange(300) % 10)
+    ds = Dataset(noisy, noisy, noisy, [str(i) for i in range(10)], "test", "0" * 64)
+    booth = Split(torch.full((20, 1, 28, 28), 180, dtype=torch.uint8), torch.arange(20) % 10)
+    assert new_setup(booth, ds, RetrainConfig()) == (None, {})
+    assert "backdrop transfer off" in caplog.text and "borders vary" in caplog.text
+    assert new_setup(booth, ds, RetrainConfig(backdrop_share=0)) == (None, {})

@@ -15,11 +15,16 @@
    batch augmentation as training, a small learning rate annealed to zero, clipped steps, and a
    distillation term holding the champion's answers on the replayed photos, so what it knew is
    kept. (Frozen batch-norm statistics were tried: with a quarter of each batch from a bright new
-   setup the training diverged or lost 2.3 points of test accuracy.)
+   setup the training diverged or lost 2.3 points of test accuracy.) Backdrop transfer
+   (``--backdrop-share``, training/backdrop.py): decided photos shot on a new backdrop lend it to a
+   share of the replayed garments, so the fine-tune sees thousands of known garments in the new
+   setup instead of a few hundred; a moved garment is held to the champion's answer on it as it was.
    ``not_a_product`` photos are never a class: they sharpen the unfamiliar gate instead; ``unsure``
    ones are counted and left out.
 4. training/report.write_model_folder then refits the gate (decided products become familiar,
-   not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation,
+   not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation and,
+   with backdrop transfer, on every validation garment shown on a decided backdrop (the highest
+   threshold is served, so the promise holds in the new setup too, not only on average),
    evaluates on test and writes the candidate folder, with ``lineage`` in model.json: the parent
    model's SHA-256, the decisions' hash and the held-out split's hash. The int8 CPU path is built
    and its own rule fitted the same way, decisions included (``--no-int8`` skips it).
@@ -48,14 +53,17 @@ from returns_model.manifest import content_digest, sha256_file
 from returns_model.names import IMAGE_SUFFIXES, META_FILE, WEIGHTS_FILE
 from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, normalize
 from training.augment import random_crop, random_erasing, random_hflip
+from training.backdrop import BackdropError, estimate_backdrops, paste, plain_backdrop
 from training.config import TrainConfig, pick_device
 from training.data import Dataset, Split, load_data
 from training.report import write_model_folder
+from training.rule import Lessons
 from training.train import make_optimizer
 
 log = logging.getLogger("training.retrain")
 EXIT_BAD_DECISIONS = 2
 HELDOUT_FILE = "heldout.jsonl"
+SETUP_NAME = "validation_garments_on_decided_backdrops"
 LINEAGE_FILE = "lineage.json"
 
 
@@ -68,11 +76,11 @@ class RetrainConfig:
     runs: list[str] = field(default_factory=list)  # optional: decisions must also name photos of these runs
     holdout_share: float = 0.2  # of the decided photos, by hash: never trained on
     seed: int = 0
-    epochs: int = 3
-    replay: int = 8000  # training-split photos per epoch (a fresh draw each epoch), so nothing is forgotten
+    epochs: int = 4
+    replay: int = 30000  # training-split photos per epoch (a fresh draw each epoch), so nothing is forgotten
     decided_repeat: int = 6  # each decided photo appears this many times per epoch
     lr: float = 0.01  # peak of a one-cycle schedule annealed to 0: a nudge, not a new training run
-    distill: float = 1.0  # weight of keeping the champion's answers on replayed photos (0 = plain fine-tuning)
+    distill: float = 3.0  # weight of keeping the champion's answers on replayed photos (0 = plain fine-tuning)
     distill_temperature: float = 2.0
     batch_size: int = 128
     gate_photos: int = 20000  # training photos the gate's statistics are fitted on (0 = all 55,000)
@@ -83,6 +91,9 @@ class RetrainConfig:
     progress: bool = True
     model_version: str = ""  # default: the champion's, with the last number raised by one
     int8: bool = True  # also the int8 CPU graph, its rule fitted on its own outputs with the same decisions
+    # of replayed photos shown on a new setup's backdrop (training/backdrop.py); 0 = off. Needs a
+    # training split with a plain backdrop; without one it is off, with a warning.
+    backdrop_share: float = 0.3
 
     def validate(self) -> list[str]:
         errors = []
@@ -98,6 +109,8 @@ class RetrainConfig:
             errors.append(f"--output {self.output}: already holds a model; versions are immutable, pick a new folder")
         if not 0 <= self.holdout_share < 1:
             errors.append(f"--holdout-share {self.holdout_share}: must be in [0, 1)")
+        if not 0 <= self.backdrop_share <= 1:
+            errors.append(f"--backdrop-share {self.backdrop_share}: must be in [0, 1]")
         if self.epochs < 1 or self.decided_repeat < 1 or self.replay < 0:
             errors.append("--epochs and --decided-repeat must be >= 1, --replay >= 0")
         return errors
@@ -167,8 +180,10 @@ def load_decided(decisions: list[Decision], paths: dict[str, Path], class_names:
 
 
 def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: RetrainConfig, cfg: TrainConfig,
-              device: torch.device) -> list[dict]:
-    """A few epochs over a fresh replay draw of the training split plus the repeated decided photos.
+              device: torch.device, backdrops: tuple[torch.Tensor, float] | None = None) -> list[dict]:
+    """A few epochs over a fresh replay draw of the training split plus the repeated decided photos;
+    with ``backdrops`` (new-setup backdrops and the training split's backdrop level), a share
+    ``rc.backdrop_share`` of the replayed garments is pasted onto them.
 
     Loss: cross-entropy on every photo, plus (``rc.distill``) the KL divergence from the champion's
     softened answers on the replayed photos (learning without forgetting, Li & Hoiem 2016): the new
@@ -200,16 +215,31 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
             idx = perm[step * rc.batch_size:(step + 1) * rc.batch_size]
             x = random_crop(x_all[idx], cfg.crop_padding, gen, spec.fill) if cfg.crop_padding else x_all[idx]
             x = random_hflip(x, gen) if cfg.hflip else x
+            keep = is_replay[idx]
+            moved = torch.zeros_like(keep)
+            if backdrops is not None and len(backdrops[0]):
+                clean = x
+                moved = keep & (torch.rand(len(idx), generator=gen) < rc.backdrop_share)
+                pick = torch.randint(0, len(backdrops[0]), (int(moved.sum()),), generator=gen)
+                x = x.clone()
+                x[moved] = paste(x[moved], random_hflip(backdrops[0][pick], gen), backdrops[1])
             x = normalize(x.to(device), spec)
             x = random_erasing(x, gen, cfg.erasing_p) if cfg.erasing_p else x
             y = y_all[idx].to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             out = model(x)
             loss = F.cross_entropy(out.float(), y)
-            keep = is_replay[idx].to(device)
+            keep = keep.to(device)
             if teacher is not None and keep.any():
+                # A garment moved onto a new backdrop is held to the champion's answer on it as
+                # it was (its own backdrop), which the champion knows.
+                seen_by_teacher = x
+                if moved.any():
+                    m = moved.to(device).view(-1, 1, 1, 1)
+                    seen_by_teacher = torch.where(m, normalize(clean.to(device), spec).contiguous(
+                        memory_format=torch.channels_last), x)
                 with torch.no_grad():  # log-probabilities on both sides: no 0 * log 0 where a softmax underflows
-                    target = F.log_softmax(teacher(x[keep]).float() / t2, 1)
+                    target = F.log_softmax(teacher(seen_by_teacher[keep]).float() / t2, 1)
                 kl = F.kl_div(F.log_softmax(out[keep].float() / t2, 1), target, reduction="batchmean", log_target=True)
                 loss = loss + rc.distill * t2 * t2 * kl * keep.float().mean()
             opt.zero_grad(set_to_none=True)
@@ -228,6 +258,25 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
                  history[-1]["train_loss"], history[-1]["train_acc"], history[-1]["seconds"])
     model.eval()
     return history
+
+
+def new_setup(decided: Split, ds: Dataset, rc: RetrainConfig) -> tuple[tuple[torch.Tensor, float] | None, dict[str, Split]]:
+    """Backdrops of the decided photos that were not shot like the training split (training/backdrop.py),
+    and the new setup's calibration photos: every validation garment (never trained on) shown on one
+    of them, on which the candidate's threshold is certified as well."""
+    if not rc.backdrop_share:
+        return None, {}
+    try:
+        level = plain_backdrop(ds.train)
+    except BackdropError as exc:
+        log.warning("backdrop transfer off: %s", exc)
+        return None, {}
+    found = estimate_backdrops(decided, ds.train, level)
+    log.info("backdrop transfer: %d new-setup backdrops among %d decided product photos", len(found), len(decided))
+    if not len(found):
+        return None, {}
+    pick = torch.randint(0, len(found), (len(ds.val),), generator=torch.Generator().manual_seed(rc.seed + 1))
+    return (found, level), {SETUP_NAME: Split(paste(ds.val.images, found[pick], level), ds.val.labels)}
 
 
 def decision_files(given: list[str]) -> list[Path]:
@@ -289,7 +338,8 @@ def retrain(rc: RetrainConfig) -> int:
     decided = load_decided(decisions, paths, meta.class_names, spec, rc.holdout_share, rc.seed)
     log.info("decisions: %s", decided.counts)
     ds = load_data(cfg, spec)
-    history = fine_tune(model, ds, decided.train, spec, rc, cfg, device)
+    backdrops, setups = new_setup(decided.train, ds, rc)
+    history = fine_tune(model, ds, decided.train, spec, rc, cfg, device, backdrops)
     out = Path(rc.output)
     out.mkdir(parents=True, exist_ok=True)
     lineage = {
@@ -301,7 +351,8 @@ def retrain(rc: RetrainConfig) -> int:
         "decision_files": {str(p): sha256_file(p) for p in decision_files(rc.decisions)},
         "counts": decided.counts,
         "fine_tune": {"epochs": rc.epochs, "replay": rc.replay, "decided_repeat": rc.decided_repeat, "lr": rc.lr,
-                      "distill": rc.distill},
+                      "distill": rc.distill, "backdrop_share": rc.backdrop_share,
+                      "new_setup_backdrops": len(backdrops[0]) if backdrops else 0},
     }
     cfg.write(out / "train_config.json")
     write_text(out / HELDOUT_FILE, "".join(json.dumps(r) + "\n" for r in decided.heldout_rows))
@@ -313,7 +364,7 @@ def retrain(rc: RetrainConfig) -> int:
     report_ds = replace(ds, train=Split(torch.cat([base.images, decided.train.images]),
                                         torch.cat([base.labels, decided.train.labels])))
     metrics = write_model_folder(model, report_ds, cfg, device, out, train_seconds=time.time() - t_start,
-                                 decided=decided.train, not_products=decided.train_not_products, lineage=lineage)
+                                 lessons=Lessons(decided.train, decided.train_not_products, setups), lineage=lineage)
     write_json(out / LINEAGE_FILE, {**lineage, "model_sha256": model_sha256(out), "model_version": cfg.model_version,
                                     "test_accuracy": metrics["accuracy"]})
     log.info("candidate %s written to %s in %.0f s", cfg.model_version, out, time.time() - t_start)
@@ -341,6 +392,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of keeping the champion's answers on replayed photos (0 = plain fine-tuning)")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--backdrop-share", type=float, default=d.backdrop_share,
+                   help="share of replayed photos shown on backdrops of the decided photos (0 = off)")
     p.add_argument("--gate-photos", type=int, default=d.gate_photos, help="training photos for the gate's statistics (0 = all)")
     p.add_argument("--trust-photos", type=int, default=d.trust_photos)
     p.add_argument("--data-dir", default=d.data_dir, help="override the champion's training data folder")
