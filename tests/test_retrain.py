@@ -101,6 +101,10 @@ def test_the_candidate_has_an_int8_path_that_learnt_the_same_decisions(loop):
     assert learnt["decided_modes"]["decided_photos"] == c["train_products"]
     assert learnt["not_a_product"]["photos"] == c["train_not_a_product"]
     assert len(int8["unfamiliar"]["means"]) == 10 + learnt["decided_modes"]["modes_added"]
+    # the int8 rule is certified on the new setup's calibration photos too, at its own served threshold
+    cert = int8["calibration"]["certificate"]
+    assert cert["setups"][SETUP_NAME]["threshold"] == cert["threshold"] == int8["calibration"]["threshold"]
+    assert cert["setups"][SETUP_NAME]["n_calibration"] == 1000
     clf = Classifier(loop["candidate"], warmup=False, cpu_backend="onnx-int8")
     assert clf.backend == "onnx-int8" and clf.meta.threshold == int8["calibration"]["threshold"]
 

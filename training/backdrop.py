@@ -11,8 +11,8 @@ A decided photo's backdrop is estimated where its garment is unlikely to be: the
 training garments of its decided class leave empty (``mask_share`` or fewer of them cover the pixel),
 filled in over the garment by normalised convolution (a Gaussian-weighted average of the known
 pixels); "empty" pixels far from that average (the photo's own garment reaching where few of its
-class do) are dropped and the fill repeated. Decided photos whose estimated backdrop is the training split's own (ordinary photos)
-add nothing and are skipped.
+class do) are dropped and the fill repeated. Decided photos whose estimated backdrop is the
+training split's own (ordinary photos) add nothing and are skipped.
 """
 from __future__ import annotations
 
