@@ -123,3 +123,11 @@ def test_a_new_setup_too_small_to_certify_sends_everything_to_review():
     assert cal.certificate.accept_nothing and cal.certificate.coverage == 0 and cal.threshold > 1
     assert "setup booth cannot be certified" in cal.certificate.reason
     assert cal.certificate.setups["booth"]["accept_nothing"] and "only 20 calibration photos" in cal.certificate.setups["booth"]["reason"]
+
+
+def test_a_setup_restated_where_validation_cannot_be_certified_says_it_was_validation():
+    logits, labels = overconfident(n=6000, seed=5)
+    cal = calibrate(logits[:20], labels[:20], 0.9, 0.05, setups={"booth": (logits, labels, None)})
+    assert cal.certificate.accept_nothing and cal.threshold > 1
+    booth = cal.certificate.setups["booth"]
+    assert booth["accept_nothing"] and booth["reason"].startswith("validation cannot be certified")

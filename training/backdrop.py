@@ -28,12 +28,17 @@ class BackdropError(ValueError):
     """The training split has no plain backdrop to cut garments from."""
 
 
+def border(images: torch.Tensor) -> torch.Tensor:
+    """The outermost pixels of each image, ``[N, C, 2H + 2W]`` (corners twice)."""
+    return torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+
+
 def plain_backdrop(train: Split, spread: float = 8.0) -> float:
     """The training split's backdrop level: the median of its outermost pixels. Raises BackdropError
     when those pixels vary (a median absolute deviation over ``spread`` grey levels): then its
     garments cannot be cut out by their pixels."""
     x = train.images[: min(len(train), 5000)].float()
-    ring = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1).flatten()
+    ring = border(x).flatten()
     level = float(ring.median())
     mad = float((ring - level).abs().median())
     if mad > spread:

@@ -94,10 +94,11 @@ def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, target_precisi
     cert = certify_threshold(conf, correct, target_precision, delta)
     if not setups:
         return Calibration(temperature, cert)
-    scored = {name: _served_confidence(*s[:2], temperature, s[2]) for name, s in setups.items()}
+    scored = {name: _served_confidence(logits, labels, temperature, flags)
+              for name, (logits, labels, flags) in setups.items()}
     walks = {name: certify_threshold(c, ok, target_precision, delta) for name, (c, ok) in scored.items()}
     top = max([cert.threshold] + [w.threshold for w in walks.values()])
-    failed = [name for name, w in walks.items() if w.accept_nothing]
-    why = "; ".join(f"setup {name} cannot be certified ({walks[name].reason})" for name in failed)
+    every = {"validation": cert, **{f"setup {name}": w for name, w in walks.items()}}
+    why = "; ".join(f"{what} cannot be certified ({w.reason})" for what, w in every.items() if w.accept_nothing)
     per_setup = {name: certificate_at(*scored[name], w, top, why).to_dict() for name, w in walks.items()}
     return Calibration(temperature, replace(certificate_at(conf, correct, cert, top, why), setups=per_setup))
