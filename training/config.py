@@ -42,6 +42,10 @@ class TrainConfig:
     crop_padding: int = 2
     hflip: bool = True
     erasing_p: float = 0.1
+    # Outlier exposure on composites of the batch's garments (training/composite.py): blends and tiles,
+    # trained towards a uniform answer with this weight (0 = off) and this many per batch image.
+    composite_weight: float = 0.0
+    composite_share: float = 0.25
     # calibration and routing
     target_precision: float = 0.99
     delta: float = 0.05  # the certified threshold fails its precision with probability at most delta

@@ -54,6 +54,7 @@ from returns_model.names import IMAGE_SUFFIXES, META_FILE, WEIGHTS_FILE
 from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, normalize
 from training.augment import random_crop, random_erasing, random_hflip
 from training.backdrop import BackdropError, estimate_backdrops, paste, plain_backdrop
+from training.composite import make_composites, uniform_loss
 from training.config import TrainConfig, pick_device
 from training.data import Dataset, Split, load_data
 from training.report import write_model_folder
@@ -188,6 +189,8 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
     Loss: cross-entropy on every photo, plus (``rc.distill``) the KL divergence from the champion's
     softened answers on the replayed photos (learning without forgetting, Li & Hoiem 2016): the new
     setup may move the early layers, but the answers on ordinary photos are held where they were.
+    A champion trained against composites (``cfg.composite_weight``, training/composite.py) gets the
+    same uniform-answer loss on composites of each batch, so a retrain does not unlearn them.
     """
     teacher = copy.deepcopy(model).eval() if rc.distill else None
     t2 = rc.distill_temperature
@@ -223,12 +226,19 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
                 pick = torch.randint(0, len(backdrops[0]), (int(moved.sum()),), generator=gen)
                 x = x.clone()
                 x[moved] = paste(x[moved], random_hflip(backdrops[0][pick], gen), backdrops[1])
+            n_comp = round(len(idx) * cfg.composite_share) if cfg.composite_weight > 0 else 0
+            if n_comp:  # a champion trained against composites keeps being trained against them
+                x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill)])
             x = normalize(x.to(device), spec)
             x = random_erasing(x, gen, cfg.erasing_p) if cfg.erasing_p else x
             y = y_all[idx].to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             out = model(x)
+            if n_comp:
+                out, out_comp, x = out[:len(y)], out[len(y):], x[:len(y)]
             loss = F.cross_entropy(out.float(), y)
+            if n_comp:
+                loss = loss + cfg.composite_weight * uniform_loss(out_comp)
             keep = keep.to(device)
             if teacher is not None and keep.any():
                 # A garment moved onto a new backdrop is held to the champion's answer on it as

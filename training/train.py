@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.augment import random_crop, random_erasing, random_hflip
+from training.composite import make_composites, uniform_loss
 from returns_model.fileio import atomic_open
 from returns_model.network import SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
@@ -61,6 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-padding", type=int, default=d.crop_padding)
     p.add_argument("--no-hflip", dest="hflip", action="store_false")
     p.add_argument("--erasing-p", type=float, default=d.erasing_p)
+    p.add_argument("--composite-weight", type=float, default=d.composite_weight,
+                   help="weight of the uniform-answer loss on composites of the batch's garments "
+                        "(blends and tiles, training/composite.py); 0 = none")
+    p.add_argument("--composite-share", type=float, default=d.composite_share,
+                   help="composites per batch, as a share of the batch size")
     p.add_argument("--target-precision", type=float, default=d.target_precision,
                    help="precision the auto-accepted items must reach; sets the review threshold")
     p.add_argument("--delta", type=float, default=d.delta,
@@ -127,6 +133,7 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
     perm = torch.randperm(n, generator=gen)
     steps = n // cfg.batch_size
     total_loss, correct, seen = 0.0, 0, 0
+    n_comp = round(cfg.batch_size * cfg.composite_share) if cfg.composite_weight > 0 else 0
     bar = range(steps)
     if cfg.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -139,6 +146,8 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
             x = random_crop(x, cfg.crop_padding, gen, spec.fill)
         if cfg.hflip:
             x = random_hflip(x, gen)
+        if n_comp:  # composites ride in the same forward pass, after the batch's own images
+            x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill)])
         x = normalize(x.to(device, non_blocking=True), spec)
         if cfg.erasing_p:
             x = random_erasing(x, gen, cfg.erasing_p)
@@ -146,7 +155,11 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = forward(x)
+            if n_comp:
+                out, out_comp = out[:len(y)], out[len(y):]
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            if n_comp:
+                loss = loss + cfg.composite_weight * uniform_loss(out_comp)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
                                    f"lower --lr (now {cfg.lr}) or check the data")
