@@ -9,6 +9,9 @@ photos alone, so no kind chooses a number.) One design choice was in the end set
 held-out results had been seen, so ``CONFIRMATION_KINDS`` were written afterwards, for a final design
 that was frozen first, and run once. ``SECOND_CONFIRMATION_KINDS`` were written later, before a gate
 redesign was tried; no redesign beat the shipped gate, so they were first run on the shipped gate.
+``THIRD_CONFIRMATION_KINDS`` were written before the first model trained with composites was measured.
+A model trained with composites (training/composite.py) has seen ``COMPOSITE_KINDS``' like: for it
+they are ``trained_against``, not held out.
 """
 from __future__ import annotations
 
@@ -281,13 +284,73 @@ def clouds(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
+# --- third confirmation kinds: written on 2026-11-26, before any model trained with composites
+# (training/composite.py) was measured, and run once on it ---------------------------------------
+def receipt(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """The return slip photographed instead of the item: lines of dark print on light paper."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(40, 200)), int(rng.integers(60, 257))
+        paper = int(rng.integers(200, 256))
+        img = Image.new("L", (w, h), paper)
+        draw = ImageDraw.Draw(img)
+        size = int(rng.integers(8, 16))
+        y = int(rng.integers(2, 10))
+        while y < h - size:
+            words = int(rng.integers(1, 5))
+            text = " ".join("".join(rng.choice(list(string.ascii_uppercase + string.digits), int(rng.integers(2, 9))))
+                            for _ in range(words))
+            draw.text((int(rng.integers(2, 8)), y), text, fill=int(rng.integers(0, 90)), font=_font(size))
+            y += size + int(rng.integers(2, 8))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
+def barcode_label(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """A shipping label's barcode filling the frame: black bars of random widths on white."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(28, 160)), int(rng.integers(60, 257))
+        row = np.full(w, 255, dtype=np.uint8)
+        x = int(rng.integers(2, 10))
+        while x < w - 2:
+            bar = int(rng.integers(1, 5))
+            row[x:x + bar] = 0
+            x += bar + int(rng.integers(1, 5))
+        arr = np.tile(row, (h, 1))
+        arr[int(h * 0.8):] = 255  # the printed number's strip, left blank
+        out.append(_png(arr))
+    return out
+
+
+def scribble(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """Pen strokes on paper or a dark board: a few random polylines (a note, a child's drawing)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        side = int(rng.integers(28, 200))
+        paper, ink = (255, 0) if j % 2 else (0, 255)
+        img = Image.new("L", (side, side), paper)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 4))):
+            pts = [tuple(int(v) for v in rng.integers(0, side, 2)) for _ in range(int(rng.integers(3, 9)))]
+            draw.line(pts, fill=ink, width=max(1, side // int(rng.integers(15, 40))))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
 TUNING_KINDS: dict[str, Generator] = {"inverted": inverted, "digits": digits, "noise": noise}
 HELD_OUT_KINDS: dict[str, Generator] = {"scene_crops": scene_crops, "pasted_on_background": pasted,
                                         "shapes_text": shapes_text, "blank": blank}
 CONFIRMATION_KINDS: dict[str, Generator] = {"gradients": gradients, "patterns": patterns, "collage": collage}
 SECOND_CONFIRMATION_KINDS: dict[str, Generator] = {"double_exposure": double_exposure, "close_up": close_up,
                                                    "garment_on_scene": garment_on_scene, "clouds": clouds}
-ALL_KINDS: dict[str, Generator] = {**TUNING_KINDS, **HELD_OUT_KINDS, **CONFIRMATION_KINDS, **SECOND_CONFIRMATION_KINDS}
+THIRD_CONFIRMATION_KINDS: dict[str, Generator] = {"receipt": receipt, "barcode_label": barcode_label, "scribble": scribble}
+COMPOSITE_KINDS = ("double_exposure", "collage")  # what training/composite.py makes, from training garments
+ALL_KINDS: dict[str, Generator] = {**TUNING_KINDS, **HELD_OUT_KINDS, **CONFIRMATION_KINDS, **SECOND_CONFIRMATION_KINDS,
+                                   **THIRD_CONFIRMATION_KINDS}
 
 
 def make(kind: str, n: int, seed: int = 0, images: np.ndarray | None = None) -> list[bytes]:
