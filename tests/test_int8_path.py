@@ -50,7 +50,7 @@ def test_its_certified_promise_holds_on_the_test_split(int8_classifier, release_
     accepted = torch.tensor([not r["needs_review"] for r in results])
     correct = torch.tensor([r["class_id"] for r in results]) == labels
     precision, coverage = float(correct[accepted].float().mean()), float(accepted.float().mean())
-    assert precision >= 0.99 and coverage >= 0.75, (precision, coverage)  # 99.27% at 78.6% measured
+    assert precision >= 0.99 and coverage >= 0.8, (precision, coverage)  # 99.24% at 80.4% measured
     recorded = json.loads((release_model_dir / "model.json").read_text())["int8"]["test"]
     assert coverage == pytest.approx(recorded["auto_accepted"], abs=1e-4)  # model.json says what the server does
     assert precision == pytest.approx(recorded["precision"], abs=1e-4)
@@ -62,7 +62,7 @@ def test_it_agrees_with_the_float_path_photo_by_photo(int8_classifier, float_cla
     a, b = served(int8_classifier, images[:3000]), served(float_classifier, images[:3000])
     same_label = sum(x["class_id"] == y["class_id"] for x, y in zip(a, b)) / len(a)
     same_decision = sum(x["needs_review"] == y["needs_review"] for x, y in zip(a, b)) / len(a)
-    assert same_label >= 0.995 and same_decision >= 0.99, (same_label, same_decision)  # 99.8% / 99.4% on all 10,000
+    assert same_label >= 0.995 and same_decision >= 0.99, (same_label, same_decision)  # 99.8% / 99.3% on all 10,000
     assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b)) < 0.1
 
 

@@ -61,7 +61,7 @@ def loop(tmp_path_factory):
 def test_retrain_writes_a_candidate_with_lineage(loop):
     meta = read_meta(loop["candidate"])
     lineage = meta.lineage
-    assert meta.model_version == next_version(read_meta(loop["champion"]).model_version) == "1.1"
+    assert meta.model_version == next_version(read_meta(loop["champion"]).model_version) == "1.2"
     assert lineage["parent_model_sha256"] == model_sha256(loop["champion"])
     assert lineage["decisions_sha256"] == decisions_hash(read_decisions([loop["decisions"]]).decisions)
     heldout = [json.loads(x) for x in (loop["candidate"] / "heldout.jsonl").read_text().splitlines()]
@@ -126,7 +126,7 @@ def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_pat
     assert names == ["test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified",
                      "better_on_heldout", "not_a_product_stays_in_review"]
     if result["gate"]["promote"]:
-        assert code == 0 and read_meta(versions / "1.1").lineage == read_meta(loop["candidate"]).lineage
+        assert code == 0 and read_meta(versions / "1.2").lineage == read_meta(loop["candidate"]).lineage
     else:
         assert code == 3 and not versions.exists() and result["gate"]["reason"].startswith("kept the champion")
 
