@@ -52,6 +52,18 @@ def test_the_uniform_loss_is_least_for_a_uniform_answer():
     assert uniform_loss(torch.tensor([[5.0] + [0.0] * 9])).item() > math.log(10) + 0.5
 
 
+@pytest.mark.parametrize("args, says", [(["--composite-weight", "-1"], "--composite-weight must be 0"),
+                                        (["--composite-share", "0"], "--composite-share must be above 0"),
+                                        (["--composite-share", "1.5"], "--composite-share must be above 0"),
+                                        (["--batch-size", "1"], "batch size of 2 or more")])
+def test_composite_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path, args, says):
+    from training.train import main as train_main
+
+    with pytest.raises(SystemExit, match=says):
+        train_main(["--output", str(tmp_path / "m")] + args)
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_training_against_composites_lowers_confidence_on_them_not_on_garments(tmp_path, fmnist_test):
     """Two short runs, with and without composites. Trained against them, the network ranks

@@ -175,7 +175,18 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
+def check_composites(cfg: TrainConfig) -> None:
+    """Exit with the reason when the composite settings cannot work."""
+    if cfg.composite_weight < 0:
+        raise SystemExit(f"--composite-weight must be 0 (off) or more, got {cfg.composite_weight}")
+    if cfg.composite_weight > 0 and not 0 < cfg.composite_share <= 1:
+        raise SystemExit(f"--composite-share must be above 0 and at most 1, got {cfg.composite_share}")
+    if cfg.composite_weight > 0 and cfg.batch_size < 2:
+        raise SystemExit("composites pair a batch's garments: use a batch size of 2 or more, or --composite-weight 0")
+
+
 def train(cfg: TrainConfig) -> Path:
+    check_composites(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
