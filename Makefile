@@ -28,7 +28,7 @@ demo: archive  ## the nightly job end to end on this machine
 demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, gate, promote (build/feedback)
 	$(PY) -m scripts.demo_feedback --release $(MODEL_DIR) --workdir build/feedback
 
-test: setup  ## the whole suite (5 to 11 minutes on 2 cores)
+test: setup  ## the whole suite (9 to 14 minutes on 2 cores)
 	$(PY) -m pytest
 
 test-fast: setup  ## unit tests only
