@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.composite import blends, make_composites, tiles, uniform_loss
+from training.composite import blends, composite_count, make_composites, tiles, uniform_loss
 
 
 def _levels(n: int = 16) -> torch.Tensor:
@@ -45,6 +45,11 @@ def test_composites_are_seeded_photos_half_blends_half_tiles():
     b = make_composites(x, 32, torch.Generator().manual_seed(7))
     assert a.dtype == torch.uint8 and a.shape == (32, 1, 28, 28) and torch.equal(a, b)
     assert not torch.equal(a, make_composites(x, 32, torch.Generator().manual_seed(8)))
+
+
+def test_the_composite_count_is_a_share_of_the_batch_and_none_when_the_loss_is_off():
+    assert composite_count(128, 0.5, 0.25) == 32 and composite_count(512, 0.5, 0.25) == 128
+    assert composite_count(128, 0.0, 0.25) == 0
 
 
 def test_the_uniform_loss_is_least_for_a_uniform_answer():

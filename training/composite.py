@@ -59,6 +59,12 @@ def tiles(x: torch.Tensor, count: int, gen: torch.Generator, fill: float = 0.0) 
     return torch.cat([side, stacked, _letterbox(grid, size, fill)])
 
 
+def composite_count(batch: int, weight: float, share: float) -> int:
+    """Composites to add to ``batch`` garments: ``share`` of them, none when the loss ``weight`` is 0.
+    Training, fine-tuning and the int8 calibration set all ask this one question."""
+    return round(batch * share) if weight > 0 else 0
+
+
 def make_composites(x: torch.Tensor, count: int, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
     """``count`` composites of the batch ``x``: half blends, half tiles, rounded to uint8 like a photo."""
     half = count // 2

@@ -46,7 +46,7 @@ from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
-from training.composite import make_composites
+from training.composite import composite_count, make_composites
 from training.config import TrainConfig
 from training.data import Dataset, load_data
 from training.evaluate import drift_reference, served_decisions
@@ -140,7 +140,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     float_graph = export_onnx(model, layer, spec.channels, spec.size)
     pick = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:CAL_PHOTOS]
     calibration, described = ds.train.images[pick], f"{len(pick)} of the training split, seed {cfg.seed}"
-    n_comp = round(len(pick) * cfg.composite_share) if cfg.composite_weight > 0 else 0
+    n_comp = composite_count(len(pick), cfg.composite_weight, cfg.composite_share)
     if n_comp:  # ranges from garments alone clip what the network does on composites (up to 0.73 of a probability)
         calibration = torch.cat([calibration, make_composites(calibration, n_comp, torch.Generator().manual_seed(cfg.seed))])
         described += f", and {n_comp} composites of them (training/composite.py)"

@@ -54,7 +54,7 @@ from returns_model.names import IMAGE_SUFFIXES, META_FILE, WEIGHTS_FILE
 from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, normalize
 from training.augment import random_crop, random_erasing, random_hflip
 from training.backdrop import BackdropError, estimate_backdrops, paste, plain_backdrop
-from training.composite import make_composites, uniform_loss
+from training.composite import composite_count, make_composites, uniform_loss
 from training.config import TrainConfig, pick_device
 from training.data import Dataset, Split, load_data
 from training.report import write_model_folder
@@ -226,7 +226,7 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
                 pick = torch.randint(0, len(backdrops[0]), (int(moved.sum()),), generator=gen)
                 x = x.clone()
                 x[moved] = paste(x[moved], random_hflip(backdrops[0][pick], gen), backdrops[1])
-            n_comp = round(len(idx) * cfg.composite_share) if cfg.composite_weight > 0 else 0
+            n_comp = composite_count(len(idx), cfg.composite_weight, cfg.composite_share)
             if n_comp:  # a champion trained against composites keeps being trained against them
                 x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill)])
             x = normalize(x.to(device), spec)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.augment import random_crop, random_erasing, random_hflip
-from training.composite import make_composites, uniform_loss
+from training.composite import composite_count, make_composites, uniform_loss
 from returns_model.fileio import atomic_open
 from returns_model.network import SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
@@ -133,7 +133,7 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
     perm = torch.randperm(n, generator=gen)
     steps = n // cfg.batch_size
     total_loss, correct, seen = 0.0, 0, 0
-    n_comp = round(cfg.batch_size * cfg.composite_share) if cfg.composite_weight > 0 else 0
+    n_comp = composite_count(cfg.batch_size, cfg.composite_weight, cfg.composite_share)
     bar = range(steps)
     if cfg.progress and sys.stderr.isatty():
         from tqdm import tqdm
