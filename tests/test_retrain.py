@@ -233,3 +233,31 @@ def test_backdrop_transfer_is_off_with_a_warning_when_the_training_photos_have_n
     assert new_setup(booth, ds, RetrainConfig()) == (None, {})
     assert "backdrop transfer off" in caplog.text and "borders vary" in caplog.text
     assert new_setup(booth, ds, RetrainConfig(backdrop_share=0)) == (None, {})
+
+
+def test_interpolate_takes_a_share_of_the_fine_tuned_weights_and_the_rest_of_the_champion():
+    from training.retrain import interpolate
+
+    torch.manual_seed(0)
+    net = lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # noqa: E731
+    champion, tuned = net(), net()
+    tuned.train()(torch.randn(16, 3))  # moves the batch-norm statistics and counts one batch
+    start = {k: v.clone() for k, v in champion.state_dict().items()}
+    before = {k: v.clone() for k, v in tuned.state_dict().items()}
+    interpolate(start, tuned, 0.7)
+    after = tuned.state_dict()
+    for k, v in before.items():
+        if v.is_floating_point():
+            assert torch.allclose(after[k], 0.7 * v + 0.3 * start[k], atol=1e-6), k
+    assert after["1.num_batches_tracked"] == before["1.num_batches_tracked"] == 1
+    interpolate(start, tuned, 1.0)
+    assert all(torch.equal(tuned.state_dict()[k], after[k]) for k in after)
+    with pytest.raises(ValueError, match="different layers"):
+        interpolate({"0.weight": start["0.weight"]}, tuned, 0.5)
+
+
+@pytest.mark.parametrize("share", [0.0, -0.2, 1.5])
+def test_retrain_refuses_an_interpolation_outside_zero_to_one(share, capsys):
+    code = retrain_main(["--champion", "models/release", "--decisions", "d.jsonl", "--photos", "p", "--output",
+                         "build/never", "--interpolate", str(share)])
+    assert code == 2 and f"--interpolate {share}: must be in (0, 1]" in capsys.readouterr().err

@@ -20,7 +20,10 @@
    share of the replayed garments, so the fine-tune sees thousands of known garments in the new
    setup instead of a few hundred; a moved garment is held to the champion's answer on it as it was.
    ``not_a_product`` photos are never a class: they sharpen the unfamiliar gate instead; ``unsure``
-   ones are counted and left out.
+   ones are counted and left out. ``--interpolate A`` (weight-space ensembling, WiSE-FT, Wortsman et
+   al. 2022) then takes A of the fine-tuned weights and 1 - A of the champion's: a short fine-tune
+   moves the weights in a useful direction but not yet back onto what the champion knew, and the
+   point part of the way there keeps more of both (default 1: the fine-tuned weights as they are).
 4. training/report.write_model_folder then refits the gate (decided products become familiar,
    not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation and,
    with backdrop transfer, on every validation garment shown on a decided backdrop (the highest
@@ -95,6 +98,8 @@ class RetrainConfig:
     # of replayed photos shown on a new setup's backdrop (training/backdrop.py); 0 = off. Needs a
     # training split with a plain backdrop; without one it is off, with a warning.
     backdrop_share: float = 0.3
+    # candidate = interpolate * fine-tuned + (1 - interpolate) * champion, weight by weight (WiSE-FT)
+    interpolate: float = 1.0
 
     def validate(self) -> list[str]:
         errors = []
@@ -112,6 +117,8 @@ class RetrainConfig:
             errors.append(f"--holdout-share {self.holdout_share}: must be in [0, 1)")
         if not 0 <= self.backdrop_share <= 1:
             errors.append(f"--backdrop-share {self.backdrop_share}: must be in [0, 1]")
+        if not 0 < self.interpolate <= 1:
+            errors.append(f"--interpolate {self.interpolate}: must be in (0, 1] (1 = the fine-tuned weights as they are)")
         if self.epochs < 1 or self.decided_repeat < 1 or self.replay < 0:
             errors.append("--epochs and --decided-repeat must be >= 1, --replay >= 0")
         return errors
@@ -270,6 +277,18 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
     return history
 
 
+def interpolate(champion: dict[str, torch.Tensor], model: torch.nn.Module, share: float) -> None:
+    """In place: every floating-point weight and batch-norm statistic of ``model`` becomes
+    ``share * model + (1 - share) * champion`` (WiSE-FT); counters stay the fine-tuned model's."""
+    if share == 1:
+        return
+    own = model.state_dict()
+    if own.keys() != champion.keys():
+        raise ValueError("interpolate: the champion and the fine-tuned model have different layers")
+    model.load_state_dict({k: torch.lerp(champion[k].to(v.device, v.dtype), v, share) if v.is_floating_point() else v
+                           for k, v in own.items()})
+
+
 def new_setup(decided: Split, ds: Dataset, rc: RetrainConfig) -> tuple[tuple[torch.Tensor, float] | None, dict[str, Split]]:
     """Backdrops of the decided photos that were not shot like the training split (training/backdrop.py),
     and the new setup's calibration photos: every validation garment (never trained on) shown on one
@@ -349,7 +368,9 @@ def retrain(rc: RetrainConfig) -> int:
     log.info("decisions: %s", decided.counts)
     ds = load_data(cfg, spec)
     backdrops, setups = new_setup(decided.train, ds, rc)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history = fine_tune(model, ds, decided.train, spec, rc, cfg, device, backdrops)
+    interpolate(start, model, rc.interpolate)
     out = Path(rc.output)
     out.mkdir(parents=True, exist_ok=True)
     lineage = {
@@ -361,7 +382,7 @@ def retrain(rc: RetrainConfig) -> int:
         "decision_files": {str(p): sha256_file(p) for p in decision_files(rc.decisions)},
         "counts": decided.counts,
         "fine_tune": {"epochs": rc.epochs, "replay": rc.replay, "decided_repeat": rc.decided_repeat, "lr": rc.lr,
-                      "distill": rc.distill, "backdrop_share": rc.backdrop_share,
+                      "distill": rc.distill, "backdrop_share": rc.backdrop_share, "interpolate": rc.interpolate,
                       "new_setup_backdrops": len(backdrops[0]) if backdrops else 0},
     }
     cfg.write(out / "train_config.json")
@@ -404,6 +425,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--backdrop-share", type=float, default=d.backdrop_share,
                    help="share of replayed photos shown on backdrops of the decided photos (0 = off)")
+    p.add_argument("--interpolate", type=float, default=d.interpolate,
+                   help="candidate = A * fine-tuned + (1 - A) * champion, weight by weight (WiSE-FT); 1 = fine-tuned as is")
     p.add_argument("--gate-photos", type=int, default=d.gate_photos, help="training photos for the gate's statistics (0 = all)")
     p.add_argument("--trust-photos", type=int, default=d.trust_photos)
     p.add_argument("--data-dir", default=d.data_dir, help="override the champion's training data folder")
