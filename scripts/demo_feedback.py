@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                              {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
                              threads=args.threads)
         promoted = result["gate"]["promote"]
+        drift = result["lineage_drift"]
         if promoted:
             champion = cmp.promote(cand, versions)
         shifted_now = result["sets"]["heldout_shifted_test_garments"]["challenger" if promoted else "champion"]
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                "gate": result["gate"], "promoted": promoted, "champion": champion.name,
                "after": {"heldout_shifted": shifted_now, "test": test_now},
                "candidate": {"heldout_shifted": cand_shifted, "test": cand_test},
-               "test_accuracy_change": result["sets"]["test"]["difference"]["accuracy"],
+               "test_accuracy_change": result["sets"]["test"]["difference"]["accuracy"], "lineage_drift": drift,
                "elapsed_s": round(time.time() - t0)}
         rows.append(row)
         print(f"night {night}: shifted photos sent to review {100 * fig['shifted']['review_share']:.1f}% "
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * (cand_shifted['precision'] or 0):.2f}%, test accuracy {100 * cand_test['accuracy']:.2f}%. "
               f"Held-out shifted now {100 * shifted_now['coverage']:.1f}% auto-accepted at "
               f"{100 * (shifted_now['precision'] or 0):.2f}%; test accuracy {100 * test_now['accuracy']:.2f}% "
+              + (f"(the candidate against release {drift['root_version']}: {100 * drift['change']:+.2f} points) "
+                 if drift else "") +
               f"[{time.time() - t0:.0f}s]", flush=True)
     summary = {"start": start, "nights": rows, "bad_decisions": bad, "wall_seconds": round(time.time() - t0, 1),
                "settings": {k: str(v) for k, v in vars(args).items()}}

@@ -76,6 +76,10 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     # the decided booth photos lent their backdrops to the fine-tune, and the threshold is certified
     # on validation garments shown on them as well as on ordinary validation photos
     assert lineage["fine_tune"]["backdrop_share"] == 0.3
+    # the champion is a trained release: it is the lineage's root, with the accuracy its report measured
+    champion_accuracy = json.loads((loop["champion"] / "metrics.json").read_text())["accuracy"]
+    assert lineage["root"] == {"model_version": read_meta(loop["champion"]).model_version,
+                               "model_sha256": model_sha256(loop["champion"]), "test_accuracy": champion_accuracy}
     assert 0.9 * c["train_products"] <= lineage["fine_tune"]["new_setup_backdrops"] <= c["train_products"]
     cert = meta.certificate
     setup = cert["setups"][SETUP_NAME]
@@ -261,3 +265,38 @@ def test_retrain_refuses_an_interpolation_outside_zero_to_one(share, capsys):
     code = retrain_main(["--champion", "models/release", "--decisions", "d.jsonl", "--photos", "p", "--output",
                          "build/never", "--interpolate", str(share)])
     assert code == 2 and f"--interpolate {share}: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be_refused(tmp_path):
+    """Each step within 0.3 points of its champion, 0.45 in all against the first release: reported
+    always, refused only with a lineage tolerance."""
+    from training.retrain import lineage_root
+
+    cand = tmp_path / "1.4"
+    cand.mkdir()
+    (cand / "metrics.json").write_text(json.dumps({"accuracy": 0.9420}))
+    root = {"model_version": "1.1", "model_sha256": "a" * 64, "test_accuracy": 0.9465}
+    drift = cmp.lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
+    assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
+    step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
+                     "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}, "lineage_drift": drift}
+    assert cmp.gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
+    verdict = cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
+    assert not verdict["promote"]
+    assert verdict["reason"] == ("kept the champion: test accuracy -0.45 points against 1.1, the lineage's first "
+                                 "release (tolerance -0.3)")
+    assert cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
+    # a model without a lineage root (or without metrics) has nothing to compare with: the check refuses
+    assert cmp.lineage_drift(cand, None) is None and cmp.lineage_drift(tmp_path / "none", {"root": root}) is None
+    bare = {**step, "lineage_drift": None}
+    assert "no lineage root" in cmp.gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
+    # a candidate's root is its champion's root, however many promotions lie between
+    class Meta:
+        lineage, model_version = {"root": root}, "1.3"
+    assert lineage_root(tmp_path, Meta()) == root
+
+
+@pytest.mark.parametrize("flag", ["--tolerance", "--lineage-tolerance"])
+def test_compare_refuses_a_tolerance_outside_zero_to_one(flag, capsys):
+    code = cmp.main(["--champion", "models/release", "--challenger", "models/release", flag, "-0.1"])
+    assert code == 2 and f"{flag} -0.1: must be in [0, 1)" in capsys.readouterr().err

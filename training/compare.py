@@ -29,6 +29,11 @@ The gate promotes only when all of these hold, and otherwise names each that fai
    below the target. A handful of held-out photos can never certify the promise for a new setup,
    but a challenger that auto-accepts a new setup's photos at, say, 80% precision is refused.
 
+Promotions stack: each challenger is judged against the champion it would replace, so several small
+losses add up. Every comparison therefore also reports ``lineage_drift``: the challenger's test
+accuracy against the lineage's first release (``lineage.root`` in model.json, both as their reports
+measured them); ``--lineage-tolerance`` makes it a seventh check (off by default).
+
 A promoted challenger is copied to ``<promote-to>/<model_version>/`` (never over an existing
 folder): a new immutable model version, with its lineage in model.json. Serving it stays a values
 change (``model.version``). Exit codes: 0 promoted (or would be, without --promote-to), 3 champion
@@ -145,7 +150,22 @@ def precision_below_p_value(errors: int, accepted: int, target: float) -> float:
     return max(0.0, 1.0 - math.exp(log_binom_cdf(errors - 1, accepted, 1 - target)))
 
 
-def gate(cmp: dict, target: float, tolerance: float, certified: bool) -> dict[str, Any]:
+def lineage_drift(challenger: Path, lineage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Test accuracy of the challenger (its metrics.json) against its lineage's root, or None when
+    either figure is missing (a model without lineage, a folder without metrics)."""
+    root = (lineage or {}).get("root") or {}
+    metrics = Path(challenger) / "metrics.json"
+    if root.get("test_accuracy") is None or not metrics.exists():
+        return None
+    accuracy = json.loads(metrics.read_text()).get("accuracy")
+    if accuracy is None:
+        return None
+    return {"root_version": root.get("model_version"), "root_test_accuracy": root["test_accuracy"],
+            "test_accuracy": accuracy, "change": accuracy - root["test_accuracy"]}
+
+
+def gate(cmp: dict, target: float, tolerance: float, certified: bool,
+         lineage_tolerance: float | None = None) -> dict[str, Any]:
     """The promotion rule of the module docstring: every check with its figures; promote iff all pass."""
     test, checks = cmp["sets"]["test"], []
     d_acc = test["difference"]["accuracy"]["value"]
@@ -176,9 +196,16 @@ def gate(cmp: dict, target: float, tolerance: float, certified: bool) -> dict[st
         n1, n2 = nap["champion"]["accepted"], nap["challenger"]["accepted"]
         checks.append(("not_a_product_stays_in_review", n2 <= n1,
                        f"held-out not-a-product photos auto-accepted: {n2} (champion {n1})"))
+    drift = cmp.get("lineage_drift")
+    if lineage_tolerance is not None:
+        checks.append(("within_lineage_tolerance", drift is not None and drift["change"] >= -lineage_tolerance,
+                       f"test accuracy {100 * drift['change']:+.2f} points against {drift['root_version']}, the "
+                       f"lineage's first release (tolerance -{100 * lineage_tolerance:.1f})" if drift else
+                       "no lineage root with a test accuracy to compare with"))
     promote = all(ok for _, ok, _ in checks)
     failed = [why for _, ok, why in checks if not ok]
-    return {"promote": promote, "tolerance": tolerance, "target_precision": target,
+    return {"promote": promote, "tolerance": tolerance, "lineage_tolerance": lineage_tolerance,
+            "target_precision": target,
             "checks": [{"name": n, "passed": ok, "detail": why} for n, ok, why in checks],
             "reason": "every check passed" if promote else "kept the champion: " + "; ".join(failed)}
 
@@ -211,7 +238,8 @@ def load_heldout(challenger: Path, photo_folders: list[str], class_names: list[s
 
 def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Tensor],
             sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], tolerance: float = TOLERANCE,
-            seed: int = 0, out: Path | None = None, cache: dict | None = None, threads: int = 0) -> dict[str, Any]:
+            seed: int = 0, out: Path | None = None, cache: dict | None = None, threads: int = 0,
+            lineage_tolerance: float | None = None) -> dict[str, Any]:
     """Both models on ``test`` and each named set; the gate's decision; comparison.json and
     comparison.png in ``out`` (default: the challenger's folder).
 
@@ -233,8 +261,10 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
         log.info("comparing on %s (%d photos)", name, len(images))
         answers = [served_cached(clf, folder, images, cache) for clf, folder in ((c1, champion), (c2, challenger))]
         result["sets"][name] = compare_set(*answers, labels, names, seed + 10 * i)
+    result["lineage_drift"] = lineage_drift(challenger, c2.meta.lineage)
     cert = c2.meta.certificate or {}
-    result["gate"] = gate(result, c2.meta.target_precision, tolerance, not cert.get("accept_nothing", False))
+    result["gate"] = gate(result, c2.meta.target_precision, tolerance, not cert.get("accept_nothing", False),
+                          lineage_tolerance)
     out = Path(out or challenger)
     write_json(out / "comparison.json", result)
     plots.champion_challenger(result, out / "comparison.png")
@@ -262,10 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", nargs="*", default=[], help="folders to find held-out photos in, by hash, if moved")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the challenger's train_config)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="test accuracy may fall by this much (0.003 = 0.3 points)")
+    p.add_argument("--lineage-tolerance", type=float, default=None,
+                   help="also refuse a challenger whose test accuracy is more than this below the lineage's first "
+                        "release (0.005 = 0.5 points); default: reported only")
     p.add_argument("--promote-to", type=Path, default=None, help="versions folder: a promoted challenger is copied to <it>/<version>/")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("tolerance", "lineage_tolerance"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            print(f"returns-compare: --{name.replace('_', '-')} {value}: must be in [0, 1) (0.003 = 0.3 points)",
+                  file=sys.stderr)
+            return EXIT_BAD_ARGS
     try:
         meta = read_meta(args.challenger)
         cfg = TrainConfig.from_json(args.challenger / "train_config.json")
@@ -276,8 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"returns-compare: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
-    result = compare(args.champion, args.challenger, (ds.test.images, ds.test.labels), sets, args.tolerance, args.seed)
+    result = compare(args.champion, args.challenger, (ds.test.images, ds.test.labels), sets, args.tolerance, args.seed,
+                     lineage_tolerance=args.lineage_tolerance)
     print(result["gate"]["reason"])
+    drift = result["lineage_drift"]
+    if drift:
+        print(f"test accuracy against {drift['root_version']}, the lineage's first release: "
+              f"{100 * drift['change']:+.2f} points ({100 * drift['root_test_accuracy']:.2f}% -> "
+              f"{100 * drift['test_accuracy']:.2f}%)")
     if not result["gate"]["promote"]:
         return EXIT_KEEP
     if args.promote_to:

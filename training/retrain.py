@@ -136,6 +136,18 @@ def next_version(version: str) -> str:
     return f"{head}.{int(last) + 1}" if head and last.isdigit() else f"{version}.1"
 
 
+def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
+    """The first release of a model's lineage: the champion's own ``lineage.root``, or the champion
+    itself when it has no lineage (a trained release). ``test_accuracy`` is what its report measured
+    (metrics.json, the float graph on the test split), so that every later candidate can say how far
+    it has moved from it, however many promotions lie between."""
+    if meta.lineage and meta.lineage.get("root"):
+        return meta.lineage["root"]
+    metrics = Path(model_dir) / "metrics.json"
+    accuracy = json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None
+    return {"model_version": meta.model_version, "model_sha256": model_sha256(model_dir), "test_accuracy": accuracy}
+
+
 def index_photos(folders: list[str]) -> dict[str, Path]:
     """SHA-256 of every image file under the folders -> its first path (the same photo archived twice
     is one photo)."""
@@ -376,6 +388,7 @@ def retrain(rc: RetrainConfig) -> int:
     lineage = {
         "parent_model_sha256": model_sha256(champion),
         "parent_model_version": meta.model_version,
+        "root": lineage_root(champion, meta),
         "decisions_sha256": decisions_hash(decisions),
         "heldout_sha256": split_hash(r["sha256"] for r in decided.heldout_rows),
         "heldout_share": rc.holdout_share, "seed": rc.seed,
