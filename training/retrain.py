@@ -21,9 +21,9 @@
    setup instead of a few hundred; a moved garment is held to the champion's answer on it as it was.
    ``not_a_product`` photos are never a class: they sharpen the unfamiliar gate instead; ``unsure``
    ones are counted and left out. ``--interpolate A`` (weight-space ensembling, WiSE-FT, Wortsman et
-   al. 2022) then takes A of the fine-tuned weights and 1 - A of the champion's: a short fine-tune
-   moves the weights in a useful direction but not yet back onto what the champion knew, and the
-   point part of the way there keeps more of both (default 1: the fine-tuned weights as they are).
+   al. 2022) then takes A of the fine-tuned weights and 1 - A of the champion's. Measured on a short
+   fine-tune that lost 0.72 test points: A = 0.7 lost 0.28 and kept 89% booth accuracy of its 92%
+   (README, the feedback loop). Default 1: the fine-tuned weights as they are.
 4. training/report.write_model_folder then refits the gate (decided products become familiar,
    not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation and,
    with backdrop transfer, on every validation garment shown on a decided backdrop (the highest
@@ -138,7 +138,8 @@ def next_version(version: str) -> str:
 
 def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
     """The first release of a model's lineage: the champion's own ``lineage.root``, or the champion
-    itself when it has no lineage (a trained release). ``test_accuracy`` is what its report measured
+    itself when it has none (a trained release; or a candidate written before roots were recorded,
+    whose drift is then counted from it). ``test_accuracy`` is what its report measured
     (metrics.json, the float graph on the test split), so that every later candidate can say how far
     it has moved from it, however many promotions lie between."""
     if meta.lineage and meta.lineage.get("root"):
