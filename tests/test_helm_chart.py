@@ -712,8 +712,6 @@ def test_training_job(renders: dict[str, hr.Rendered]) -> None:
     other = hr.render({**variant_values("training"), "model": {"version": "1.1.0"}}).one("Job")
     assert other["metadata"]["name"] == "returns-classifier-train-1-1-0"
     assert archive["args"] == ["--model-dir", "/mnt/work/release", "--output", "/mnt/models"]
-    assert compare["args"][:4] == ["--champion", "/mnt/champion", "--challenger", "/mnt/work/release"]
-    assert compare["args"][-2:] == ["--lineage-tolerance", "0.005"]  # retrain.compareArgs
     mounts = {m["mountPath"]: m for m in archive["volumeMounts"]}
     assert mounts["/mnt/models"]["name"] == "model" and mounts["/mnt/models"]["readOnly"] is False
     assert mounts["/mnt/models"]["subPath"] == "returns-classifier/1.0.0"
@@ -734,6 +732,8 @@ def test_retrain_job(renders: dict[str, hr.Rendered], settings: dict[str, dict[s
     (archive,) = pod["containers"]
     assert retrain["command"][3] == "returns-retrain" and compare["command"][3] == "returns-compare"
     assert "[ $rc -eq 3 ]" in compare["command"][2]  # "keep the champion" is a verdict, not a failed Job
+    assert compare["args"][:4] == ["--champion", "/mnt/champion", "--challenger", "/mnt/work/release"]
+    assert compare["args"][-2:] == ["--lineage-tolerance", "0.005"]  # retrain.compareArgs
     args = retrain["args"]
     assert args[args.index("--champion") + 1] == "/mnt/champion"
     assert args[args.index("--decisions") + 1] == "/data/decisions"
