@@ -62,7 +62,7 @@ from training import plots
 from training.certify import log_binom_cdf
 from training.config import TrainConfig
 from training.data import load_data
-from training.retrain import HELDOUT_FILE, index_photos, model_sha256
+from training.retrain import HELDOUT_FILE, index_photos, model_sha256, recorded_test_accuracy
 
 log = logging.getLogger("training.compare")
 EXIT_PROMOTE, EXIT_BAD_ARGS, EXIT_KEEP = 0, 2, 3
@@ -154,11 +154,8 @@ def lineage_drift(challenger: Path, lineage: dict[str, Any] | None) -> dict[str,
     """Test accuracy of the challenger (its metrics.json) against its lineage's root, or None when
     either figure is missing (a model without lineage, a folder without metrics)."""
     root = (lineage or {}).get("root") or {}
-    metrics = Path(challenger) / "metrics.json"
-    if root.get("test_accuracy") is None or not metrics.exists():
-        return None
-    accuracy = json.loads(metrics.read_text()).get("accuracy")
-    if accuracy is None:
+    accuracy = recorded_test_accuracy(challenger)
+    if root.get("test_accuracy") is None or accuracy is None:
         return None
     return {"root_version": root.get("model_version"), "root_test_accuracy": root["test_accuracy"],
             "test_accuracy": accuracy, "change": accuracy - root["test_accuracy"]}
@@ -196,8 +193,8 @@ def gate(cmp: dict, target: float, tolerance: float, certified: bool,
         n1, n2 = nap["champion"]["accepted"], nap["challenger"]["accepted"]
         checks.append(("not_a_product_stays_in_review", n2 <= n1,
                        f"held-out not-a-product photos auto-accepted: {n2} (champion {n1})"))
-    drift = cmp.get("lineage_drift")
     if lineage_tolerance is not None:
+        drift = cmp.get("lineage_drift")
         checks.append(("within_lineage_tolerance", drift is not None and drift["change"] >= -lineage_tolerance,
                        f"test accuracy {100 * drift['change']:+.2f} points against {drift['root_version']}, the "
                        f"lineage's first release (tolerance -{100 * lineage_tolerance:.1f})" if drift else

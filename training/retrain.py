@@ -136,6 +136,12 @@ def next_version(version: str) -> str:
     return f"{head}.{int(last) + 1}" if head and last.isdigit() else f"{version}.1"
 
 
+def recorded_test_accuracy(model_dir: Path) -> float | None:
+    """The test accuracy a model folder's report measured (metrics.json, the float graph), or None."""
+    metrics = Path(model_dir) / "metrics.json"
+    return json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None
+
+
 def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
     """The first release of a model's lineage: the champion's own ``lineage.root``, or the champion
     itself when it has none (a trained release; or a candidate written before roots were recorded,
@@ -144,9 +150,8 @@ def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
     it has moved from it, however many promotions lie between."""
     if meta.lineage and meta.lineage.get("root"):
         return meta.lineage["root"]
-    metrics = Path(model_dir) / "metrics.json"
-    accuracy = json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None
-    return {"model_version": meta.model_version, "model_sha256": model_sha256(model_dir), "test_accuracy": accuracy}
+    return {"model_version": meta.model_version, "model_sha256": model_sha256(model_dir),
+            "test_accuracy": recorded_test_accuracy(model_dir)}
 
 
 def index_photos(folders: list[str]) -> dict[str, Path]:
