@@ -81,6 +81,8 @@ class TrainConfig:
         for key in ("widths", "depths"):
             if key in d:
                 d[key] = tuple(d[key])
+        # settings recorded before composites existed (release 1.0): that network was trained without them
+        d.setdefault("composite_weight", 0.0)
         return cls(**d)
 
     @classmethod

@@ -13,7 +13,6 @@ writing model.json, so `make train` and `returns-report` both produce it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from handler.core import Classifier
 from returns_model.fileio import write_json
 from training import plots, unfamiliar
+from training.config import TrainConfig
 
 MIXED_NIGHT_SHARE = 0.15  # unfamiliar photos in the mixed night
 
@@ -41,7 +41,7 @@ def _group(kind: str, with_composites: bool) -> str:
 def trained_with_composites(model_dir: Path) -> bool:
     """Whether the folder's train_config.json says the network was trained against composites."""
     path = Path(model_dir) / "train_config.json"
-    return path.exists() and float(json.loads(path.read_text()).get("composite_weight", 0.0)) > 0
+    return path.exists() and TrainConfig.from_json(path).composite_weight > 0
 
 
 def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
