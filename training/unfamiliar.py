@@ -341,6 +341,141 @@ def scribble(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]
     return out
 
 
+# --- fourth confirmation kinds: written on 2026-11-26 (eleventh session), before a gate reading the
+# pixels' own statistics was designed on the looked-at kinds, and run once on the design it froze --
+def _on_table(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """A table or floor to lay things on: dark, wooden (brown with stretched grain) or a plain colour."""
+    what = int(rng.integers(3))
+    if what == 0:
+        return Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 60, 3)))
+    if what == 1:
+        grain = rng.uniform(0.6, 1.1, (max(2, h // 3), max(2, w // 24)))  # long along the grain
+        grain = np.asarray(Image.fromarray((grain * 200).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC))
+        wood = np.array([rng.uniform(120, 200), rng.uniform(70, 120), rng.uniform(30, 70)])
+        return Image.fromarray(np.clip(grain[..., None] / 200.0 * wood, 0, 255).astype(np.uint8))
+    return Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))
+
+
+def price_tag(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """A hang tag cut off the item: a light card with a punched hole and a printed price, on a table."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(40, 220)), int(rng.integers(40, 220))
+        img = _on_table(rng, h, w)
+        draw = ImageDraw.Draw(img)
+        tw, th = int(w * rng.uniform(0.35, 0.8)), int(h * rng.uniform(0.45, 0.9))
+        x0, y0 = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+        card = tuple(int(v) for v in rng.integers(190, 256, 3))
+        draw.rectangle([x0, y0, x0 + tw, y0 + th], fill=card)
+        r = max(1, tw // 12)
+        cx, cy = x0 + tw // 2, y0 + max(r + 1, th // 8)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(30, 30, 30))
+        size = max(8, th // 5)
+        price = f"{int(rng.integers(1, 200))}.{int(rng.integers(0, 100)):02d}"
+        draw.text((x0 + int(tw * 0.1), y0 + th // 3), price, fill=(int(rng.integers(0, 120)), 0, 0), font=_font(size))
+        draw.text((x0 + int(tw * 0.1), y0 + int(th * 0.7)), "SIZE " + str(rng.choice(["S", "M", "L", "XL"])),
+                  fill=(40, 40, 40), font=_font(max(6, size // 2)))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
+def handwritten_note(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """A customer's note: rows of joined-up pen writing (smooth wiggles) on ruled paper."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(60, 257)), int(rng.integers(60, 257))
+        paper = tuple(int(v) for v in rng.integers(215, 256, 3))
+        img = Image.new("RGB", (w, h), paper)
+        draw = ImageDraw.Draw(img)
+        gap = int(rng.integers(10, 24))
+        for y in range(gap, h, gap):
+            draw.line([(0, y), (w, y)], fill=(170, 190, 230), width=1)
+        ink = ((20, 30, 120), (10, 10, 10), (120, 20, 20))[int(rng.integers(3))]
+        for y in range(gap, h - gap // 2, gap):
+            x, end = int(rng.integers(2, 12)), int(w * rng.uniform(0.5, 0.95))
+            pts = []
+            while x < end:
+                pts.append((x, y - int(rng.integers(1, max(2, gap * 2 // 3)))))
+                x += int(rng.integers(2, 6))
+            if len(pts) > 1:
+                draw.line(pts, fill=ink, width=max(1, gap // 10))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
+def packing_box(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """The empty parcel: brown cardboard with a strip of tape and a printed arrow or text."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(40, 257)), int(rng.integers(40, 257))
+        base = np.array([rng.uniform(150, 200), rng.uniform(110, 150), rng.uniform(60, 100)])
+        grain = rng.normal(0, 8, (h, w, 1))
+        img = Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        band = int(min(w, h) * rng.uniform(0.15, 0.3))
+        tape = tuple(int(v) for v in rng.integers(150, 230, 3))
+        if rng.random() < 0.5:
+            y = int(rng.integers(0, max(1, h - band)))
+            draw.rectangle([0, y, w, y + band], fill=tape)
+        else:
+            x = int(rng.integers(0, max(1, w - band)))
+            draw.rectangle([x, 0, x + band, h], fill=tape)
+        if rng.random() < 0.5:
+            ax, ay, s = int(rng.integers(0, w)), int(rng.integers(0, h)), max(6, min(w, h) // 5)
+            draw.polygon([(ax, ay - s), (ax - s // 2, ay), (ax + s // 2, ay)], fill=(20, 20, 20))
+            draw.rectangle([ax - s // 6, ay, ax + s // 6, ay + s], fill=(20, 20, 20))
+        else:
+            draw.text((int(rng.integers(0, max(1, w // 2))), int(rng.integers(0, max(1, h // 2)))), "FRAGILE",
+                      fill=(20, 20, 20), font=_font(max(8, min(w, h) // 6)))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
+def phone_screen(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """A screenshot sent instead of a photo: a light or dark app page with a bar, text rows, a button."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w = int(rng.integers(40, 140))
+        h = int(w * rng.uniform(1.6, 2.2))
+        dark = rng.random() < 0.5
+        bg, fg = ((18, 18, 18), (230, 230, 230)) if dark else ((250, 250, 250), (30, 30, 30))
+        img = Image.new("RGB", (w, h), bg)
+        draw = ImageDraw.Draw(img)
+        accent = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.rectangle([0, 0, w, h // 10], fill=accent)
+        y = h // 10 + 4
+        while y < h * 0.75:
+            lw = int(w * rng.uniform(0.3, 0.9))
+            draw.rectangle([4, y, 4 + lw, y + max(1, h // 60)], fill=fg)
+            y += max(3, h // 25)
+        draw.rounded_rectangle([w // 6, int(h * 0.82), w * 5 // 6, int(h * 0.9)], radius=max(1, h // 60), fill=accent)
+        out.append(_png(np.asarray(img)))
+    return out
+
+
+def coins(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
+    """What was left in a pocket: a few shaded coins on a table."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(40, 220)), int(rng.integers(40, 220))
+        img = _on_table(rng, h, w)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 6))):
+            r = int(min(w, h) * rng.uniform(0.08, 0.25))
+            cx, cy = int(rng.integers(r, max(r + 1, w - r))), int(rng.integers(r, max(r + 1, h - r)))
+            metal = (np.array([200, 170, 90]) if rng.random() < 0.5 else np.array([180, 180, 185])) * rng.uniform(0.7, 1.1)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in np.clip(metal * 0.75, 0, 255)))
+            ri = int(r * 0.85)
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=tuple(int(v) for v in np.clip(metal, 0, 255)))
+        out.append(_png(np.asarray(img)))
+    return out
+
+
 TUNING_KINDS: dict[str, Generator] = {"inverted": inverted, "digits": digits, "noise": noise}
 HELD_OUT_KINDS: dict[str, Generator] = {"scene_crops": scene_crops, "pasted_on_background": pasted,
                                         "shapes_text": shapes_text, "blank": blank}
@@ -348,6 +483,10 @@ CONFIRMATION_KINDS: dict[str, Generator] = {"gradients": gradients, "patterns": 
 SECOND_CONFIRMATION_KINDS: dict[str, Generator] = {"double_exposure": double_exposure, "close_up": close_up,
                                                    "garment_on_scene": garment_on_scene, "clouds": clouds}
 THIRD_CONFIRMATION_KINDS: dict[str, Generator] = {"receipt": receipt, "barcode_label": barcode_label, "scribble": scribble}
+# not in ALL_KINDS until the design they judge is frozen (so no report can measure them before)
+FOURTH_CONFIRMATION_KINDS: dict[str, Generator] = {"price_tag": price_tag, "handwritten_note": handwritten_note,
+                                                   "packing_box": packing_box, "phone_screen": phone_screen,
+                                                   "coins": coins}
 COMPOSITE_KINDS = ("double_exposure", "collage")  # what training/composite.py makes, from training garments
 ALL_KINDS: dict[str, Generator] = {**TUNING_KINDS, **HELD_OUT_KINDS, **CONFIRMATION_KINDS, **SECOND_CONFIRMATION_KINDS,
                                    **THIRD_CONFIRMATION_KINDS}
