@@ -62,7 +62,8 @@ from training import plots
 from training.certify import log_binom_cdf
 from training.config import TrainConfig
 from training.data import load_data
-from training.retrain import HELDOUT_FILE, index_photos, model_sha256, recorded_test_accuracy
+from training.lineage import model_sha256, recorded_test_accuracy
+from training.retrain import HELDOUT_FILE, index_photos
 
 log = logging.getLogger("training.compare")
 EXIT_PROMOTE, EXIT_BAD_ARGS, EXIT_KEEP = 0, 2, 3

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.augment import random_hflip
+
 
 def _partners(n: int, gen: torch.Generator, k: int) -> list[torch.Tensor]:
     """``k`` index vectors over a batch of ``n``, each a random cyclic shift of 1..n-1 (never the image itself)."""
@@ -65,11 +67,19 @@ def composite_count(batch: int, weight: float, share: float) -> int:
     return round(batch * share) if weight > 0 else 0
 
 
-def make_composites(x: torch.Tensor, count: int, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
-    """``count`` composites of the batch ``x``: half blends, half tiles, rounded to uint8 like a photo."""
-    half = count // 2
-    out = torch.cat([blends(x, half, gen), tiles(x, count - half, gen, fill)])
-    return out.round().clamp(0, 255).to(torch.uint8)
+def make_composites(x: torch.Tensor, count: int, gen: torch.Generator, fill: float = 0.0,
+                    drawn: torch.Tensor | None = None, drawn_share: float = 0.0) -> torch.Tensor:
+    """``count`` uniform-answer photos for the batch ``x``, uint8 like a photo: a share ``drawn_share``
+    picked from the ``drawn`` pool (training/drawn.py, mirrored at random), the rest composites of the
+    batch, half blends and half tiles."""
+    m = round(count * drawn_share) if drawn is not None and len(drawn) else 0
+    parts = []
+    if count > m:
+        half = (count - m) // 2
+        parts.append(torch.cat([blends(x, half, gen), tiles(x, count - m - half, gen, fill)]).round().clamp(0, 255).to(torch.uint8))
+    if m:
+        parts.append(random_hflip(drawn[torch.randint(0, len(drawn), (m,), generator=gen)], gen))
+    return torch.cat(parts)
 
 
 def uniform_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,10 @@ class TrainConfig:
     # trained towards a uniform answer with this weight (0 = off) and this many per batch image.
     composite_weight: float = 0.5  # Hendrycks et al.'s weight; the release is trained with it
     composite_share: float = 0.25
+    # Of those uniform-answer slots, this share goes to drawn outliers (training/drawn.py: pen strokes,
+    # lines of print); release 1.2 is 1.1 trained one more epoch with them.
+    drawn_share: float = 0.5
+    init_from: str = ""  # a model folder whose weights the run starts from (same architecture); "" = random
     # calibration and routing
     target_precision: float = 0.99
     delta: float = 0.05  # the certified threshold fails its precision with probability at most delta
@@ -63,7 +67,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     tsne_samples: int = 2000
-    model_version: str = "1.1"  # 1.0: the previous release (18 CPU epochs, no composites)
+    model_version: str = "1.2"  # 1.1: 35 GPU epochs with composites; 1.0: 18 CPU epochs without
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,8 +85,9 @@ class TrainConfig:
         for key in ("widths", "depths"):
             if key in d:
                 d[key] = tuple(d[key])
-        # settings recorded before composites existed (release 1.0): that network was trained without them
+        # settings recorded before composites (release 1.0) or drawn outliers (1.1) existed: trained without them
         d.setdefault("composite_weight", 0.0)
+        d.setdefault("drawn_share", 0.0)
         return cls(**d)
 
     @classmethod

@@ -47,6 +47,7 @@ from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.composite import composite_count, make_composites
+from training.drawn import pool_for
 from training.config import TrainConfig
 from training.data import Dataset, load_data
 from training.evaluate import drift_reference, served_decisions
@@ -142,8 +143,11 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     calibration, described = ds.train.images[pick], f"{len(pick)} of the training split, seed {cfg.seed}"
     n_comp = composite_count(len(pick), cfg.composite_weight, cfg.composite_share)
     if n_comp:  # ranges from garments alone clip what the network does on composites (up to 0.73 of a probability)
-        calibration = torch.cat([calibration, make_composites(calibration, n_comp, torch.Generator().manual_seed(cfg.seed))])
-        described += f", and {n_comp} composites of them (training/composite.py)"
+        drawn = pool_for(cfg.drawn_share, cfg.composite_weight, cfg.seed, spec, len(ds.train))
+        calibration = torch.cat([calibration, make_composites(calibration, n_comp, torch.Generator().manual_seed(cfg.seed),
+                                                              spec.fill, drawn, cfg.drawn_share)])
+        described += (f", and {n_comp} composites of them (training/composite.py)" if drawn is None else
+                      f", and {n_comp} composites of them and drawn outliers (training/composite.py, drawn.py)")
     graph = quantize_graph(float_graph, normalize(calibration, spec).numpy())
     # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
     int8, fp = OpenVinoRunner(graph, threads), OnnxRunner(float_graph, threads)

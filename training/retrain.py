@@ -52,14 +52,16 @@ from returns_feedback.decisions import NOT_A_PRODUCT, UNSURE, Decision, decision
 from returns_feedback.validate import print_report, read_runs, validate
 from returns_model.artifact import load_model
 from returns_model.fileio import write_json, write_text
-from returns_model.manifest import content_digest, sha256_file
-from returns_model.names import IMAGE_SUFFIXES, META_FILE, WEIGHTS_FILE
+from returns_model.manifest import sha256_file
+from returns_model.names import IMAGE_SUFFIXES, META_FILE
 from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, normalize
 from training.augment import random_crop, random_erasing, random_hflip
 from training.backdrop import BackdropError, estimate_backdrops, paste, plain_backdrop
 from training.composite import composite_count, make_composites, uniform_loss
 from training.config import TrainConfig, pick_device
 from training.data import Dataset, Split, load_data
+from training.drawn import pool_for
+from training.lineage import lineage_root, model_sha256
 from training.report import write_model_folder
 from training.rule import Lessons
 from training.train import make_optimizer
@@ -124,34 +126,10 @@ class RetrainConfig:
         return errors
 
 
-def model_sha256(model_dir: Path) -> str:
-    """A model's identity: the content digest of its weights and model.json (what serving rebuilds from)."""
-    model_dir = Path(model_dir)
-    return content_digest({name: sha256_file(model_dir / name) for name in (WEIGHTS_FILE, META_FILE)})
-
-
 def next_version(version: str) -> str:
     """'1.0' -> '1.1', '1.0.0' -> '1.0.1', 'v3' -> 'v3.1'."""
     head, _, last = version.rpartition(".")
     return f"{head}.{int(last) + 1}" if head and last.isdigit() else f"{version}.1"
-
-
-def recorded_test_accuracy(model_dir: Path) -> float | None:
-    """The test accuracy a model folder's report measured (metrics.json, the float graph), or None."""
-    metrics = Path(model_dir) / "metrics.json"
-    return json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None
-
-
-def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
-    """The first release of a model's lineage: the champion's own ``lineage.root``, or the champion
-    itself when it has none (a trained release; or a candidate written before roots were recorded,
-    whose drift is then counted from it). ``test_accuracy`` is what its report measured
-    (metrics.json, the float graph on the test split), so that every later candidate can say how far
-    it has moved from it, however many promotions lie between."""
-    if meta.lineage and meta.lineage.get("root"):
-        return meta.lineage["root"]
-    return {"model_version": meta.model_version, "model_sha256": model_sha256(model_dir),
-            "test_accuracy": recorded_test_accuracy(model_dir)}
 
 
 def index_photos(folders: list[str]) -> dict[str, Path]:
@@ -214,10 +192,12 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
     Loss: cross-entropy on every photo, plus (``rc.distill``) the KL divergence from the champion's
     softened answers on the replayed photos (learning without forgetting, Li & Hoiem 2016): the new
     setup may move the early layers, but the answers on ordinary photos are held where they were.
-    A champion trained against composites (``cfg.composite_weight``, training/composite.py) gets the
-    same uniform-answer loss on composites of each batch, so a retrain does not unlearn them.
+    A champion trained against composites (``cfg.composite_weight``, training/composite.py) and drawn
+    outliers (``cfg.drawn_share``, training/drawn.py) gets the same uniform-answer loss on them in each
+    batch, so a retrain does not unlearn them.
     """
     teacher = copy.deepcopy(model).eval() if rc.distill else None
+    drawn = pool_for(cfg.drawn_share, cfg.composite_weight, rc.seed, spec, len(ds.train))
     t2 = rc.distill_temperature
     gen = torch.Generator().manual_seed(rc.seed)
     torch.manual_seed(rc.seed)
@@ -253,7 +233,7 @@ def fine_tune(model, ds: Dataset, decided: Split, spec: PreprocessSpec, rc: Retr
                 x[moved] = paste(x[moved], random_hflip(backdrops[0][pick], gen), backdrops[1])
             n_comp = composite_count(len(idx), cfg.composite_weight, cfg.composite_share)
             if n_comp:  # a champion trained against composites keeps being trained against them
-                x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill)])
+                x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill, drawn, cfg.drawn_share)])
             x = normalize(x.to(device), spec)
             x = random_erasing(x, gen, cfg.erasing_p) if cfg.erasing_p else x
             y = y_all[idx].to(device)

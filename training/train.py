@@ -20,12 +20,15 @@ import torch.nn.functional as F
 
 from training.augment import random_crop, random_erasing, random_hflip
 from training.composite import composite_count, make_composites, uniform_loss
+from returns_model.artifact import ArtifactError, load_model
 from returns_model.fileio import atomic_open
 from returns_model.network import SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
+from training.drawn import pool_for
 from training.evaluate import predict_logits
+from training.lineage import lineage_root, model_sha256
 from training.report import write_model_folder
 
 log = logging.getLogger("training")
@@ -67,6 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(blends and tiles, training/composite.py); 0 = none")
     p.add_argument("--composite-share", type=float, default=d.composite_share,
                    help="composites per batch, as a share of the batch size")
+    p.add_argument("--drawn-share", type=float, default=d.drawn_share,
+                   help="share of the composite slots given to drawn outliers (strokes, print: training/drawn.py)")
+    p.add_argument("--init-from", default=d.init_from,
+                   help="start from this model folder's weights (same architecture) instead of random ones")
     p.add_argument("--target-precision", type=float, default=d.target_precision,
                    help="precision the auto-accepted items must reach; sets the review threshold")
     p.add_argument("--delta", type=float, default=d.delta,
@@ -127,7 +134,7 @@ def make_optimizer(model: SEResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
                     sched, ds: Dataset, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-                    gen: torch.Generator, epoch: int) -> dict:
+                    gen: torch.Generator, epoch: int, drawn: torch.Tensor | None = None) -> dict:
     model.train()
     n = len(ds.train)
     perm = torch.randperm(n, generator=gen)
@@ -147,7 +154,7 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
         if cfg.hflip:
             x = random_hflip(x, gen)
         if n_comp:  # composites ride in the same forward pass, after the batch's own images
-            x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill)])
+            x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill, drawn, cfg.drawn_share)])
         x = normalize(x.to(device, non_blocking=True), spec)
         if cfg.erasing_p:
             x = random_erasing(x, gen, cfg.erasing_p)
@@ -183,6 +190,26 @@ def check_composites(cfg: TrainConfig) -> None:
         raise SystemExit(f"--composite-share must be above 0 and at most 1, got {cfg.composite_share}")
     if cfg.composite_weight > 0 and cfg.batch_size < 2:
         raise SystemExit("composites pair a batch's garments: use a batch size of 2 or more, or --composite-weight 0")
+    if not 0 <= cfg.drawn_share <= 1:
+        raise SystemExit(f"--drawn-share must be in [0, 1], got {cfg.drawn_share}")
+
+
+def warm_start(model: SEResNet, cfg: TrainConfig, arch, spec: PreprocessSpec) -> dict:
+    """Load ``cfg.init_from``'s weights into ``model``; the parent's identity for the new model's lineage."""
+    try:
+        parent, meta = load_model(Path(cfg.init_from))
+    except ArtifactError as exc:
+        raise SystemExit(f"--init-from {cfg.init_from}: {exc}") from None
+    if meta.arch != arch:
+        raise SystemExit(f"--init-from {cfg.init_from}: its network {meta.arch} differs from this run's {arch}")
+    if meta.preprocess != spec:
+        raise SystemExit(f"--init-from {cfg.init_from}: its preprocessing {meta.preprocess} differs from this run's {spec}")
+    model.load_state_dict(parent.state_dict())
+    log.info("starting from the weights of %s (version %s)", cfg.init_from, meta.model_version)
+    return {"parent_model_sha256": model_sha256(cfg.init_from), "parent_model_version": meta.model_version,
+            "root": lineage_root(cfg.init_from, meta),
+            "warm_start": {"epochs": cfg.epochs, "lr": cfg.lr, "drawn_share": cfg.drawn_share,
+                           "composite_weight": cfg.composite_weight}}
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -195,6 +222,8 @@ def train(cfg: TrainConfig) -> Path:
     spec = make_spec(cfg, ds)
     arch = make_arch(cfg, spec, len(ds.class_names))
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
+    lineage = warm_start(model, cfg, arch, spec) if cfg.init_from else None
+    drawn = pool_for(cfg.drawn_share, cfg.composite_weight, cfg.seed, spec, len(ds.train))
     opt = make_optimizer(model, cfg)
     forward = compiled_forward(model, cfg, device)
     steps = len(ds.train) // cfg.batch_size
@@ -225,7 +254,7 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        row = train_one_epoch(model, forward, opt, sched, ds, spec, cfg, device, gen, epoch)
+        row = train_one_epoch(model, forward, opt, sched, ds, spec, cfg, device, gen, epoch, drawn)
         val_logits, _ = predict_logits(model, ds.val, spec, device)
         row = {"epoch": epoch + 1, **row,
                "val_loss": F.cross_entropy(val_logits, ds.val.labels).item(),
@@ -241,7 +270,7 @@ def train(cfg: TrainConfig) -> Path:
                         "config": json.dumps(cfg.to_dict(), sort_keys=True)}, f)
     train_seconds = time.time() - t_start
 
-    write_model_folder(model, ds, cfg, device, out, train_seconds=train_seconds)
+    write_model_folder(model, ds, cfg, device, out, train_seconds=train_seconds, lineage=lineage)
     return out
 
 

@@ -8,7 +8,8 @@ training data, measured through the serving core itself (handler.core.Classifier
 
 Kinds come in groups (training/unfamiliar.py): `tuning` kinds were looked at while designing the
 gate, `held_out` and the `confirmation` groups only ever reported; for a model trained with
-composites (train_config.json `composite_weight` > 0) the composite kinds are `trained_against`. training/report.py calls this after
+composites (train_config.json `composite_weight` > 0) the composite kinds are `trained_against`, and
+with drawn outliers as well (`drawn_share` > 0) the kinds they imitate. training/report.py calls this after
 writing model.json, so `make train` and `returns-report` both produce it.
 """
 from __future__ import annotations
@@ -26,13 +27,14 @@ from training.config import TrainConfig
 MIXED_NIGHT_SHARE = 0.15  # unfamiliar photos in the mixed night
 
 
-def _group(kind: str, with_composites: bool) -> str:
-    if with_composites and kind in unfamiliar.COMPOSITE_KINDS:
+def _group(kind: str, against: frozenset[str]) -> str:
+    if kind in against:
         return "trained_against"
     for group, kinds in (("tuning", unfamiliar.TUNING_KINDS), ("held_out", unfamiliar.HELD_OUT_KINDS),
                          ("confirmation", unfamiliar.CONFIRMATION_KINDS),
                          ("confirmation_2", unfamiliar.SECOND_CONFIRMATION_KINDS),
-                         ("confirmation_3", unfamiliar.THIRD_CONFIRMATION_KINDS)):
+                         ("confirmation_3", unfamiliar.THIRD_CONFIRMATION_KINDS),
+                         ("confirmation_4", unfamiliar.FOURTH_CONFIRMATION_KINDS)):
         if kind in kinds:
             return group
     raise KeyError(f"kind {kind!r} is in no group of training/unfamiliar.py")
@@ -42,6 +44,14 @@ def trained_with_composites(model_dir: Path) -> bool:
     """Whether the folder's train_config.json says the network was trained against composites."""
     path = Path(model_dir) / "train_config.json"
     return path.exists() and TrainConfig.from_json(path).composite_weight > 0
+
+
+def trained_against(model_dir: Path) -> frozenset[str]:
+    """The kinds whose like the folder's network was trained against: composites' and drawn outliers'."""
+    if not trained_with_composites(model_dir):
+        return frozenset()
+    drawn = TrainConfig.from_json(Path(model_dir) / "train_config.json").drawn_share > 0
+    return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if drawn else ()))
 
 
 def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -70,13 +80,13 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
     kinds: dict[str, dict[str, Any]] = {}
     routed_pool: list[bool] = []
     images_np = test_images[:, 0].numpy()
-    with_composites = trained_with_composites(model_dir)
+    against = trained_against(model_dir)
     for kind in unfamiliar.ALL_KINDS:
         results = clf.classify(unfamiliar.make(kind, photos_per_kind, seed, images_np))
         routed = [bool(r.get("needs_review", True)) for r in results]  # a rejected photo is never accepted
         routed_pool.extend(routed)
         kinds[kind] = {
-            "group": _group(kind, with_composites), "n": len(results),
+            "group": _group(kind, against), "n": len(results),
             "routed_to_review": sum(routed) / len(results),
             "flagged_unfamiliar": sum("unfamiliar" in r.get("review_reason", []) for r in results) / len(results),
             "low_confidence": sum("low_confidence" in r.get("review_reason", []) for r in results) / len(results),

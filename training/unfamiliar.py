@@ -10,8 +10,10 @@ held-out results had been seen, so ``CONFIRMATION_KINDS`` were written afterward
 that was frozen first, and run once. ``SECOND_CONFIRMATION_KINDS`` were written later, before a gate
 redesign was tried; no redesign beat the shipped gate, so they were first run on the shipped gate.
 ``THIRD_CONFIRMATION_KINDS`` were written before the first model trained with composites was measured.
-A model trained with composites (training/composite.py) has seen ``COMPOSITE_KINDS``' like: for it
-they are ``trained_against``, not held out.
+A model trained with composites (training/composite.py) has seen ``COMPOSITE_KINDS``' like, and one
+trained with drawn outliers (training/drawn.py) ``DRAWN_KINDS``' like: for it they are
+``trained_against``, not held out. ``FOURTH_CONFIRMATION_KINDS`` were written before drawn outliers
+were tried, and run once on the first model trained with them.
 """
 from __future__ import annotations
 
@@ -483,13 +485,14 @@ CONFIRMATION_KINDS: dict[str, Generator] = {"gradients": gradients, "patterns": 
 SECOND_CONFIRMATION_KINDS: dict[str, Generator] = {"double_exposure": double_exposure, "close_up": close_up,
                                                    "garment_on_scene": garment_on_scene, "clouds": clouds}
 THIRD_CONFIRMATION_KINDS: dict[str, Generator] = {"receipt": receipt, "barcode_label": barcode_label, "scribble": scribble}
-# not in ALL_KINDS until the design they judge is frozen (so no report can measure them before)
 FOURTH_CONFIRMATION_KINDS: dict[str, Generator] = {"price_tag": price_tag, "handwritten_note": handwritten_note,
                                                    "packing_box": packing_box, "phone_screen": phone_screen,
                                                    "coins": coins}
 COMPOSITE_KINDS = ("double_exposure", "collage")  # what training/composite.py makes, from training garments
+# what training/drawn.py draws (print on a card, pen strokes); shapes_text also holds lines and printed text
+DRAWN_KINDS = ("receipt", "scribble", "shapes_text")
 ALL_KINDS: dict[str, Generator] = {**TUNING_KINDS, **HELD_OUT_KINDS, **CONFIRMATION_KINDS, **SECOND_CONFIRMATION_KINDS,
-                                   **THIRD_CONFIRMATION_KINDS}
+                                   **THIRD_CONFIRMATION_KINDS, **FOURTH_CONFIRMATION_KINDS}
 
 
 def make(kind: str, n: int, seed: int = 0, images: np.ndarray | None = None) -> list[bytes]:
