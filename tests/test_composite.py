@@ -71,9 +71,10 @@ def test_composite_settings_that_cannot_work_are_refused_before_anything_runs(tm
 
 @pytest.mark.slow
 def test_training_against_composites_lowers_confidence_on_them_not_on_garments(tmp_path, fmnist_test):
-    """Two short runs, with and without composites. Trained against them, the network ranks
-    test-garment composites below ordinary test photos by confidence far more often, still learns
-    the garments, and its trust report groups the composite kinds as trained against."""
+    """Two short runs, with and without composites (no drawn outliers, to see composites alone).
+    Trained against them, the network ranks test-garment composites below ordinary test photos by
+    confidence far more often, still learns the garments, and its trust report groups the
+    composite kinds as trained against."""
     from returns_model.artifact import load_model
     from returns_model.preprocess import normalize
     from tests.test_training import TINY
@@ -86,7 +87,7 @@ def test_training_against_composites_lowers_confidence_on_them_not_on_garments(t
     for weight in ("0", "1"):
         out = tmp_path / f"w{weight}"
         args = TINY + ["--epochs", "2", "--no-int8", "--tsne-samples", "0", "--trust-photos", "10",
-                       "--composite-weight", weight, "--output", str(out)]
+                       "--composite-weight", weight, "--drawn-share", "0", "--output", str(out)]
         assert train_main(args) == 0
         model, meta = load_model(out)
         with torch.no_grad():

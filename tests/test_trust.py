@@ -31,17 +31,17 @@ def test_the_certificate_in_model_json_holds_on_the_test_split(classifier, fmnis
     accepted = torch.tensor([not r["needs_review"] for r in results])
     correct = torch.tensor([r["class_id"] for r in results]) == labels
     precision = float(correct[accepted].float().mean())
-    assert precision >= cert["target_precision"]  # 99.27% measured at release
-    assert float(accepted.float().mean()) >= 0.8  # 80.4% measured at release
+    assert precision >= cert["target_precision"]  # 99.32% measured at release 1.2 (int8 path)
+    assert float(accepted.float().mean()) >= 0.8  # 80.6% measured at release 1.2 (int8 path)
     flagged = sum("unfamiliar" in r["review_reason"] for r in results) / len(results)
     assert flagged <= 0.035  # the gate's cutoff flags 2% of validation photos
 
 
-@pytest.mark.parametrize("kind", sorted(set(unfamiliar.ALL_KINDS) - {"receipt", "scribble"}))
+@pytest.mark.parametrize("kind", sorted(unfamiliar.ALL_KINDS))
 def test_each_kind_of_unfamiliar_photo_goes_to_review(classifier, fmnist_test, kind):
     """40 photos per kind (seeded); the full figures (1,000 per kind) are in models/release/trust.json.
-    Left out, below the target at release: receipt (print on light paper, 77% routed) and scribble
-    (pen strokes, 90%), the third confirmation kinds, written before the release was measured."""
+    Return slips and scribbles, which release 1.1 let through (77% and 90% routed), are what release
+    1.2's drawn outliers imitate; the fourth confirmation kinds were written before those were tried."""
     images, _ = fmnist_test
     results = classifier.classify(unfamiliar.make(kind, 40, seed=3, images=images.numpy()))
     routed = sum(r.get("needs_review", True) for r in results) / len(results)
@@ -52,11 +52,12 @@ def test_the_trust_report_records_what_was_measured(release_model_dir):
     trust = json.loads((release_model_dir / "trust.json").read_text())
     assert trust["test"]["precision"] >= 0.99 and trust["mixed_night"]["unfamiliar_routed_to_review"] >= 0.9
     groups = {v["group"] for v in trust["unfamiliar_kinds"].values()}
-    assert groups == {"tuning", "held_out", "confirmation", "confirmation_2", "confirmation_3", "trained_against"}
+    assert groups == {"tuning", "held_out", "confirmation", "confirmation_2", "confirmation_3", "confirmation_4",
+                      "trained_against"}
     assert {k for k, v in trust["unfamiliar_kinds"].items() if v["group"] == "trained_against"} == set(
-        unfamiliar.COMPOSITE_KINDS)  # the release is trained against composites
+        unfamiliar.COMPOSITE_KINDS + unfamiliar.DRAWN_KINDS)  # the release is trained against both
     routed = {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}
-    assert all(r >= 0.95 for k, r in routed.items() if k not in ("receipt", "scribble")), routed  # 1,000 each
+    assert set(routed) == set(unfamiliar.ALL_KINDS) and all(r >= 0.95 for r in routed.values()), routed  # 1,000 each
     for name in ("unfamiliar_scores.png", "unfamiliar_routed.png", "risk_coverage.png"):
         assert (release_model_dir / name).stat().st_size > 10_000, name
 

@@ -93,20 +93,20 @@ def risk_coverage_curve(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], ce
 
 def unfamiliar_histograms(ordinary: torch.Tensor, kinds: dict[str, torch.Tensor], cutoff: float, path: Path) -> None:
     """The gate's score for ordinary test photos and for each kind of unfamiliar photo."""
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     hi = float(max([ordinary.max()] + [v.max() for v in kinds.values()]))
     bins = torch.linspace(float(min([ordinary.min()] + [v.min() for v in kinds.values()])), min(hi, 12.0), 80).numpy()
     ax.hist(ordinary.clamp(max=bins[-1]).numpy(), bins=bins, density=True, alpha=0.6, color="black",
             label=f"ordinary test photos (n={len(ordinary)})")
     colours = plt.get_cmap("tab20").colors  # one colour per kind (the default cycle repeats after 10)
-    for i, (name, v) in enumerate(kinds.items()):
+    for i, (name, v) in enumerate(kinds.items()):  # past 20 kinds the colours repeat, dashed
         ax.hist(v.clamp(max=bins[-1]).numpy(), bins=bins, density=True, histtype="step", label=name,
-                color=colours[i % len(colours)], lw=1.2)
+                color=colours[i % len(colours)], lw=1.2, ls="-" if i < len(colours) else "--")
     ax.axvline(cutoff, color="red", ls="--", label=f"cutoff {cutoff:.3f} (2% of validation)")
     ax.set_xlabel("unfamiliarity score (clipped at 12)")
     ax.set_ylabel("density")
     ax.set_title("Unfamiliar-photo gate: ordinary vs unfamiliar photos")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
     _save(fig, path)
 
 
