@@ -62,7 +62,9 @@ def test_it_agrees_with_the_float_path_photo_by_photo(int8_classifier, float_cla
     a, b = served(int8_classifier, images[:3000]), served(float_classifier, images[:3000])
     same_label = sum(x["class_id"] == y["class_id"] for x, y in zip(a, b)) / len(a)
     same_decision = sum(x["needs_review"] == y["needs_review"] for x, y in zip(a, b)) / len(a)
-    assert same_label >= 0.995 and same_decision >= 0.99, (same_label, same_decision)  # 99.8% / 99.3% on all 10,000
+    # each path certifies its own threshold (1.2: float 0.9354, int8 0.9427), so photos between the two
+    # are decided differently by design; on all 10,000: 99.60% same label, 99.08% same decision
+    assert same_label >= 0.995 and same_decision >= 0.985, (same_label, same_decision)
     assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b)) < 0.1
 
 

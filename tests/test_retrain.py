@@ -29,7 +29,7 @@ def loop(tmp_path_factory):
     from training.data import FASHION_MNIST_CLASSES, read_idx, DEFAULT_FASHION_MNIST_DIR
 
     root = tmp_path_factory.mktemp("loop")
-    assert train_main(TINY + ["--epochs", "1", "--output", str(root / "champion")]) == 0
+    assert train_main(TINY + ["--epochs", "1", "--model-version", "1.1", "--output", str(root / "champion")]) == 0
     images, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
     labels, _ = read_idx(DEFAULT_FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")
     idx = np.arange(50000, 50150)
