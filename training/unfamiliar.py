@@ -343,8 +343,8 @@ def scribble(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]
     return out
 
 
-# --- fourth confirmation kinds: written on 2026-11-26 (eleventh session), before a gate reading the
-# pixels' own statistics was designed on the looked-at kinds, and run once on the design it froze --
+# --- fourth confirmation kinds: written on 2026-11-26 (eleventh session), before any fix for the
+# slips and scribbles was tried (gate changes, then drawn outliers), and first run on release 1.2 --
 def _on_table(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     """A table or floor to lay things on: dark, wooden (brown with stretched grain) or a plain colour."""
     what = int(rng.integers(3))
