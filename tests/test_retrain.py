@@ -13,7 +13,8 @@ import torch
 from returns_feedback.decisions import decisions_hash, read_decisions, split_hash
 from returns_model.artifact import load_model, read_meta, save_weights
 from training import compare as cmp
-from training.retrain import SETUP_NAME, main as retrain_main, model_sha256, next_version
+from training.lineage import model_sha256
+from training.retrain import SETUP_NAME, main as retrain_main, next_version
 from training.train import main as train_main
 
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
@@ -270,7 +271,7 @@ def test_retrain_refuses_an_interpolation_outside_zero_to_one(share, capsys):
 def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be_refused(tmp_path):
     """Each step within 0.3 points of its champion, 0.45 in all against the first release: reported
     always, refused only with a lineage tolerance."""
-    from training.retrain import lineage_root
+    from training.lineage import lineage_root
 
     cand = tmp_path / "1.4"
     cand.mkdir()

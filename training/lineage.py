@@ -33,3 +33,9 @@ def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
         return meta.lineage["root"]
     return {"model_version": meta.model_version, "model_sha256": model_sha256(model_dir),
             "test_accuracy": recorded_test_accuracy(model_dir)}
+
+
+def parent_record(model_dir: Path, meta) -> dict[str, Any]:
+    """What a child's ``lineage`` says of the model it started from: its identity, version and root."""
+    return {"parent_model_sha256": model_sha256(model_dir), "parent_model_version": meta.model_version,
+            "root": lineage_root(model_dir, meta)}

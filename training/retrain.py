@@ -61,7 +61,7 @@ from training.composite import composite_count, make_composites, uniform_loss
 from training.config import TrainConfig, pick_device
 from training.data import Dataset, Split, load_data
 from training.drawn import pool_for
-from training.lineage import lineage_root, model_sha256
+from training.lineage import model_sha256, parent_record
 from training.report import write_model_folder
 from training.rule import Lessons
 from training.train import make_optimizer
@@ -372,9 +372,7 @@ def retrain(rc: RetrainConfig) -> int:
     out = Path(rc.output)
     out.mkdir(parents=True, exist_ok=True)
     lineage = {
-        "parent_model_sha256": model_sha256(champion),
-        "parent_model_version": meta.model_version,
-        "root": lineage_root(champion, meta),
+        **parent_record(champion, meta),
         "decisions_sha256": decisions_hash(decisions),
         "heldout_sha256": split_hash(r["sha256"] for r in decided.heldout_rows),
         "heldout_share": rc.holdout_share, "seed": rc.seed,

@@ -28,7 +28,7 @@ from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.drawn import pool_for
 from training.evaluate import predict_logits
-from training.lineage import lineage_root, model_sha256
+from training.lineage import parent_record
 from training.report import write_model_folder
 
 log = logging.getLogger("training")
@@ -206,8 +206,7 @@ def warm_start(model: SEResNet, cfg: TrainConfig, arch, spec: PreprocessSpec) ->
         raise SystemExit(f"--init-from {cfg.init_from}: its preprocessing {meta.preprocess} differs from this run's {spec}")
     model.load_state_dict(parent.state_dict())
     log.info("starting from the weights of %s (version %s)", cfg.init_from, meta.model_version)
-    return {"parent_model_sha256": model_sha256(cfg.init_from), "parent_model_version": meta.model_version,
-            "root": lineage_root(cfg.init_from, meta),
+    return {**parent_record(cfg.init_from, meta),
             "warm_start": {"epochs": cfg.epochs, "lr": cfg.lr, "drawn_share": cfg.drawn_share,
                            "composite_weight": cfg.composite_weight}}
 

@@ -40,18 +40,24 @@ def _group(kind: str, against: frozenset[str]) -> str:
     raise KeyError(f"kind {kind!r} is in no group of training/unfamiliar.py")
 
 
+def _train_config(model_dir: Path) -> TrainConfig | None:
+    path = Path(model_dir) / "train_config.json"
+    return TrainConfig.from_json(path) if path.exists() else None
+
+
 def trained_with_composites(model_dir: Path) -> bool:
     """Whether the folder's train_config.json says the network was trained against composites."""
-    path = Path(model_dir) / "train_config.json"
-    return path.exists() and TrainConfig.from_json(path).composite_weight > 0
+    cfg = _train_config(model_dir)
+    return cfg is not None and cfg.composite_weight > 0
 
 
 def trained_against(model_dir: Path) -> frozenset[str]:
-    """The kinds whose like the folder's network was trained against: composites' and drawn outliers'."""
-    if not trained_with_composites(model_dir):
+    """The kinds whose like the folder's network was trained against: composites' and drawn outliers'
+    (drawn outliers ride in the composite slots, so none without composites)."""
+    cfg = _train_config(model_dir)
+    if cfg is None or cfg.composite_weight <= 0:
         return frozenset()
-    drawn = TrainConfig.from_json(Path(model_dir) / "train_config.json").drawn_share > 0
-    return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if drawn else ()))
+    return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if cfg.drawn_share > 0 else ()))
 
 
 def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
