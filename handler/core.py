@@ -17,13 +17,17 @@ from typing import Any
 
 import torch
 
-from returns_model.artifact import load_model
-from returns_model.gate import LayerTap, UnfamiliarGate
+from returns_model import results as R
+from returns_model.artifact import ArtifactError, ModelMeta, load_model
+from returns_model.gate import LayerTap
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
+from returns_model.results import CUDA, CUDA_FP16, EAGER, FLOAT, INT8, ONNXRUNTIME
+from returns_model.rule import ServedRule, choose_rule
 
 # The CPU forward pass: the model folder's int8 graph (with the review rule fitted on its own outputs,
-# in the runtime they came from), ONNX Runtime on the exported float graph, or torch eager.
+# in the runtime they came from), ONNX Runtime on the exported float graph, or torch eager. Which rule
+# each serves is returns_model.rule.choose_rule's to say.
 CPU_BACKENDS = ("onnx", "onnx-int8", "eager")
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,9 @@ class Work:
 
 
 class Classifier:
+    """One model folder, served: the rule that answers here (``self.rule``: which one, and on what
+    runtime, returns_model/rule.py) and the forward pass that computes its scores."""
+
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_image_pixels: int | None = None,
                  threads: int = 0, warmup: bool = True, cpu_backend: str = "eager") -> None:
         if cpu_backend not in CPU_BACKENDS:
@@ -102,49 +109,90 @@ class Classifier:
         threads = threads or available_cpus()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.model, self.meta = load_model(Path(model_dir), self.device)
+        self.model, meta = load_model(Path(model_dir), self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.spec = self.meta.preprocess
+        self.spec = meta.preprocess
         if max_image_pixels:
             self.spec = replace(self.spec, max_pixels=max_image_pixels)
         self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
-        self.amp = self.device.type == "cuda"
-        self._labels = self.meta.class_names
-        # On a CPU a graph does the forward pass (handler/onnx_runner.py): the int8 graph in the runtime
-        # its own review rule was fitted on (meta.on_int8), or the float graph in ONNX Runtime. A GPU
-        # keeps the eager model with fp16 autocast.
-        self._onnx = None
-        self.backend = "eager"
-        requested = cpu_backend
-        if cpu_backend == "onnx-int8" and self.device.type == "cpu":
-            from handler.onnx_runner import open_int8_runner
-
-            self._onnx = open_int8_runner(Path(model_dir), self.meta, threads)
-            if self._onnx is not None:
-                self.meta, self.backend = self.meta.on_int8(), "onnx-int8"
-            else:
-                cpu_backend = "onnx"  # the float graph, with the float rule
-        # The unfamiliar-photo gate reads an inner layer during the forward pass (a hook, or the graph's output).
-        self.gate = UnfamiliarGate.from_dict(self.meta.unfamiliar) if self.meta.unfamiliar else None
-        self._tap = LayerTap(self.model, self.gate.layer) if self.gate else None
+        self._labels = meta.class_names
+        layer = meta.unfamiliar["layer"] if meta.unfamiliar else None
+        # The unfamiliar-photo gate reads an inner layer during an eager pass (a hook; a graph has it as an output).
+        self._tap = LayerTap(self.model, layer) if layer else None
         # The tap holds one pass's layer output, so eager passes from several threads take turns;
-        # decoding and the graph paths (the layer is a graph output) need no turn. (returns-kserve
-        # runs eager passes one at a time anyway; the lock keeps the core safe for any caller.)
+        # decoding and the graph paths need no turn. (returns-kserve runs eager passes one at a time
+        # anyway; the lock keeps the core safe for any caller.)
         self._eager_turn = threading.Lock()
-        if cpu_backend == "onnx" and self.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is None:
-            log.warning("cpu_backend %s: onnxruntime is not installed; serving on the eager path (float rule)",
-                        requested)
-            cpu_backend = "eager"
-        if cpu_backend == "onnx" and self.device.type == "cpu":
-            from handler.onnx_runner import open_runner
-
-            self._onnx = open_runner(Path(model_dir), self.model, self.gate.layer if self.gate else None,
-                                     self.spec.channels, self.spec.size, threads)
-            self.backend = "onnx" if self._onnx is not None else "eager"
+        self.amp = False
+        self._onnx = None
+        # Why the int8 rule does not serve where it was asked for (None where it serves or was not asked for).
+        self.fallback: str | None = None
+        self.backend, runtime = self._open_forward(Path(model_dir), meta, cpu_backend, layer, threads)
+        name = choose_rule(meta, self.device.type, cpu_backend, int8_reproduced=self.backend == "onnx-int8")
+        self.rule = ServedRule.of(meta, name, runtime)
+        self.meta = meta.on_int8() if name == INT8 else meta
+        self.gate = self.rule.gate
+        if name == FLOAT:
+            self._check_float_probe()
+        log.info("serving the %s rule on %s (threshold %.4f)%s", self.rule.name, self.rule.runtime,
+                 self.rule.threshold, f"; {self.fallback}" if self.fallback else "")
         if warmup:  # the first real request should not pay for lazy initialisation
             size = (1, self.spec.channels, self.spec.size, self.spec.size)
             for n in (1, 8):
                 self.probabilities([torch.zeros(size[1:], dtype=torch.uint8)] * n)
+
+    def _open_forward(self, model_dir: Path, meta: ModelMeta, cpu_backend: str, layer: str | None,
+                      threads: int) -> tuple[str, str]:
+        """Open the forward pass: (backend, runtime). On a CPU a graph does it (handler/onnx_runner.py):
+        the int8 graph in the runtime its rule was fitted on, where this CPU reproduces its probe, or
+        the float graph in ONNX Runtime; each falls back to the next (int8 -> float graph -> eager)
+        and says why. A GPU runs the eager model under fp16 autocast."""
+        if self.device.type == "cuda":
+            self.amp = True
+            return "eager", CUDA_FP16
+        if cpu_backend == "onnx-int8":
+            from handler.onnx_runner import int8_runtime_name, open_int8_runner
+
+            self._onnx, why = open_int8_runner(model_dir, meta, threads)
+            if self._onnx is not None:
+                return "onnx-int8", int8_runtime_name(meta)
+            self.fallback = f"the int8 rule does not serve here: {why}; the float rule serves instead"
+            log.warning("cpu_backend onnx-int8: %s", self.fallback)
+            cpu_backend = "onnx"
+        if cpu_backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+            log.warning("cpu_backend onnx: onnxruntime is not installed; serving on the eager path (float rule)")
+            cpu_backend = "eager"
+        if cpu_backend == "onnx":
+            from handler.onnx_runner import open_runner
+
+            self._onnx = open_runner(model_dir, self.model, layer, self.spec.channels, self.spec.size, threads)
+            if self._onnx is not None:
+                return "onnx", ONNXRUNTIME
+        return "eager", EAGER
+
+    def _check_float_probe(self) -> None:
+        """The float rule's certificate was computed on the CPU's fp32 answers: this device and runtime
+        must give the probe photos the same calibrated probabilities, within FLOAT_PROBE_TOLERANCE.
+        A GPU whose fp16 answers differ serves in fp32; a graph runtime that differs gives way to the
+        eager model; an eager pass that differs is an error (nothing here would answer as certified)."""
+        if self.rule.probe is None:
+            log.info("model.json has no float probe; this device's answers are not checked at start-up")
+            return
+        pixels = self.rule.probe_pixels()
+        while True:
+            worst, tolerance = self.rule.probe_difference(self._logits(list(pixels)))
+            if worst <= tolerance:
+                return
+            what = (f"on {self.rule.runtime} the probe photos' calibrated probabilities differ from the certified "
+                    f"ones by up to {worst:.3g} (allowed {tolerance:.3g})")
+            if self.amp:
+                self.amp, runtime = False, CUDA
+            elif self._onnx is not None:
+                self._onnx, self.backend, runtime = None, "eager", EAGER
+            else:
+                raise ArtifactError(f"{what}: this device cannot serve the float rule as certified")
+            log.warning("%s; serving on %s instead", what, runtime)
+            self.rule = replace(self.rule, runtime=runtime)
 
     # --- the three steps -------------------------------------------------
     def decode(self, photos: list[bytes | PhotoError]) -> Decoded:
@@ -178,7 +226,8 @@ class Classifier:
         probs = torch.cat([p for p, _ in parts])
         return probs, (torch.cat([u for _, u in parts]) if self.gate else None)
 
-    def _forward(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _raw(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """uint8 images -> (logits, the gate layer's embedding or None, the padded uint8 batch), on the device."""
         n = len(pixels)
         batch = torch.stack(pixels)
         if bucket(n) > n:
@@ -191,39 +240,47 @@ class Classifier:
         else:
             with self._eager_turn, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.model(x.contiguous(memory_format=torch.channels_last))
-                tapped = self._tap.pooled(len(batch)) if self.gate else None
-        probs = torch.softmax(logits[:n].float() / self.meta.temperature, dim=1).cpu()
+                tapped = self._tap.pooled(len(batch)) if self._tap else None
+        return logits, tapped, batch
+
+    @torch.inference_mode()
+    def _logits(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 images -> float logits on the CPU, through this server's forward pass."""
+        return self._raw(pixels)[0][:len(pixels)].float().cpu()
+
+    def _forward(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = len(pixels)
+        logits, tapped, batch = self._raw(pixels)
+        probs = self.rule.probabilities(logits[:n]).cpu()
         if self.gate is None:
             return probs, None
         unfamiliar = self.gate.score(tapped[:n], pixels=batch[:n]).float().cpu()
         return probs, unfamiliar
 
     def describe(self, probs: torch.Tensor, unfamiliar: torch.Tensor | None = None) -> list[dict[str, Any]]:
-        """Calibrated probabilities (and unfamiliarity) -> one result object per row.
-
-        A photo goes to review when its confidence is under the certified threshold
-        (``low_confidence``), when the gate finds it unlike the training data (``unfamiliar``), or both.
-        """
+        """Calibrated probabilities (and unfamiliarity) -> one result object per row, decided by the
+        served rule (``returns_model.rule.ServedRule.decide``) and naming it."""
         k = min(self.meta.top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
-        flags = self.gate.flag(unfamiliar).tolist() if self.gate is not None else [False] * len(probs)
+        _, reasons = self.rule.decide(probs, unfamiliar)
         scores = unfamiliar.tolist() if unfamiliar is not None else [None] * len(probs)
         results = []
-        for p_row, i_row, flagged, score in zip(top_p.tolist(), top_i.tolist(), flags, scores):
+        for p_row, i_row, why, score in zip(top_p.tolist(), top_i.tolist(), reasons, scores):
             conf, cls = p_row[0], i_row[0]
-            reasons = [r for r, on in (("low_confidence", conf < self.meta.threshold), ("unfamiliar", flagged)) if on]
             results.append({
-                "label": self._labels[cls],
-                "class_id": cls,
-                "confidence": round(conf, 6),
-                "needs_review": bool(reasons),
-                "review_reason": reasons,
-                "unfamiliar_score": round(score, 4) if score is not None else None,
-                "top_k": [{"label": self._labels[c], "class_id": c, "probability": round(p, 6)}
+                R.LABEL: self._labels[cls],
+                R.CLASS_ID: cls,
+                R.CONFIDENCE: round(conf, 6),
+                R.NEEDS_REVIEW: bool(why),
+                R.REVIEW_REASON: why,
+                R.UNFAMILIAR_SCORE: round(score, 4) if score is not None else None,
+                R.TOP_K: [{"label": self._labels[c], "class_id": c, "probability": round(p, 6)}
                           for p, c in zip(p_row, i_row)],
-                "model_name": self.meta.model_name,
-                "model_version": self.meta.model_version,
-                "model_sha256": self.model_sha256,
+                R.MODEL_NAME: self.meta.model_name,
+                R.MODEL_VERSION: self.meta.model_version,
+                R.MODEL_SHA256: self.model_sha256,
+                R.RULE: self.rule.name,
+                R.RUNTIME: self.rule.runtime,
             })
         return results
 
@@ -239,8 +296,8 @@ class Classifier:
             stats.images = len(decoded.outcomes)
             stats.rejected = len(decoded.outcomes) - len(decoded.pixels)
             # counted from the answers themselves, so a metric never disagrees with what was answered
-            stats.low_confidence = sum("low_confidence" in r["review_reason"] for r in results)
-            stats.unfamiliar = sum("unfamiliar" in r["review_reason"] for r in results)
+            stats.low_confidence = sum(R.LOW_CONFIDENCE in r[R.REVIEW_REASON] for r in results)
+            stats.unfamiliar = sum(R.UNFAMILIAR in r[R.REVIEW_REASON] for r in results)
             stats.average_confidence = float(conf.mean()) if len(conf) else 0.0
         return [o.to_dict() if isinstance(o, PhotoError) else results[o] for o in decoded.outcomes]
 

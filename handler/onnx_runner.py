@@ -1,6 +1,7 @@
 """The optimised CPU forward passes: the exported float graph (``returns_model/export.py``) in ONNX
-Runtime, and the int8 graph in the runtime its review rule was fitted on (OpenVINO since it was
-measured faster, handler/openvino_runner.py; ONNX Runtime for older model folders).
+Runtime, and the int8 graph in the runtime its review rule was fitted on (ONNX Runtime, whose int8
+answers are the same on every x86-64 CPU for a graph with 7-bit weights, training/quantize.py; or
+OpenVINO, handler/openvino_runner.py, for folders whose rule names it).
 
 The graphs answer the logits and the gate's tapped embedding, so ``handler.core`` scores every
 path with the same torch code. A runtime is imported only when its path is chosen: an image without
@@ -17,15 +18,25 @@ from typing import Callable
 import torch
 from torch import nn
 
-from returns_model.artifact import (Int8GraphError, ModelMeta, read_int8_graph,  # noqa: F401 (Int8GraphError: re-exported)
-                                    read_probe)
+from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
 from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
 from returns_model.preprocess import normalize
+from returns_model.results import INT8, ONNXRUNTIME, OPENVINO
+from returns_model.rule import ServedRule
 
 log = logging.getLogger(__name__)
 # ``float32 [N, C, H, W] -> (logits, tapped)``: an OnnxRunner, or handler.openvino_runner.OpenVinoRunner
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+def onnxruntime_version() -> str | None:
+    """The installed ONNX Runtime's version, or None without it."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 class OnnxRunner:
@@ -76,62 +87,62 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
     return runner
 
 
-def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> Runner | None:
+def int8_runtime_name(meta: ModelMeta) -> str:
+    """The runtime a folder's int8 rule was fitted on (``model.json`` ``int8.runtime``; folders made
+    before it was recorded were fitted on ONNX Runtime)."""
+    return str((meta.int8 or {}).get("runtime", {}).get("name") or ONNXRUNTIME)
+
+
+def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> tuple[Runner | None, str]:
     """A runner on the folder's int8 graph (training/quantize.py), in the runtime its rule was fitted
-    on (``model.json`` ``int8.runtime``: OpenVINO, or ONNX Runtime for folders made before it);
-    None, with the reason logged, where the folder has no int8 graph or that runtime is missing (the
-    caller then serves the float graph and rule). A graph whose SHA-256 is not model.json's is
-    refused (``Int8GraphError``, read_int8_graph)."""
+    on, and ``""``; or None and why not, where the folder has no int8 graph and rule, that runtime is
+    missing or this CPU does not reproduce the rule's probe (the caller then serves the float graph
+    and rule). A graph whose SHA-256 is not model.json's is refused (``Int8GraphError``, read_int8_graph)."""
     t0 = time.perf_counter()
     graph = read_int8_graph(model_dir, meta)
     if graph is None:
-        log.warning("cpu_backend onnx-int8: %s has no int8 graph and rule (%s, model.json 'int8'); serving the "
-                    "float graph", model_dir, INT8_FILE)
-        return None
-    fitted = meta.int8.get("runtime") or {"name": "onnxruntime"}
-    if fitted.get("name") == "openvino":
+        return None, f"{model_dir} has no int8 graph and rule ({INT8_FILE}, model.json 'int8')"
+    fitted = meta.int8.get("runtime") or {"name": ONNXRUNTIME}
+    name = int8_runtime_name(meta)
+    if name == OPENVINO:
         from handler.openvino_runner import OpenVinoRunner, runtime_version
 
         installed = runtime_version()
         if installed is None:
-            log.warning("cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino is not "
-                        "installed; serving the float graph")
-            return None
+            return None, "its rule was fitted on OpenVINO's outputs and openvino is not installed"
         if installed != fitted.get("version"):
             log.warning("cpu_backend onnx-int8: OpenVINO %s is installed, the int8 rule was fitted on %s; the probe "
                         "checks that its answers are the certified ones", installed, fitted.get("version"))
         runner: Runner = OpenVinoRunner(graph, threads)
-    elif fitted.get("name") == "onnxruntime":
+    elif name == ONNXRUNTIME:
         if importlib.util.find_spec("onnxruntime") is None:
-            log.warning("cpu_backend onnx-int8: the int8 rule was fitted on ONNX Runtime's outputs and onnxruntime "
-                        "is not installed; serving the float graph")
-            return None
+            return None, "its rule was fitted on ONNX Runtime's outputs and onnxruntime is not installed"
+        if onnxruntime_version() != fitted.get("version", onnxruntime_version()):
+            log.warning("cpu_backend onnx-int8: ONNX Runtime %s is installed, the int8 rule was fitted on %s; the "
+                        "probe checks that its answers are the certified ones", onnxruntime_version(),
+                        fitted.get("version"))
         runner = OnnxRunner(graph, threads)
     else:
-        log.warning("cpu_backend onnx-int8: model.json's int8 rule names an unknown runtime %r; serving the float "
-                    "graph", fitted.get("name"))
-        return None
-    if not reproduces_probe(runner, meta):
-        return None
-    log.info("cpu_backend onnx-int8: %s on %s ready in %.2f s", fitted["name"], INT8_FILE, time.perf_counter() - t0)
-    return runner
+        return None, f"model.json's int8 rule names an unknown runtime {name!r}"
+    why = probe_mismatch(runner, meta)
+    if why:
+        return None, why
+    log.info("cpu_backend onnx-int8: %s on %s ready in %.2f s", name, INT8_FILE, time.perf_counter() - t0)
+    return runner, ""
 
 
-def reproduces_probe(runner: Runner, meta: ModelMeta) -> bool:
-    """Whether the runner gives the int8 probe's photos the logits recorded when the rule was fitted
-    (``returns_model.artifact.make_probe``). Another CPU family's kernels, or another runtime
-    version, can answer differently; the certificate holds for the recorded answers, so a runner that
-    does not reproduce them is not used (logged). A section without a probe (older folders) passes."""
-    probe = meta.int8.get("probe")
-    if probe is None:
+def probe_mismatch(runner: Runner, meta: ModelMeta) -> str:
+    """Why the runner does not give the int8 probe's photos the logits recorded when the rule was
+    fitted (``returns_model.artifact.make_probe``), or ``""`` where it does. Another runtime version,
+    or a CPU whose kernels round otherwise, can answer differently; the certificate holds for the
+    recorded answers, so such a runner is not used. A section without a probe (older folders) passes."""
+    rule = ServedRule.of(meta, INT8, int8_runtime_name(meta))
+    if rule.probe is None:
         log.info("cpu_backend onnx-int8: model.json's int8 section has no probe; the runtime's answers are not checked")
-        return True
-    pixels, expected, tolerance = read_probe(probe)
-    logits, _ = runner(normalize(pixels, meta.preprocess))
-    worst = float((logits.double() - expected).abs().max())
+        return ""
+    logits, _ = runner(normalize(rule.probe_pixels(), meta.preprocess))
+    worst, tolerance = rule.probe_difference(logits)
     if worst > tolerance:
-        log.warning("cpu_backend onnx-int8: on this CPU the int8 graph's logits for the probe photos differ from the "
-                    "ones its rule was certified on by up to %.3g (allowed %.3g); serving the float graph and rule",
-                    worst, tolerance)
-        return False
-    return True
+        return (f"on this CPU the int8 graph's logits for the probe photos differ from the ones its rule was "
+                f"certified on by up to {worst:.3g} (allowed {tolerance:.3g})")
+    return ""

@@ -8,7 +8,7 @@ photos/s on one thread for the whole scoring step, and served 2,410-2,518 agains
 photos/s through TorchServe (2 cores, 3 runs of 6,000 each way, twice). Its answers are not ONNX
 Runtime's to the last bit (probabilities up to 0.05 apart on the same graph), so a rule is fitted on
 one runtime's outputs and served by that runtime only, where it reproduces the recorded answers
-(``int8.probe``, handler/onnx_runner.reproduces_probe).
+(``int8.probe``, handler/onnx_runner.probe_mismatch).
 
 ``openvino`` is imported only here, when this path is chosen. A compiled model runs one inference
 at a time, so each calling thread compiles its own (returns-kserve's lanes call from several).
@@ -21,8 +21,9 @@ import threading
 import torch
 
 from returns_model.export import INPUT, LOGITS, TAPPED
+from returns_model.results import OPENVINO
 
-RUNTIME = "openvino"
+RUNTIME = OPENVINO  # the name model.json's int8.runtime gives it
 
 
 def runtime_version() -> str | None:

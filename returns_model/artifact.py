@@ -53,6 +53,10 @@ class ModelMeta:
     # on *its* outputs (temperature, certified threshold, gate), with how far its answers are from the
     # float model's. None where the folder has no int8 graph; written only when set.
     int8: dict[str, Any] | None = None
+    # A few validation photos and the logits the float network gave them on the CPU (make_probe): a
+    # server on another device or runtime checks at start-up that it answers them as the certificate
+    # assumes (returns_model/rule.py). None in folders made before it; written only when set.
+    probe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.arch.num_classes:
@@ -79,6 +83,7 @@ class ModelMeta:
             "data": self.data,
             **({"lineage": self.lineage} if self.lineage else {}),
             **({"int8": self.int8} if self.int8 else {}),
+            **({"probe": self.probe} if self.probe else {}),
         }
 
     @classmethod
@@ -93,7 +98,7 @@ class ModelMeta:
                    model_name=d.get("model_name", MODEL_NAME), model_version=str(d.get("model_version", "1.0")),
                    reference=d.get("reference", {}), data=d.get("data", {}),
                    certificate=cal.get("certificate"), unfamiliar=d.get("unfamiliar"), lineage=d.get("lineage"),
-                   int8=d.get("int8"))
+                   int8=d.get("int8"), probe=d.get("probe"))
 
     def on_int8(self) -> "ModelMeta":
         """The model as its int8 graph serves it: that path's own temperature, certified threshold and
@@ -105,7 +110,7 @@ class ModelMeta:
             return replace(self, temperature=float(cal["temperature"]), threshold=float(cal["threshold"]),
                            target_precision=float(cal["target_precision"]), coverage=cal.get("coverage"),
                            certificate=cal.get("certificate"), unfamiliar=self.int8.get("unfamiliar"),
-                           reference=self.int8.get("reference") or self.reference)
+                           reference=self.int8.get("reference") or self.reference, probe=self.int8.get("probe"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
 
@@ -115,6 +120,7 @@ class ModelMeta:
 # this CPU (handler/onnx_runner.py): the certificate holds for those outputs, not for another CPU
 # family's kernels. The runtime was bit-exact across threads and pass sizes where it was measured.
 PROBE_TOLERANCE = 1e-4
+PROBE_PHOTOS = 32  # validation photos in a probe
 
 
 def make_probe(pixels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:

@@ -45,16 +45,23 @@ def export_onnx(model: nn.Module, layer: str | None, channels: int, size: int) -
 
     The same weights and torch version give the same bytes (the archive must be reproducible).
     """
-    wrapper = LogitsAndTap(model.eval(), layer)
+    was_training = model.training
+    # The exporter puts the module it is given back into that module's own mode afterwards, recursively:
+    # the wrapper is in eval mode so that the model is not left in training mode (a server that exports
+    # at start-up still runs its eager model afterwards).
+    wrapper = LogitsAndTap(model, layer).eval()
     example = torch.zeros(2, channels, size, size)
     buf = io.BytesIO()
-    with warnings.catch_warnings():  # the tracer warns about the flip-average shape checks, fixed for a model
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (example,), buf, input_names=[INPUT], output_names=[LOGITS, TAPPED],
-                          dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, TAPPED: {0: "n"}},
-                          opset_version=OPSET, dynamo=False)
-    if wrapper._tap:
-        wrapper._tap.close()
+    try:
+        with warnings.catch_warnings():  # the tracer warns about the flip-average shape checks, fixed for a model
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), buf, input_names=[INPUT], output_names=[LOGITS, TAPPED],
+                              dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, TAPPED: {0: "n"}},
+                              opset_version=OPSET, dynamo=False)
+    finally:
+        if wrapper._tap:
+            wrapper._tap.close()
+        model.train(was_training)
     return buf.getvalue()
 
 

@@ -37,10 +37,12 @@ FLOAT = "float"
 INT8 = "int8"
 RULES = (FLOAT, INT8)
 
-# What computed the scores: torch on the CPU, torch on a GPU with fp16 autocast, ONNX Runtime
-# (the float graph or the int8 graph), or OpenVINO (int8 graphs of folders that name it).
+# What computed the scores: torch on the CPU, torch on a GPU with fp16 autocast (or in fp32 where fp16
+# does not reproduce the float probe), ONNX Runtime (the float graph or the int8 graph), or OpenVINO
+# (the int8 graphs of folders whose rule names it).
 EAGER = "torch"
 CUDA_FP16 = "torch-cuda-fp16"
+CUDA = "torch-cuda"
 ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
-RUNTIMES = (EAGER, CUDA_FP16, ONNXRUNTIME, OPENVINO)
+RUNTIMES = (EAGER, CUDA_FP16, CUDA, ONNXRUNTIME, OPENVINO)

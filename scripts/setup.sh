@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the project needs: Java 17, Fashion-MNIST and g++ (Debian packages, as root),
+# Installs what the project needs: Java 17, Fashion-MNIST, qemu-user and g++ (Debian packages, as root),
 # then .venv with the pinned Python dependencies and the project itself (editable).
 # Idempotent: a stamp keyed by the dependency files makes a second run quick.
 set -euo pipefail
@@ -11,6 +11,8 @@ want=$(cat requirements.txt requirements-kserve.txt requirements-moto.txt pyproj
 need_apt=()
 if ! java -version 2>&1 | grep -q 'version "17'; then need_apt+=(openjdk-17-jre-headless); fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then need_apt+=(dataset-fashion-mnist); fi
+# QEMU's user-mode emulator: tests/test_int8_portable.py runs the server on an emulated AVX2-only CPU.
+if ! command -v qemu-x86_64 >/dev/null; then need_apt+=(qemu-user); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${need_apt[*]} with apt-get"

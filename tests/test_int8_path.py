@@ -1,5 +1,10 @@
 """The int8 CPU path (training/quantize.py): a quantised graph with a review rule fitted on its own
-outputs. It must keep the promise by itself, and agree with the float path photo by photo."""
+outputs. It must keep the promise by itself, and agree with the float path photo by photo.
+
+Where this machine's CPU does not reproduce the int8 rule's probe, the tests that need the int8 rule
+served skip and say why, and test_this_cpu_serves_the_int8_rule_or_the_float_one_says_why checks the
+documented fallback instead (the float rule served, named, answering as the float path does).
+tests/test_int8_portable.py checks an AVX2-only CPU's kernels under QEMU."""
 from __future__ import annotations
 
 import json
@@ -18,8 +23,22 @@ from training import unfamiliar
 @pytest.fixture(scope="session")
 def int8_classifier(release_model_dir) -> Classifier:
     clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
-    assert clf.backend == "onnx-int8"
+    if clf.backend != "onnx-int8":
+        pytest.skip(f"this CPU does not serve the int8 rule ({clf.fallback}); the fallback is checked by "
+                    "test_this_cpu_serves_the_int8_rule_or_the_float_one_says_why")
     return clf
+
+
+def test_this_cpu_serves_the_int8_rule_or_the_float_one_says_why(release_model_dir, fmnist_test):
+    clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
+    first = served(clf, fmnist_test[0][:200])
+    if clf.backend == "onnx-int8":
+        assert clf.fallback is None and {(r["rule"], r["runtime"]) for r in first} == {("int8", "onnxruntime")}
+        return
+    float_path = Classifier(release_model_dir, warmup=False, cpu_backend="onnx")
+    assert clf.rule.name == "float" and "probe" in clf.fallback
+    assert {r["rule"] for r in first} == {"float"}
+    assert first == served(float_path, fmnist_test[0][:200])
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +81,11 @@ def test_it_agrees_with_the_float_path_photo_by_photo(int8_classifier, float_cla
     a, b = served(int8_classifier, images[:3000]), served(float_classifier, images[:3000])
     same_label = sum(x["class_id"] == y["class_id"] for x, y in zip(a, b)) / len(a)
     same_decision = sum(x["needs_review"] == y["needs_review"] for x, y in zip(a, b)) / len(a)
-    # each path certifies its own threshold (1.2: float 0.9354, int8 0.9427), so photos between the two
-    # are decided differently by design; on all 10,000: 99.60% same label, 99.08% same decision
+    # each path certifies its own threshold (float 0.9354, int8 0.9365), so photos between the two are
+    # decided differently by design; model.json records the figures on all 10,000
     assert same_label >= 0.995 and same_decision >= 0.985, (same_label, same_decision)
-    assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b)) < 0.1
+    recorded = int8_classifier.meta.int8["agreement_with_float_path"]["max_abs_probability_difference"]
+    assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b)) <= recorded + 1e-5
 
 
 @pytest.mark.parametrize("kind", ["inverted", "noise", "scene_crops", "shapes_text", "blank", "patterns"])
@@ -109,36 +129,27 @@ def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_the_int8_rule_is_served_by_the_runtime_it_was_fitted_on(int8_classifier, release_model_dir):
-    from handler.openvino_runner import OpenVinoRunner, runtime_version
+def test_the_int8_rule_is_served_by_the_runtime_it_was_fitted_on(int8_classifier, release_model_dir, fmnist_test):
+    from handler.onnx_runner import OnnxRunner, onnxruntime_version
 
     runtime = json.loads((release_model_dir / "model.json").read_text())["int8"]["runtime"]
-    assert runtime == {"name": "openvino", "version": runtime_version()}
-    assert isinstance(int8_classifier._onnx, OpenVinoRunner)
+    assert runtime == {"name": "onnxruntime", "version": onnxruntime_version()}
+    assert isinstance(int8_classifier._onnx, OnnxRunner)
+    assert (int8_classifier.rule.name, int8_classifier.rule.runtime) == ("int8", "onnxruntime")
+    result = served(int8_classifier, fmnist_test[0][:1])[0]
+    assert (result["rule"], result["runtime"]) == ("int8", "onnxruntime")
 
 
-def test_without_onnxruntime_the_int8_path_still_serves(release_model_dir, monkeypatch, caplog):
-    import logging
-
-    _hide(monkeypatch, "onnxruntime")
-    with caplog.at_level(logging.WARNING):
-        clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
-    assert clf.backend == "onnx-int8" and _warnings(caplog) == []
-
-
-def test_without_openvino_the_float_graph_and_rule_serve(release_model_dir, monkeypatch, caplog):
+def test_without_openvino_the_int8_rule_still_serves(int8_classifier, release_model_dir, monkeypatch, caplog):
     import logging
 
     _hide(monkeypatch, "openvino")
     with caplog.at_level(logging.WARNING):
         clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
-    meta = json.loads((release_model_dir / "model.json").read_text())
-    assert clf.backend == "onnx" and clf.meta.threshold == meta["calibration"]["threshold"]
-    assert _warnings(caplog) == ["cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino "
-                                 "is not installed; serving the float graph"]
+    assert clf.backend == "onnx-int8" and _warnings(caplog) == []
 
 
-def test_without_either_runtime_the_server_says_why_and_serves_eager_with_the_float_rule(
+def test_without_onnxruntime_the_server_says_why_and_serves_eager_with_the_float_rule(
         release_model_dir, monkeypatch, caplog):
     import logging
 
@@ -147,11 +158,13 @@ def test_without_either_runtime_the_server_says_why_and_serves_eager_with_the_fl
         clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
     meta = json.loads((release_model_dir / "model.json").read_text())
     assert clf.backend == "eager" and clf.meta.threshold == meta["calibration"]["threshold"]
+    assert (clf.rule.name, clf.rule.runtime) == ("float", "torch")
     assert _warnings(caplog) == [
-        "cpu_backend onnx-int8: the int8 rule was fitted on OpenVINO's outputs and openvino is not installed; "
-        "serving the float graph",
-        "cpu_backend onnx-int8: onnxruntime is not installed; serving on the eager path (float rule)"]
-    assert clf.classify([(release_model_dir / "confusion_matrix.png").read_bytes()])[0]  # it still answers
+        "cpu_backend onnx-int8: the int8 rule does not serve here: its rule was fitted on ONNX Runtime's outputs and "
+        "onnxruntime is not installed; the float rule serves instead",
+        "cpu_backend onnx: onnxruntime is not installed; serving on the eager path (float rule)"]
+    answer = clf.classify([(release_model_dir / "confusion_matrix.png").read_bytes()])[0]  # it still answers
+    assert (answer["rule"], answer["runtime"]) == ("float", "torch")
 
 
 def _with_int8(release_model_dir: Path, folder: Path, change) -> Path:
@@ -165,7 +178,7 @@ def _with_int8(release_model_dir: Path, folder: Path, change) -> Path:
 
 def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | None) -> Path:
     def name(section):
-        if runtime is None:  # a folder fitted before OpenVINO: no runtime named, no probe
+        if runtime is None:  # a folder fitted before runtimes were named: ONNX Runtime, no probe
             del section["runtime"], section["probe"]
         else:
             section["runtime"] = runtime
@@ -173,21 +186,28 @@ def _with_int8_runtime(release_model_dir: Path, folder: Path, runtime: dict | No
     return _with_int8(release_model_dir, folder, name)
 
 
-def test_a_folder_fitted_before_openvino_keeps_onnx_runtime(release_model_dir, tmp_path):
+def test_a_folder_fitted_before_runtimes_were_named_keeps_onnx_runtime(int8_classifier, release_model_dir, tmp_path):
     from handler.onnx_runner import OnnxRunner
 
     clf = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "m", None), warmup=False, cpu_backend="onnx-int8")
     assert clf.backend == "onnx-int8" and isinstance(clf._onnx, OnnxRunner)
 
 
-def test_another_openvino_version_or_an_unknown_runtime_is_said(release_model_dir, tmp_path, caplog):
+def test_another_runtime_version_or_an_unknown_runtime_is_said(int8_classifier, release_model_dir, tmp_path, caplog):
+    """Another ONNX Runtime version is said and then judged by the probe; a rule that names OpenVINO for a
+    graph whose probe OpenVINO does not reproduce falls back, saying both; an unknown runtime is refused."""
     import logging
 
     with caplog.at_level(logging.WARNING):
-        other = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "a", {"name": "openvino", "version": "2020.1"}),
+        older = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "a", {"name": "onnxruntime", "version": "1.0"}),
                            warmup=False, cpu_backend="onnx-int8")
-    assert other.backend == "onnx-int8" and "the int8 rule was fitted on 2020.1" in caplog.text
-    unknown = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "b", {"name": "tvm"}), warmup=False,
+    assert older.backend == "onnx-int8" and "the int8 rule was fitted on 1.0" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        other = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "b", {"name": "openvino", "version": "2020.1"}),
+                           warmup=False, cpu_backend="onnx-int8")
+    assert "the int8 rule was fitted on 2020.1" in caplog.text
+    assert other.backend == "onnx" and "differ from the ones its rule was certified on" in other.fallback
+    unknown = Classifier(_with_int8_runtime(release_model_dir, tmp_path / "c", {"name": "tvm"}), warmup=False,
                          cpu_backend="onnx-int8")
     assert unknown.backend == "onnx" and "unknown runtime 'tvm'" in caplog.text
 
@@ -209,22 +229,23 @@ def test_a_cpu_that_does_not_reproduce_the_certified_logits_serves_the_float_rul
     meta = json.loads((release_model_dir / "model.json").read_text())
     assert clf.backend == "onnx" and clf.meta.threshold == meta["calibration"]["threshold"]
     assert "differ from the ones its rule was certified on by up to 0.01" in caplog.text
+    assert clf.rule.name == "float" and "by up to 0.01" in clf.fallback
 
 
 def test_the_release_probe_is_reproduced_here_and_a_malformed_one_is_refused(int8_classifier, release_model_dir, tmp_path):
-    from handler.onnx_runner import reproduces_probe
+    from handler.onnx_runner import probe_mismatch
     from returns_model.artifact import ArtifactError
 
     assert int8_classifier.meta.int8["probe"]["shape"] == [32, 1, 28, 28]
-    assert reproduces_probe(int8_classifier._onnx, int8_classifier.meta)
+    assert probe_mismatch(int8_classifier._onnx, int8_classifier.meta) == ""
     with pytest.raises(ArtifactError, match="int8 probe"):
         Classifier(_with_probe(release_model_dir, tmp_path / "m", lambda probe: probe["logits"].pop()), warmup=False,
                    cpu_backend="onnx-int8")
 
 
 def test_threads_each_get_the_answers_of_one_thread(int8_classifier, fmnist_test):
-    """A compiled OpenVINO model runs one inference at a time: returns-kserve's lanes call the runner
-    from several threads, and each must get its own photos' answers."""
+    """returns-kserve's lanes call the runner from several threads, and each must get its own photos'
+    answers (an OpenVINO runner compiles a model per thread for that)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from returns_model.preprocess import normalize
@@ -251,7 +272,8 @@ def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test)
         (release_model_dir / "model.json").read_text())["class_names"], "test", "x")
     graph, section = int8_section(release_model_dir, ds, TrainConfig())
     assert section["sha256"] == hashlib.sha256(graph).hexdigest() and section["file"] == INT8_FILE
-    assert section["runtime"]["name"] == "openvino" and section["runtime"]["version"]
+    assert section["runtime"]["name"] == "onnxruntime" and section["runtime"]["version"]
+    assert "7-bit" in section["quantization"]["weights"]
     assert section["probe"]["shape"] == [32, 1, 28, 28] and len(section["probe"]["logits"]) == 32
     assert section["calibration"]["certificate"]["n_calibration"] == 3000
     assert section["unfamiliar"]["info"]["fitted_on"] == "training split, 4000 photos"
@@ -327,11 +349,13 @@ def test_the_int8_rule_has_its_own_drift_reference_and_the_manifest_describes_it
     assert int8_classifier.meta.reference == ref
     manifest = json.loads((model_root / "artifact_manifest.json").read_text())
     assert manifest["served_rule"] == "int8" and manifest["reference"] == ref
+    assert manifest["references"] == {"float": meta["reference"], "int8": ref}  # whichever rule answers a night
     assert manifest["calibration"]["threshold"] == meta["int8"]["calibration"]["threshold"]
     float_root = tmp_path / "float_root"
     build_archive(release_model_dir, float_root, ServeConfig(cpu_backend="onnx"))
     float_manifest = json.loads((float_root / "artifact_manifest.json").read_text())
     assert float_manifest["served_rule"] == "float" and float_manifest["reference"] == meta["reference"]
+    assert float_manifest["references"] == {"float": meta["reference"], "int8": ref}
     assert float_manifest["calibration"] == meta["calibration"]
 
 

@@ -121,3 +121,19 @@ def test_without_onnxruntime_the_core_serves_eager(release_model_dir, monkeypatc
 def test_an_unknown_backend_is_refused(release_model_dir):
     with pytest.raises(ValueError, match="onnx, onnx-int8, eager"):
         Classifier(release_model_dir, warmup=False, cpu_backend="tensorrt")
+
+
+def test_an_export_leaves_the_eager_model_as_it_was(release_model_dir):
+    """A server that exports the float graph at start-up may still serve its eager model afterwards (when
+    the graph does not answer the float probe): the export must not leave it in training mode."""
+    from returns_model.artifact import load_model
+    from returns_model.export import export_onnx
+
+    model, meta = load_model(release_model_dir)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.inference_mode():
+        before = model(x)
+    export_onnx(model, meta.unfamiliar["layer"], 1, 28)
+    with torch.inference_mode():
+        after = model(x)
+    assert not model.training and torch.equal(before, after)

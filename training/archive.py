@@ -35,12 +35,14 @@ from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
 from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
+from returns_model.results import FLOAT, INT8
+from returns_model.rule import ServedRule, choose_rule
 
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_PACKAGES = {
     "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
-                      "artifact.py", "gate.py", "export.py"],
+                      "artifact.py", "gate.py", "export.py", "results.py", "rule.py"],
     "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py",
                 "openvino_runner.py"],
 }
@@ -151,7 +153,11 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     train_cfg = (json.loads((model_dir / "train_config.json").read_text())
                  if (model_dir / "train_config.json").exists() else {})
-    served = meta.on_int8() if cfg.cpu_backend == "onnx-int8" and int8_graph is not None else meta
+    # the rule the archive serves on a CPU that reproduces its probes (returns_model.rule.choose_rule);
+    # a GPU, or a CPU where the int8 rule does not hold, serves the float one: every rule's drift
+    # reference travels, so a night is judged against the rule that answered it
+    rules = [FLOAT] + ([INT8] if int8_graph is not None else [])
+    served = ServedRule.of(meta, choose_rule(meta, "cpu", cfg.cpu_backend, int8_graph is not None), "")
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": meta.model_version,
@@ -165,10 +171,10 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "serve_config": asdict(cfg),
         "train_config": train_cfg,
         "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
-        # the rule the archive serves on a CPU: the int8 path's own where it is the backend and shipped
-        "served_rule": "int8" if served is not meta else "float",
-        "calibration": served.to_dict()["calibration"],
+        "served_rule": served.name,
+        "calibration": (meta.on_int8() if served.name == INT8 else meta).to_dict()["calibration"],
         "reference": served.reference,
+        "references": {name: ServedRule.of(meta, name, "").reference for name in rules},
         **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from returns_model.rule import accepted
+
 METHOD = "clopper-pearson + fixed-sequence testing (Learn-then-Test) on a fixed grid"
 # Threshold reported when nothing can be certified: above any probability, so every photo is reviewed.
 ACCEPT_NOTHING_THRESHOLD = 1.01
@@ -229,8 +231,8 @@ def certificate_at(confidence: torch.Tensor, correct: torch.Tensor, walked: Cert
         return replace(walked, threshold=ACCEPT_NOTHING_THRESHOLD, n_accepted=0, errors=0, observed_precision=None,
                        precision_lower_bound=None, coverage=0.0, accept_nothing=True,
                        reason=f"{why or 'another calibration set cannot be certified'}; everything goes to review")
-    accepted = confidence.double() >= threshold
-    n, k = int(accepted.sum()), int((accepted & ~correct.bool()).sum())
+    auto = accepted(confidence.double(), threshold)
+    n, k = int(auto.sum()), int((auto & ~correct.bool()).sum())
     ucb = clopper_pearson_upper(k, n, walked.delta)
     return replace(walked, threshold=float(threshold), n_accepted=n, errors=k, observed_precision=1 - k / n,
                    precision_lower_bound=1 - ucb, coverage=n / len(confidence),

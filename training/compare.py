@@ -76,11 +76,8 @@ def served(clf: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
     pred, accepted = [], []
     for i in range(0, len(images), 512):
         probs, unf = clf.scores(list(images[i:i + 512]))
-        conf, p = probs.max(1)
-        ok = conf >= clf.meta.threshold
-        if unf is not None:
-            ok &= ~clf.gate.flag(unf)
-        pred.append(p)
+        ok, _ = clf.rule.decide(probs, unf)
+        pred.append(probs.max(1).indices)
         accepted.append(ok)
     if not pred:
         return {"pred": torch.empty(0, dtype=torch.long), "accepted": torch.empty(0, dtype=torch.bool)}

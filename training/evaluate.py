@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from returns_model.manifest import REFERENCE_EDGES, make_reference
 from returns_model.network import SEResNet
 from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.rule import accepted
 from training.calibrate import Calibration, expected_calibration_error, nll, risk_coverage
 from training.data import Split
 
@@ -46,8 +47,7 @@ def served_decisions(logits: torch.Tensor, temperature: float, threshold: float,
     is auto-accepted when its calibrated confidence reaches the threshold and the gate does not flag it."""
     probs = F.softmax(logits / temperature, 1)
     conf, pred = probs.max(1)
-    accepted = conf >= threshold
-    return probs, pred, accepted if flagged is None else accepted & ~flagged
+    return probs, pred, accepted(conf, threshold, flagged)
 
 
 def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, class_names: list[str],
@@ -56,7 +56,7 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, c
     auto-accepted when its calibrated confidence reaches the certified threshold and the gate
     does not flag it."""
     raw_conf, pred = F.softmax(logits, 1).max(1)
-    probs, _, accepted = served_decisions(logits, cal.temperature, cal.threshold, flagged)
+    probs, _, auto = served_decisions(logits, cal.temperature, cal.threshold, flagged)
     conf = probs.max(1)[0]
     correct = pred == labels
     flagged = torch.zeros_like(correct) if flagged is None else flagged
@@ -79,8 +79,8 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, c
         "val_coverage_at_target": cal.certificate.coverage,
         "val_precision_at_threshold": cal.certificate.observed_precision,
         "test_flagged_unfamiliar": float(flagged.float().mean()),
-        "test_coverage_at_threshold": float(accepted.float().mean()),
-        "test_precision_at_threshold": float(correct[accepted].float().mean()) if accepted.any() else None,
+        "test_coverage_at_threshold": float(auto.float().mean()),
+        "test_precision_at_threshold": float(correct[auto].float().mean()) if auto.any() else None,
         "aurc": aurc,
     }
 

@@ -13,15 +13,24 @@ int8 graph's own outputs, on the same splits and by the same code as the float p
 its cutoff, the temperature and the certified threshold on the validation split, figures on the
 test split.
 
-The int8 graph runs in OpenVINO, on the server as here (handler/openvino_runner.py: faster than ONNX
-Runtime on it, and not bit-identical to it), so the rule is fitted on OpenVINO's outputs and
-``model.json`` names the runtime and its version (``int8.runtime``); a server without OpenVINO
-serves the float graph and rule instead.
+One rule on every CPU: the int8 graph runs in ONNX Runtime, here as on the server, and its weights
+use 7 of their 8 bits (``reduce_range``). Integer dot products are then exact on every x86-64
+kernel: without VNNI, u8 x s8 products are summed in pairs into 16 bits (``vpmaddubsw``), which
+saturates with full-range weights (255 x 127 x 2 > 32767) and cannot with 7-bit ones. What follows a
+dot product (requantisation, lookup-table sigmoids, elementwise products) is elementwise float
+arithmetic, rounded the same way by every kernel. Measured on 256 of the release model's validation
+photos: ONNX Runtime's logits on an AVX2-only CPU (Haswell, emulated by QEMU) equal the AVX-512 VNNI
+ones bit for bit with 7-bit weights, and differ by up to 3.4 with 8-bit ones
+(tests/test_int8_portable.py repeats the check). OpenVINO's kernels differ by CPU family (bf16 where
+the CPU has it, other blockings elsewhere: up to 0.1 apart on the same graph), so a rule fitted on
+its outputs holds on one family only; the server still runs older folders whose rule names it
+(handler/openvino_runner.py). ``model.json`` names the runtime and its version (``int8.runtime``),
+and a probe (``int8.probe``) lets a server check at start-up that its CPU gives the recorded answers.
 
-Quantisation (ONNX Runtime's quantiser, QDQ format): weights int8 per output channel, activations uint8 with
-ranges from the min/max over ``CAL_PHOTOS`` seeded training photos (and, for a model trained against
-composites, a quarter as many composites of them, which it was trained on too). Before it, every mean over the
-spatial axes (the squeeze-excite squeezes and the final pool, exported as ``ReduceMean``) becomes a
+Quantisation (ONNX Runtime's quantiser, QDQ format): weights int8 per output channel in 7-bit range,
+activations uint8 with ranges from the min/max over ``CAL_PHOTOS`` seeded training photos (and, for a
+model trained against composites, a quarter as many composites of them, which it was trained on too).
+Before it, every mean over the spatial axes (the squeeze-excite squeezes and the final pool, exported as ``ReduceMean``) becomes a
 ``GlobalAveragePool``, the same arithmetic, which ONNX Runtime runs quantised; a ``ReduceMean``
 is left in float between a dequantise and a quantise of the whole feature map. The agreement with
 the float path's served answers on the test split is recorded beside the rule.
@@ -39,13 +48,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from handler.onnx_runner import OnnxRunner, Runner
-from handler.openvino_runner import RUNTIME, OpenVinoRunner, runtime_version
-from returns_model.artifact import load_model, make_probe, read_meta, write_meta
+from handler.onnx_runner import OnnxRunner, Runner, onnxruntime_version
+from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, read_meta, write_meta
 from returns_model.export import INPUT, INT8_FILE, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
 from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.results import ONNXRUNTIME
 from training.composite import composite_count, make_composites
 from training.drawn import pool_for
 from training.config import TrainConfig
@@ -56,7 +65,6 @@ from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
-PROBE_PHOTOS = 32  # validation photos whose int8 logits a server must reproduce (model.json int8.probe)
 THREADS = 2
 
 
@@ -110,8 +118,9 @@ def quantize_graph(graph: bytes, calibration: np.ndarray) -> bytes:
         src, pre, out = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(pools_as_global_average(graph))
         quant_pre_process(str(src), str(pre))
+        # reduce_range: 7-bit weights, so no CPU's int8 kernels saturate (see the module docstring)
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return out.read_bytes()
 
 
@@ -150,7 +159,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
                       f", and {n_comp} composites of them and drawn outliers (training/composite.py, drawn.py)")
     graph = quantize_graph(float_graph, normalize(calibration, spec).numpy())
     # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
-    int8, fp = OpenVinoRunner(graph, threads), OnnxRunner(float_graph, threads)
+    int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
 
     rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, lessons)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
@@ -161,11 +170,12 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     cert = cal.certificate
     section = {
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
-        "runtime": {"name": RUNTIME, "version": runtime_version()},
+        "runtime": {"name": ONNXRUNTIME, "version": onnxruntime_version()},
         # photos and the logits this runtime gave them: a server checks its CPU reproduces them
         "probe": make_probe(ds.val.images[:PROBE_PHOTOS], int8(normalize(ds.val.images[:PROBE_PHOTOS], spec))[0]),
         "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                         "weights": "int8, per output channel", "activations": "uint8, min/max ranges",
+                         "weights": "int8 in 7-bit range (reduce_range), per output channel",
+                         "activations": "uint8, min/max ranges",
                          "spatial_means": "GlobalAveragePool, quantised",
                          "calibration_photos": described},
         "calibration": {"temperature": cal.temperature, "threshold": cert.threshold,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from returns_model.artifact import ModelMeta, load_model, save_weights, write_meta
+from returns_model.artifact import PROBE_PHOTOS, ModelMeta, load_model, make_probe, save_weights, write_meta
 from returns_model.fileio import write_json
 from returns_model.network import ArchConfig, SEResNet
 from returns_model.preprocess import PreprocessSpec
@@ -76,7 +76,8 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
                          coverage=cert.coverage, certificate=cert.to_dict(), unfamiliar=rule.gate.to_dict(),
                          reference=drift_reference(val_probs, ds.class_names, val_flag_rate),
                          data={"source": ds.source, "snapshot_sha256": ds.snapshot_sha256, "files": ds.files},
-                         lineage=lineage)
+                         lineage=lineage,
+                         probe=make_probe(ds.val.images[:PROBE_PHOTOS], rule.val_logits[:PROBE_PHOTOS]))
     if meta is not None:  # keep what the re-report does not recompute (name, version, top-k)
         new_meta = replace(new_meta, model_name=meta.model_name, model_version=meta.model_version, top_k=meta.top_k)
     write_meta(new_meta, out)  # the trust report serves this folder, so model.json comes first
