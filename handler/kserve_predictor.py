@@ -76,6 +76,10 @@ LOW_CONFIDENCE = Counter("returns_low_confidence", "Photos below the review thre
 UNFAMILIAR = Counter("returns_unfamiliar", "Photos the gate found unlike the training data", ["model_name"])
 AVERAGE_CONFIDENCE = Gauge("returns_average_confidence", "Mean confidence of the last request's photos",
                            ["model_name"])
+# 1 for the rule that answers and the runtime that computes its scores (returns_model/rule.py); int8_fallback
+# is 1 where the int8 rule was asked for and does not serve on this machine (the log says why, once).
+SERVED_RULE = Gauge("returns_served_rule", "The certified rule this server answers with", ["model_name", "rule",
+                                                                                           "runtime", "int8_fallback"])
 
 
 class Rejected(InvalidInput):
@@ -131,8 +135,11 @@ class ReturnsClassifierModel(kserve.Model):
         self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="classify")
         self.ready = True
         lanes_text = f"{self.lanes} lanes" + (f" of {threads} threads" if dev.type == "cpu" else "")
-        log.info("%s ready on %s (%s, %s), model %s sha256 %s", self.name, self.core.device,
-                 self.core.backend, lanes_text, self.core.meta.model_version, self.core.model_sha256)
+        log.info("%s ready on %s (%s, %s), model %s sha256 %s, the %s rule on %s", self.name, self.core.device,
+                 self.core.backend, lanes_text, self.core.meta.model_version, self.core.model_sha256,
+                 self.core.rule.name, self.core.rule.runtime)
+        SERVED_RULE.labels(self.name, self.core.rule.name, self.core.rule.runtime,
+                           str(int(self.core.fallback is not None))).set(1)
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": "photos", "datatype": "BYTES", "shape": [-1]}]

@@ -23,6 +23,7 @@ from handler.errors import RequestError
 from handler.payload import ParsedRequest, parse_request
 from handler.serve_config import HandlerKnobs, worker_count
 from returns_model.preprocess import PhotoError
+from returns_model.results import INT8
 
 log = logging.getLogger(__name__)
 # TorchServe loads the one class defined in this module, so helpers live in handler.core.
@@ -32,6 +33,10 @@ GAUGES = {"ImagesPerBatch": "images", "RejectedImagesPerBatch": "rejected", "Low
           "ForwardTimeMs": "forward_ms"}
 COUNTERS = {"ImagesTotal": "images", "RejectedImagesTotal": "rejected", "LowConfidenceTotal": "low_confidence",
             "UnfamiliarTotal": "unfamiliar"}
+# Gauges of the worker itself, set with every batch: 1 when the int8 rule answers; 1 when the int8
+# rule was asked for and does not serve on this machine (the worker's log says why, once).
+RULE_GAUGES = {"Int8RuleServed": lambda core: core.rule.name == INT8,
+               "Int8RuleFallback": lambda core: core.fallback is not None}
 
 
 WORKERS_ENV = "RETURNS_WORKERS_PER_MODEL"
@@ -62,8 +67,9 @@ class ReturnsClassifierHandler(BaseHandler):
         self.model = self.core.model
         self.device = device
         self.initialized = True
-        log.info("returns-classifier ready on %s (%s, %d threads), model %s sha256 %s", device,
-                 self.core.backend, threads, self.core.meta.model_version, self.core.model_sha256)
+        log.info("returns-classifier ready on %s (%s, %d threads), model %s sha256 %s, the %s rule on %s", device,
+                 self.core.backend, threads, self.core.meta.model_version, self.core.model_sha256,
+                 self.core.rule.name, self.core.rule.runtime)
 
     def preprocess(self, data: list[dict[str, Any]]) -> Work:
         """Parse every request and decode all their photos."""
@@ -118,9 +124,11 @@ class ReturnsClassifierHandler(BaseHandler):
         if metrics is None:
             return
         dims = [self.context.model_name, "Model"]
-        for kind, table in ((MetricTypes.GAUGE, GAUGES), (MetricTypes.COUNTER, COUNTERS)):
-            for name, attr in table.items():
-                try:
-                    metrics.get_metric(name, kind).add_or_update(round(float(getattr(stats, attr)), 4), dims)
-                except Exception as exc:  # a metrics config without our entries must not fail inference
-                    log.debug("metric %s not exported: %s", name, exc)
+        values = [(MetricTypes.GAUGE, name, getattr(stats, attr)) for name, attr in GAUGES.items()]
+        values += [(MetricTypes.COUNTER, name, getattr(stats, attr)) for name, attr in COUNTERS.items()]
+        values += [(MetricTypes.GAUGE, name, of(self.core)) for name, of in RULE_GAUGES.items()]
+        for kind, name, value in values:
+            try:
+                metrics.get_metric(name, kind).add_or_update(round(float(value), 4), dims)
+            except Exception as exc:  # a metrics config without our entries must not fail inference
+                log.debug("metric %s not exported: %s", name, exc)

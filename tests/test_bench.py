@@ -30,6 +30,12 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     assert r["environment"]["naive_warmup_requests"] == 50
     assert len(r["worker_rss_mb_over_time"]) == 3 and len(r["load_average"]["end"]) == 3
     assert r["environment"]["cpu_backend"] == "onnx-int8"
+    # what the archive's backend serves on this CPU, named, and served measured against that path's own raw figure
+    assert r["served_rule"] == r["raw_paths"]["onnx-int8"] and r["served_rule"]["rule"] in ("int8", "float")
+    assert (r["served_rule"]["rule"] == "int8") == (r["served_rule"]["fallback"] is None)
+    assert r["raw_paths"]["eager"] == {"backend": "eager", "rule": "float", "runtime": "torch", "fallback": None}
+    assert r["served_over_raw_served_path_decode"] == pytest.approx(
+        r["served_images_per_s"] / r["raw_int8_decode_images_per_s"], rel=0.01)
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert r["served_over_raw"] == pytest.approx(r["served_images_per_s"] / r["raw_images_per_s"], rel=0.01)
     for conc in ("concurrency_1", "concurrency_8"):
@@ -47,7 +53,7 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
         assert 0 < k["latency_ms"][conc]["p50"] <= k["latency_ms"][conc]["p99"]
     assert r["environment"]["kserve"] == "0.21.0" and r["environment"]["openvino"] == "2026.4.1"
     out = capsys.readouterr().out
-    assert "served: returns-submit" in out and "returns-submit -> returns-kserve" in out
+    assert "served: returns-submit" in out and "returns-submit -> returns-kserve" in out and "served rule" in out
 
 
 def test_gpu_bench_says_plainly_when_there_is_no_gpu(release_model_dir, tmp_path, monkeypatch):

@@ -104,7 +104,8 @@ def test_core_classifies_real_images_and_keeps_order(release_model_dir, fmnist_p
     assert sum(r["class_id"] == int(labels[i]) for i, r in enumerate(good)) >= 15
     r = good[0]
     assert set(r) == {"label", "class_id", "confidence", "needs_review", "review_reason", "unfamiliar_score", "top_k",
-                      "model_name", "model_version", "model_sha256"}
+                      "model_name", "model_version", "model_sha256", "rule", "runtime"}
+    assert (r["rule"], r["runtime"]) == ("float", "torch")  # the default backend: eager
     for r in good:  # the served rule: low confidence, unfamiliar, or both
         low, unf = r["confidence"] < clf.meta.threshold, r["unfamiliar_score"] > clf.gate.cutoff
         assert r["review_reason"] == [x for x, on in (("low_confidence", low), ("unfamiliar", unf)) if on]
