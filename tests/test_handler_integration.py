@@ -201,7 +201,10 @@ def test_gpu_answers_match_the_cpu_answers_the_certificate_was_computed_on(relea
 
     photos = [fmnist_png(i) for i in range(512)]
     gpu, cpu = Classifier(release_model_dir, device="cuda:0"), Classifier(release_model_dir, device="cpu")
+    # the start-up probe kept fp16 (or, where fp16 missed it, said so and serves in fp32); answers name it
+    assert gpu.rule.name == "float" and gpu.rule.runtime in ("torch-cuda-fp16", "torch-cuda")
     g, c = gpu.classify(photos), cpu.classify(photos)
+    assert {(r["rule"], r["runtime"]) for r in g} == {("float", gpu.rule.runtime)}
     assert [r["label"] for r in g] == [r["label"] for r in c]
     # measured on an H200: at most 0.0124 over 5,000 test photos (fp16 autocast against fp32)
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(g, c)) < 2e-2
