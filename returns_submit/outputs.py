@@ -26,16 +26,18 @@ from typing import Any, Iterable, Iterator
 
 from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
+from returns_model.results import (CLASS_ID, CONFIDENCE, LABEL, LOW_CONFIDENCE, MODEL_NAME, MODEL_SHA256,
+                                   MODEL_VERSION, NEEDS_REVIEW, NIGHT_DRIFT, REVIEW_REASON, REVIEW_REASONS, TOP_K,
+                                   UNFAMILIAR, UNFAMILIAR_SCORE)
 from returns_submit import drift
 from returns_submit.drift import bin_index
 from returns_submit.faults import fault_point
 from returns_submit.journal import blocking_lock, read_records, shard_file_names
 from returns_submit.log import event
 
-CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review", "review_reason",
-               "unfamiliar_score", "model_name", "model_version", "model_sha256", "shard", "timestamp")
-# Why a photo goes to people: the server's reasons, and the night's when --on-drift review applies.
-REVIEW_REASONS = ("low_confidence", "unfamiliar", "night_drift")
+# Columns are only ever appended: spreadsheets and scripts read them by position.
+CSV_COLUMNS = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, NEEDS_REVIEW, REVIEW_REASON, UNFAMILIAR_SCORE,
+               MODEL_NAME, MODEL_VERSION, MODEL_SHA256, "shard", "timestamp")
 DEFAULT_EDGES = [i / 10 for i in range(11)]
 
 
@@ -91,7 +93,7 @@ class Summary:
             },
             "error_rate": round(self.error_rate, 6),
             "average_confidence": round(self.confidence_sum / self.classified, 6) if self.classified else None,
-            "low_confidence_rate": round(self.review_reasons["low_confidence"] / self.classified, 6)
+            "low_confidence_rate": round(self.review_reasons[LOW_CONFIDENCE] / self.classified, 6)
             if self.classified else None,
             "unfamiliar_rate": round(self.unfamiliar / self.classified, 6) if self.classified else None,
             "class_distribution": dict(sorted(self.labels.items())),
@@ -119,31 +121,31 @@ def spreadsheet_safe(value: object) -> object:
 
 def reasons_of(r: dict) -> list[str]:
     """A record's review reasons; a server without them (an older model) reviews on confidence alone."""
-    reasons = r.get("review_reason")
+    reasons = r.get(REVIEW_REASON)
     if isinstance(reasons, list):
         return [str(x) for x in reasons]
-    return ["low_confidence"] if r.get("needs_review") else []
+    return [LOW_CONFIDENCE] if r.get(NEEDS_REVIEW) else []
 
 
 def csv_row(r: dict, reasons: list[str]) -> list:
-    row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get("label"), r.get("class_id"),
-           r.get("confidence"), str(bool(reasons)).lower(), "+".join(reasons), r.get("unfamiliar_score"),
-           r.get("model_name"), r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
+    row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get(LABEL), r.get(CLASS_ID),
+           r.get(CONFIDENCE), str(bool(reasons)).lower(), "+".join(reasons), r.get(UNFAMILIAR_SCORE),
+           r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256), r.get("shard"), r.get("timestamp")]
     return [spreadsheet_safe(v) for v in row]
 
 
 def review_item(r: dict, reasons: list[str]) -> dict:
-    keys = ("path", "sha256", "label", "class_id", "confidence", "unfamiliar_score", "top_k", "archived_to",
-            "model_version", "shard", "timestamp")
-    return {**{k: r[k] for k in keys if k in r}, "review_reason": reasons, "margin": top2_margin(r)}
+    keys = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, UNFAMILIAR_SCORE, TOP_K, "archived_to",
+            MODEL_VERSION, "shard", "timestamp")
+    return {**{k: r[k] for k in keys if k in r}, REVIEW_REASON: reasons, "margin": top2_margin(r)}
 
 
 def top2_margin(r: dict) -> float:
     """The calibrated probability of the top class minus the runner-up's (1.0 when only one is known):
     a small margin is a photo whose decision moves the boundary between two classes."""
-    probs = sorted((float(t.get("probability", 0.0)) for t in r.get("top_k") or []), reverse=True)
+    probs = sorted((float(t.get("probability", 0.0)) for t in r.get(TOP_K) or []), reverse=True)
     if not probs:
-        probs = [float(r.get("confidence") or 0.0)]
+        probs = [float(r.get(CONFIDENCE) or 0.0)]
     return round(probs[0] - (probs[1] if len(probs) > 1 else 0.0), 6)
 
 
@@ -155,7 +157,7 @@ def review_order(items: list[dict]) -> list[dict]:
     between the top two classes (the model's own uncertainty), ties broken by hash so the order is
     reproducible. ``priority`` is the 1-based rank: a team with a budget of N reviews takes 1..N.
     """
-    ordered = sorted(items, key=lambda it: ("unfamiliar" not in it.get("review_reason", []),
+    ordered = sorted(items, key=lambda it: (UNFAMILIAR not in it.get(REVIEW_REASON, []),
                                             it.get("margin", 1.0), str(it.get("sha256"))))
     for rank, it in enumerate(ordered, 1):
         it["priority"] = rank
@@ -170,11 +172,11 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
     last_batch = None
     for r in _records(predictions):
         s.classified += 1
-        conf = float(r.get("confidence", 0.0))
+        conf = float(r.get(CONFIDENCE, 0.0))
         s.confidence_sum += conf
-        s.class_ids[int(r.get("class_id", -1))] += 1
-        s.labels[str(r.get("label"))] += 1
-        s.models[(r.get("model_name"), r.get("model_version"), r.get("model_sha256"))] += 1
+        s.class_ids[int(r.get(CLASS_ID, -1))] += 1
+        s.labels[str(r.get(LABEL))] += 1
+        s.models[(r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256))] += 1
         s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
         if s.reference_histogram is not None:
             s.reference_histogram[bin_index(conf, reference_edges)] += 1
@@ -187,7 +189,7 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         reasons = reasons_of(r)
         s.needs_review += bool(reasons)
         s.review_reasons.update(reasons)
-        s.unfamiliar += "unfamiliar" in reasons
+        s.unfamiliar += UNFAMILIAR in reasons
     for r in _records(rejected):
         s.rejected += 1
         s.rejected_by_code[str(r.get("code"))] += 1
@@ -212,7 +214,7 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
         writer = csv.writer(fcsv)
         writer.writerow(CSV_COLUMNS)
         for r in _records(predictions):
-            reasons = reasons_of(r) + (["night_drift"] if all_to_review else [])
+            reasons = reasons_of(r) + ([NIGHT_DRIFT] if all_to_review else [])
             writer.writerow(csv_row(r, reasons))
             fault_point("during_manifest_rewrite")  # test-only: returns_submit/faults.py
             if reasons:
@@ -293,7 +295,7 @@ def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], referen
         if judged.get("drift") else "none"
     write_outputs(run_dir, predictions, rejected, all_to_review=action == "all_to_review", merge=merge)
     if action == "all_to_review":
-        summary.review_reasons["night_drift"] = summary.classified
+        summary.review_reasons[NIGHT_DRIFT] = summary.classified
         summary.needs_review = summary.classified
     return Night(summary, {**judged, "on_drift": on_drift, "action": action}, action)
 
