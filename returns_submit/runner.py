@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from returns_model.manifest import Reference, read_reference
-from returns_model.results import CLASS_ID, CONFIDENCE, LABEL
+from returns_model.results import CLASS_ID, CONFIDENCE, LABEL, RESULT_KEYS
 from returns_submit import k8s_info, outputs
 from returns_submit.faults import fault_point
 from returns_submit.client import Answer, BatchFailed, InferenceClient
@@ -406,10 +406,6 @@ class Runner:
             invocation={**self.invocation, "ended_at": ended},
             kubernetes=k8s_info.pod_info(),
             files={k: v for k, v in self.names.items() if k != "state"})
-
-
-RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "review_reason", "unfamiliar_score", "top_k",
-               "model_name", "model_version", "model_sha256")
 
 
 def _valid_result(r) -> bool:

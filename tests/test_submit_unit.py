@@ -1051,6 +1051,19 @@ def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
     assert meta["throughput"]["this_invocation_photos"] == 5 and meta["throughput"]["this_invocation_seconds"] > 0
 
 
+def test_the_journal_keeps_the_rule_and_runtime_that_answered_and_null_from_an_older_server(tmp_path):
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 8)
+    for name, rules in (("new", ("float", "int8")), ("old", (None,))):
+        with FakeInferenceServer(rules=rules) as s:
+            assert main(args(inbox, tmp_path / name, s.url, "--run-id", "j")) == 0
+            said = {p.name: s.predict(p.read_bytes()) for p in photos}
+        recs = read_jsonl(tmp_path / name / "run_j" / "predictions.jsonl")
+        assert {r["path"]: (r["rule"], r["runtime"]) for r in recs} == {
+            n: (a.get("rule"), a.get("runtime")) for n, a in said.items()}
+    assert not any("rule" in a for a in said.values())  # the older server named none: recorded as null
+
+
 def test_the_margin_between_the_top_two_classes():
     from returns_submit.outputs import top2_margin
 
