@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from array import array
 from collections import Counter
@@ -22,13 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
 from returns_model.results import (CLASS_ID, CONFIDENCE, LABEL, LOW_CONFIDENCE, MODEL_NAME, MODEL_SHA256,
-                                   MODEL_VERSION, NEEDS_REVIEW, NIGHT_DRIFT, REVIEW_REASON, REVIEW_REASONS, TOP_K,
-                                   UNFAMILIAR, UNFAMILIAR_SCORE)
+                                   MODEL_VERSION, NEEDS_REVIEW, NIGHT_DRIFT, REVIEW_REASON, REVIEW_REASONS, RULE,
+                                   TOP_K, UNFAMILIAR, UNFAMILIAR_SCORE)
 from returns_submit import drift
 from returns_submit.drift import bin_index
 from returns_submit.faults import fault_point
@@ -57,8 +58,14 @@ class Summary:
     labels: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     histogram: list = field(default_factory=lambda: [0] * (len(DEFAULT_EDGES) - 1))
-    reference_histogram: list | None = None
+    reference_histogram: list | None = None  # the night's confidences on the single reference's edges
+    by_rule: dict[str, drift.Tally] = field(default_factory=dict)  # drift.rule_key -> that rule's answers
     latencies_ms: array = field(default_factory=lambda: array("d"))
+
+    @property
+    def rules(self) -> dict[str, int]:
+        """Photos each rule answered (``unknown``: answers that name no rule)."""
+        return {key: t.classified for key, t in sorted(self.by_rule.items())}
 
     @property
     def seen(self) -> int:
@@ -83,6 +90,7 @@ class Summary:
                 "seen": self.seen, "classified": self.classified, "needs_review": self.needs_review,
                 "review_reasons": {r: self.review_reasons[r] for r in REVIEW_REASONS},
                 "unfamiliar": self.unfamiliar,
+                "rules": self.rules,
                 "rejected": self.rejected, "retried": self.retried,
                 "rejected_by_code": dict(sorted(self.rejected_by_code.items())),
             },
@@ -164,8 +172,12 @@ def review_order(items: list[dict]) -> list[dict]:
     return ordered
 
 
-def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None) -> Summary:
-    """One streaming pass over the journal files: counts and distributions, nothing written."""
+def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
+              edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
+    """One streaming pass over the journal files: counts and distributions, nothing written.
+
+    Each rule's answers are tallied apart, their confidences binned on ``edges_for(rule)``: the edges
+    of the reference they will be judged against (default ``reference_edges`` for every rule)."""
     s = Summary()
     if reference_edges:
         s.reference_histogram = [0] * (len(reference_edges) - 1)
@@ -174,7 +186,8 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         s.classified += 1
         conf = float(r.get(CONFIDENCE, 0.0))
         s.confidence_sum += conf
-        s.class_ids[int(r.get(CLASS_ID, -1))] += 1
+        class_id = int(r.get(CLASS_ID, -1))
+        s.class_ids[class_id] += 1
         s.labels[str(r.get(LABEL))] += 1
         s.models[(r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256))] += 1
         s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
@@ -189,7 +202,13 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         reasons = reasons_of(r)
         s.needs_review += bool(reasons)
         s.review_reasons.update(reasons)
-        s.unfamiliar += UNFAMILIAR in reasons
+        flagged = UNFAMILIAR in reasons
+        s.unfamiliar += flagged
+        key = drift.rule_key(r.get(RULE))
+        if key not in s.by_rule:
+            rule = None if r.get(RULE) is None else key
+            s.by_rule[key] = drift.Tally(rule, edges_for(rule) if edges_for else reference_edges)
+        s.by_rule[key].add(class_id, conf, flagged)
     for r in _records(rejected):
         s.rejected += 1
         s.rejected_by_code[str(r.get("code"))] += 1
@@ -270,7 +289,8 @@ ON_DRIFT = ("record", "review", "fail")
 
 @dataclass
 class Night:
-    """A run's records summarised, its drift judged, and what --on-drift makes of it."""
+    """A run's records summarised, its drift judged (each rule's answers against that rule's
+    reference), and what --on-drift makes of it."""
 
     summary: Summary
     drift: dict
@@ -283,14 +303,20 @@ class Night:
 
 def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], reference: Reference | None,
            drift_alpha: float, on_drift: str, merge: bool = False) -> Night:
-    """Summarise the journal files, judge the night's drift, then write the derived files
-    (with every photo sent to review when the night is off and --on-drift is `review`)."""
+    """Summarise the journal files, judge the night's drift rule by rule, then write the derived
+    files (with every photo sent to review when the night is off and --on-drift is `review`)."""
     if on_drift not in ON_DRIFT:
         raise ValueError(f"on_drift must be one of {ON_DRIFT}, not {on_drift!r}")
-    edges = reference.body.get("confidence_histogram", {}).get("edges") if reference else None
-    summary = summarize(predictions, rejected, edges)
-    judged = drift.summarize(reference, summary.class_ids, summary.reference_histogram, drift_alpha,
-                             unfamiliar=summary.unfamiliar, classified=summary.classified)
+    if reference is None:
+        summary = summarize(predictions, rejected, None)
+    else:
+        summary = summarize(predictions, rejected, drift.edges_of(reference.body),
+                            edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
+    judged = drift.judge_rules(reference, summary.by_rule, drift_alpha)
+    if judged["mixed_rules"]:
+        event("more than one rule answered this night (a rolling update, or servers on different machines); "
+              "each rule's answers are judged against its own reference", level=logging.WARNING,
+              rules=summary.rules)
     action = {"record": "recorded", "review": "all_to_review", "fail": "failed"}[on_drift] \
         if judged.get("drift") else "none"
     write_outputs(run_dir, predictions, rejected, all_to_review=action == "all_to_review", merge=merge)

@@ -239,6 +239,24 @@ def fake_reference(class_names=CLASSES, n: int = 5000, class_distribution=None) 
             "archive_content_sha256": "ab" * 32, "mar_sha256": "cd" * 32}
 
 
+def unlike_reference(n: int = 5000) -> dict:
+    """A reference body no night of the fake server resembles: one class in nine of ten photos, four
+    confidences in five above 0.9 (the fake's are spread evenly over 0.3 to 1) and a gate that flags
+    one photo in a thousand (the fake's flags 2%)."""
+    body = fake_reference(n=n, class_distribution=[0.91] + [0.01] * 9)["reference"]
+    body["confidence_histogram"]["counts"] = [0] * 7 + [n // 20, 3 * n // 20, 16 * n // 20]
+    body["unfamiliar_rate"] = 0.001
+    return body
+
+
+def fake_manifest(served_rule: str, **references: dict) -> dict:
+    """An archive manifest with each rule's reference in `references`; its single `reference` is the
+    one of the rule it serves on a CPU, as training/archive.py writes it."""
+    doc = fake_reference()
+    doc.update(served_rule=served_rule, reference=references[served_rule], references=references)
+    return doc
+
+
 # ---- a small volume that can be made full or read-only ------------------------------------
 
 class SmallVolume:
