@@ -38,7 +38,7 @@ from returns_submit.log import event
 
 # Columns are only ever appended: spreadsheets and scripts read them by position.
 CSV_COLUMNS = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, NEEDS_REVIEW, REVIEW_REASON, UNFAMILIAR_SCORE,
-               MODEL_NAME, MODEL_VERSION, MODEL_SHA256, "shard", "timestamp")
+               MODEL_NAME, MODEL_VERSION, MODEL_SHA256, "shard", "timestamp", RULE)
 DEFAULT_EDGES = [i / 10 for i in range(11)]
 
 
@@ -138,13 +138,14 @@ def reasons_of(r: dict) -> list[str]:
 def csv_row(r: dict, reasons: list[str]) -> list:
     row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get(LABEL), r.get(CLASS_ID),
            r.get(CONFIDENCE), str(bool(reasons)).lower(), "+".join(reasons), r.get(UNFAMILIAR_SCORE),
-           r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256), r.get("shard"), r.get("timestamp")]
+           r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256), r.get("shard"), r.get("timestamp"),
+           r.get(RULE)]
     return [spreadsheet_safe(v) for v in row]
 
 
 def review_item(r: dict, reasons: list[str]) -> dict:
     keys = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, UNFAMILIAR_SCORE, TOP_K, "archived_to",
-            MODEL_VERSION, "shard", "timestamp")
+            MODEL_VERSION, RULE, "shard", "timestamp")
     return {**{k: r[k] for k in keys if k in r}, REVIEW_REASON: reasons, "margin": top2_margin(r)}
 
 

@@ -1122,7 +1122,7 @@ def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
     for row in read_csv(tmp_path / "out" / "run_f" / "predictions.csv"):
         r = by_path[row["path"]]
         for col in ("sha256", "label", "class_id", "confidence", "unfamiliar_score", "model_name", "model_version",
-                    "model_sha256", "shard", "timestamp"):
+                    "model_sha256", "shard", "timestamp", "rule"):
             assert row[col] == str(r[col]), col
         assert row["needs_review"] == str(r["needs_review"]).lower() and row["review_reason"] == "+".join(
             r["review_reason"])
@@ -1142,6 +1142,28 @@ def test_the_journal_keeps_the_rule_and_runtime_that_answered_and_null_from_an_o
         assert {r["path"]: (r["rule"], r["runtime"]) for r in recs} == {
             n: (a.get("rule"), a.get("runtime")) for n, a in said.items()}
     assert not any("rule" in a for a in said.values())  # the older server named none: recorded as null
+
+
+def test_the_csv_appends_the_rule_column_and_review_items_name_the_rule(tmp_path):
+    """Columns are only appended (readers take them by position); an older server's photos have an
+    empty rule cell and a null rule in the queue."""
+    from returns_submit.outputs import CSV_COLUMNS
+
+    assert CSV_COLUMNS == ("path", "sha256", "label", "class_id", "confidence", "needs_review", "review_reason",
+                           "unfamiliar_score", "model_name", "model_version", "model_sha256", "shard", "timestamp",
+                           "rule")
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 40)
+    for name, rules in (("new", ("float", "int8")), ("old", (None,))):
+        with FakeInferenceServer(rules=rules) as s:
+            assert main(args(inbox, tmp_path / name, s.url, "--run-id", "c")) == 0
+            said = {p.name: s.predict(p.read_bytes()).get("rule") for p in photos}
+        run = tmp_path / name / "run_c"
+        assert {r["path"]: r["rule"] for r in read_csv(run / "predictions.csv")} == {
+            n: rule or "" for n, rule in said.items()}
+        queue = read_jsonl(run / "review_queue.jsonl")
+        assert queue and all(q["rule"] == said[q["path"]] for q in queue)
+    assert set(said.values()) == {None}
 
 
 def test_the_margin_between_the_top_two_classes():
