@@ -145,7 +145,7 @@ def _rule_references(doc: dict[str, Any], path: Path) -> dict[str, tuple[dict[st
     elif "arch" in doc:
         int8 = doc.get("int8")
         found = {FLOAT: (doc.get("reference"), "reference")}
-        if isinstance(int8, dict) and "reference" in int8:
+        if isinstance(int8, dict) and int8.get("reference"):  # empty or absent: ModelMeta.on_int8 uses the float one
             found[INT8] = (int8["reference"], "int8.reference")
     else:
         return {}

@@ -148,11 +148,14 @@ def test_read_reference_of_a_model_json_has_the_float_and_the_int8_rules_referen
     assert ref.for_rule("float") == RuleReference(float_body, "reference", fallback=False)
     assert ref.for_rule("int8") == RuleReference(int8_body, "int8.reference", fallback=False)
     assert ref.for_rule(None) == RuleReference(float_body, "reference", fallback=True)
-    del doc["int8"]["reference"]  # an int8 section without its own reference: its answers fall back
-    (tmp_path / "model.json").write_text(json.dumps(doc))
-    ref = read_reference(tmp_path)
-    assert ref.by_rule == {"float": float_body}
-    assert ref.for_rule("int8") == RuleReference(float_body, "reference", fallback=True)
+    for without in ({}, None):  # an int8 section without its own reference (empty or absent): its answers fall back
+        doc["int8"]["reference"] = without
+        if without is None:
+            del doc["int8"]["reference"]
+        (tmp_path / "model.json").write_text(json.dumps(doc))
+        ref = read_reference(tmp_path)
+        assert ref.by_rule == {"float": float_body}
+        assert ref.for_rule("int8") == RuleReference(float_body, "reference", fallback=True)
 
 
 def test_read_reference_of_a_manifest_reads_each_rules_reference_from_references(tmp_path):
