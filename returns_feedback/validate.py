@@ -19,6 +19,7 @@ from typing import Iterable
 from returns_feedback.decisions import (CODES, Decision, Parsed, Problem, check_hashes, check_labels,
                                         check_repeats, read_decisions)
 from returns_model.names import META_FILE
+from returns_model.results import LABEL, TOP_K
 
 
 class RunError(RuntimeError):
@@ -50,8 +51,8 @@ def read_runs(run_dirs: Iterable[Path]) -> RunPhotos:
                         continue  # a journal's torn last line: the submitter ignores it too
                     if isinstance(r, dict) and r.get("sha256"):
                         out.photos.setdefault(r["sha256"], run.name)
-                        out.class_names.add(str(r.get("label")))
-                        out.class_names.update(str(t.get("label")) for t in r.get("top_k") or [])
+                        out.class_names.add(str(r.get(LABEL)))
+                        out.class_names.update(str(t.get(LABEL)) for t in r.get(TOP_K) or [])
     out.class_names.discard("None")
     return out
 

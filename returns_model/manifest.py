@@ -1,5 +1,6 @@
 """The archive manifest (``artifact_manifest.json``) and the drift reference: hashes, the check
-before serving, and the one reader of the reference that the submitter compares a night against.
+before serving, and the one reader of the references that the submitter compares a night against
+(one per rule the archive can serve, and the single ``reference`` older readers know).
 
     returns-verify-archive /mnt/models      # exit 0 = verified, 1 = refused
 
@@ -12,11 +13,12 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from returns_model.names import MANIFEST_FILE, META_FILE
+from returns_model.results import FLOAT, INT8
 
 # Confidence histogram edges of the drift reference: most mass sits near 1, so the top is finely cut.
 REFERENCE_EDGES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0]
@@ -94,20 +96,70 @@ def make_reference(class_names: list[str], class_distribution: list[float], conf
 
 
 @dataclass(frozen=True)
+class RuleReference:
+    """The reference body that one rule's answers are judged against, and where in the file it is."""
+
+    body: dict[str, Any]
+    at: str  # its place in the file: "references.int8", "int8.reference", or "reference"
+    fallback: bool  # the file's single `reference`: it has none of the rule's own, or the answers name no rule
+
+
+@dataclass(frozen=True)
 class Reference:
     """A drift reference as read from a manifest or model.json, with where it came from and which
-    archive it describes (so a run can say whether the server answered with that archive)."""
+    archive it describes (so a run can say whether the server answered with that archive).
+
+    ``body`` is the file's single reference (a manifest's is the rule its archive serves on a CPU);
+    ``by_rule`` holds the references of each rule the file describes, empty in files written
+    before there were two rules, and ``by_rule_at`` where in the file each one is."""
 
     body: dict[str, Any]
     source: str
     archive_content_sha256: str | None = None
     mar_sha256: str | None = None
+    by_rule: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_rule_at: dict[str, str] = field(default_factory=dict)
+
+    def for_rule(self, rule: str | None) -> RuleReference:
+        """The body to judge ``rule``'s answers against: that rule's own reference where the file has
+        one, else (and for answers that name no rule, ``None``) the single ``reference``."""
+        if rule is not None and rule in self.by_rule:
+            return RuleReference(self.by_rule[rule], self.by_rule_at[rule], fallback=False)
+        return RuleReference(self.body, "reference", fallback=True)
+
+
+def _usable(body: object) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("class_distribution"), list)
+
+
+def _rule_references(doc: dict[str, Any], path: Path) -> dict[str, tuple[dict[str, Any], str]]:
+    """rule -> (body, place in the file): a manifest's ``references``, or a model.json's float
+    reference (top-level ``reference``) and int8 one (``int8.reference``). A model.json is known by
+    its ``arch``, which a manifest does not carry; its int8 section may lack a reference of its own."""
+    if "references" in doc:
+        refs = doc["references"]
+        if not isinstance(refs, dict):
+            raise ValueError(f"{path}: references must be an object mapping a rule ({FLOAT}, {INT8}) "
+                             f"to its reference, not {type(refs).__name__}")
+        found = {str(rule): (body, f"references.{rule}") for rule, body in refs.items()}
+    elif "arch" in doc:
+        int8 = doc.get("int8")
+        found = {FLOAT: (doc.get("reference"), "reference")}
+        if isinstance(int8, dict) and int8.get("reference"):  # empty or absent: ModelMeta.on_int8 uses the float one
+            found[INT8] = (int8["reference"], "int8.reference")
+    else:
+        return {}
+    for rule, (body, at) in found.items():
+        if not _usable(body):
+            raise ValueError(f"{path} has no {at}.class_distribution (the reference of the {rule} rule)")
+    return found
 
 
 def read_reference(path: Path) -> Reference:
-    """The reference of an artifact_manifest.json or model.json, or of a folder holding one.
+    """The references of an artifact_manifest.json or model.json, or of a folder holding one.
 
-    Raises OSError when unreadable and ValueError when the file has no usable reference.
+    Raises OSError when unreadable and ValueError when the file has no usable reference, or a
+    per-rule reference that is not one.
     """
     path = Path(path)
     if path.is_dir():
@@ -116,10 +168,12 @@ def read_reference(path: Path) -> Reference:
     if not isinstance(doc, dict):
         raise ValueError(f"{path} is not a JSON object")
     body = doc.get("reference", doc)
-    if not isinstance(body, dict) or not isinstance(body.get("class_distribution"), list):
+    if not _usable(body):
         raise ValueError(f"{path} has no reference.class_distribution")
+    rules = _rule_references(doc, path)
     return Reference(body=body, source=str(path), archive_content_sha256=doc.get("archive_content_sha256"),
-                     mar_sha256=doc.get("mar_sha256"))
+                     mar_sha256=doc.get("mar_sha256"), by_rule={r: b for r, (b, _) in rules.items()},
+                     by_rule_at={r: at for r, (_, at) in rules.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Drift of a night's predictions against the release model's validation reference.
+"""Drift of a night's predictions against the release model's validation reference, each rule's
+answers against that rule's own reference (`judge_rules`).
 
 Three signals: the class mix, the confidence histogram and the share of photos the server's gate
 flags as unfamiliar. Only the last two make a night "off" (`drift: true`): a changed class mix is
@@ -8,13 +9,18 @@ homogeneity (night vs reference counts), which accounts for the run's size: with
 photos and no drift at all, class-mix PSI already averages about (K-1)/n = 0.09, so a
 fixed PSI level (0.1, 0.25) would flag small nights by chance and miss drift in big ones.
 `psi_critical` is the PSI the same test would tolerate, for readers used to PSI.
+A model folder serves two rules (float and int8, each with its own temperature, threshold, gate and
+reference) and the machine decides which answers: a night is judged rule by rule, since one rule's
+answers are not expected to look like the other's validation answers.
 Stdlib only (the submitter image has no numpy/scipy).
 """
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 from returns_model.manifest import Reference
 
@@ -174,12 +180,15 @@ def unfamiliar_share(unfamiliar: int, classified: int, rate: float, alpha: float
 
 
 def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
-              alpha: float, unfamiliar: int | None = None, classified: int = 0) -> dict:
-    """The run_metadata `drift` object: per signal PSI, test and decision, and whether the night is off."""
+              alpha: float, unfamiliar: int | None = None, classified: int = 0, rule: str | None = None) -> dict:
+    """The drift of one rule's answers (``None``: answers naming no rule) against the reference that
+    ``ref.for_rule`` picks for it: per signal PSI, test and decision, and whether they are off.
+    ``confidence_counts`` are binned on that reference's histogram edges."""
     if ref is None:
         return {"available": False, "drift": None,
                 "reason": "no --reference given (artifact_manifest.json or model.json)"}
-    reference = ref.body
+    chosen = ref.for_rule(rule)
+    reference = chosen.body
     dist = reference["class_distribution"]
     n_ref = float(reference.get("n") or 0) or 1000.0
     expected = [p * n_ref for p in dist]
@@ -198,9 +207,76 @@ def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_co
     return {
         "available": True,
         "reference": ref.source,
+        "reference_body": chosen.at,
+        "reference_fallback": chosen.fallback,
         "method": "chi-square test of homogeneity vs the reference counts; PSI reported alongside",
         "signals": signals,
         "alerting_signals": [k for k in ALERTING if k in signals],
         "class_mix_shift": signals["class_mix"].get("drift"),
         "drift": any(flags) if flags else None,
     }
+
+
+# ---- a night's answers, rule by rule ------------------------------------------------------------
+
+NO_RULE = "unknown"  # where answers that name no rule (an older server's) are counted and judged
+
+
+def rule_key(rule: object) -> str:
+    """The name a rule's answers are counted and judged under."""
+    return NO_RULE if rule is None else str(rule)
+
+
+def edges_of(body: dict) -> list[float] | None:
+    """The confidence-histogram edges of a reference body; None when it has no histogram."""
+    return (body.get("confidence_histogram") or {}).get("edges")
+
+
+@dataclass
+class Tally:
+    """What the drift tests need of one rule's answers: how many, their class ids, their confidences
+    binned on the edges of the reference they are judged against, and how many the gate flagged."""
+
+    rule: str | None
+    edges: list[float] | None = None
+    classified: int = 0
+    unfamiliar: int = 0
+    class_ids: Counter = field(default_factory=Counter)
+    reference_histogram: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.edges and self.reference_histogram is None:
+            self.reference_histogram = [0] * (len(self.edges) - 1)
+
+    def add(self, class_id: int, confidence: float, unfamiliar: bool) -> None:
+        self.classified += 1
+        self.unfamiliar += unfamiliar
+        self.class_ids[class_id] += 1
+        if self.reference_histogram is not None:
+            self.reference_histogram[bin_index(confidence, self.edges)] += 1
+
+
+def _any_decided(flags: Iterable[bool | None]) -> bool | None:
+    decided = [f for f in flags if f is not None]
+    return any(decided) if decided else None
+
+
+def judge_rules(ref: Reference | None, tallies: dict[str, Tally], alpha: float) -> dict:
+    """The run_metadata `drift` object: each rule's answers judged against that rule's reference
+    (`by_rule`, keyed as `tallies`), and at the top the judgement of the rule that answered the most
+    photos (named in `rule`; ties by name), except that the night is off (`drift`) and its class mix
+    shifted (`class_mix_shift`) when any rule's answers are. A night answered by one rule thus says
+    at the top exactly what `by_rule` says of that rule; `mixed_rules` is true when more than one did."""
+    by_rule = {key: summarize(ref, t.class_ids, t.reference_histogram, alpha, unfamiliar=t.unfamiliar,
+                              classified=t.classified, rule=t.rule) for key, t in sorted(tallies.items())}
+    if by_rule:
+        main = min(by_rule, key=lambda k: (-tallies[k].classified, k))
+        top = {**by_rule[main], "rule": main}
+    else:  # no answers: every signal has too few photos, against the single reference
+        empty = Tally(None, edges_of(ref.body) if ref else None)
+        top = {**summarize(ref, {}, empty.reference_histogram, alpha, unfamiliar=0), "rule": None}
+    if len(by_rule) > 1:
+        top["drift"] = _any_decided(j["drift"] for j in by_rule.values())
+        if "class_mix_shift" in top:
+            top["class_mix_shift"] = _any_decided(j["class_mix_shift"] for j in by_rule.values())
+    return {**top, "by_rule": by_rule, "mixed_rules": len(by_rule) > 1}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from array import array
 from collections import Counter
@@ -22,20 +23,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
+from returns_model.results import (CLASS_ID, CONFIDENCE, LABEL, LOW_CONFIDENCE, MODEL_NAME, MODEL_SHA256,
+                                   MODEL_VERSION, NEEDS_REVIEW, NIGHT_DRIFT, REVIEW_REASON, REVIEW_REASONS, RULE,
+                                   TOP_K, UNFAMILIAR, UNFAMILIAR_SCORE)
 from returns_submit import drift
 from returns_submit.drift import bin_index
 from returns_submit.faults import fault_point
 from returns_submit.journal import blocking_lock, read_records, shard_file_names
 from returns_submit.log import event
 
-CSV_COLUMNS = ("path", "sha256", "label", "class_id", "confidence", "needs_review", "review_reason",
-               "unfamiliar_score", "model_name", "model_version", "model_sha256", "shard", "timestamp")
-# Why a photo goes to people: the server's reasons, and the night's when --on-drift review applies.
-REVIEW_REASONS = ("low_confidence", "unfamiliar", "night_drift")
+# Columns are only ever appended: spreadsheets and scripts read them by position.
+CSV_COLUMNS = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, NEEDS_REVIEW, REVIEW_REASON, UNFAMILIAR_SCORE,
+               MODEL_NAME, MODEL_VERSION, MODEL_SHA256, "shard", "timestamp", RULE)
 DEFAULT_EDGES = [i / 10 for i in range(11)]
 
 
@@ -55,8 +58,14 @@ class Summary:
     labels: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     histogram: list = field(default_factory=lambda: [0] * (len(DEFAULT_EDGES) - 1))
-    reference_histogram: list | None = None
+    reference_histogram: list | None = None  # the night's confidences on the single reference's edges
+    by_rule: dict[str, drift.Tally] = field(default_factory=dict)  # drift.rule_key -> that rule's answers
     latencies_ms: array = field(default_factory=lambda: array("d"))
+
+    @property
+    def rules(self) -> dict[str, int]:
+        """Photos each rule answered (``unknown``: answers that name no rule)."""
+        return {key: t.classified for key, t in sorted(self.by_rule.items())}
 
     @property
     def seen(self) -> int:
@@ -81,6 +90,7 @@ class Summary:
                 "seen": self.seen, "classified": self.classified, "needs_review": self.needs_review,
                 "review_reasons": {r: self.review_reasons[r] for r in REVIEW_REASONS},
                 "unfamiliar": self.unfamiliar,
+                "rules": self.rules,
                 "rejected": self.rejected, "retried": self.retried,
                 "rejected_by_code": dict(sorted(self.rejected_by_code.items())),
             },
@@ -91,7 +101,7 @@ class Summary:
             },
             "error_rate": round(self.error_rate, 6),
             "average_confidence": round(self.confidence_sum / self.classified, 6) if self.classified else None,
-            "low_confidence_rate": round(self.review_reasons["low_confidence"] / self.classified, 6)
+            "low_confidence_rate": round(self.review_reasons[LOW_CONFIDENCE] / self.classified, 6)
             if self.classified else None,
             "unfamiliar_rate": round(self.unfamiliar / self.classified, 6) if self.classified else None,
             "class_distribution": dict(sorted(self.labels.items())),
@@ -119,31 +129,32 @@ def spreadsheet_safe(value: object) -> object:
 
 def reasons_of(r: dict) -> list[str]:
     """A record's review reasons; a server without them (an older model) reviews on confidence alone."""
-    reasons = r.get("review_reason")
+    reasons = r.get(REVIEW_REASON)
     if isinstance(reasons, list):
         return [str(x) for x in reasons]
-    return ["low_confidence"] if r.get("needs_review") else []
+    return [LOW_CONFIDENCE] if r.get(NEEDS_REVIEW) else []
 
 
 def csv_row(r: dict, reasons: list[str]) -> list:
-    row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get("label"), r.get("class_id"),
-           r.get("confidence"), str(bool(reasons)).lower(), "+".join(reasons), r.get("unfamiliar_score"),
-           r.get("model_name"), r.get("model_version"), r.get("model_sha256"), r.get("shard"), r.get("timestamp")]
+    row = [printable_path(str(r.get("path"))), r.get("sha256"), r.get(LABEL), r.get(CLASS_ID),
+           r.get(CONFIDENCE), str(bool(reasons)).lower(), "+".join(reasons), r.get(UNFAMILIAR_SCORE),
+           r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256), r.get("shard"), r.get("timestamp"),
+           r.get(RULE)]
     return [spreadsheet_safe(v) for v in row]
 
 
 def review_item(r: dict, reasons: list[str]) -> dict:
-    keys = ("path", "sha256", "label", "class_id", "confidence", "unfamiliar_score", "top_k", "archived_to",
-            "model_version", "shard", "timestamp")
-    return {**{k: r[k] for k in keys if k in r}, "review_reason": reasons, "margin": top2_margin(r)}
+    keys = ("path", "sha256", LABEL, CLASS_ID, CONFIDENCE, UNFAMILIAR_SCORE, TOP_K, "archived_to",
+            MODEL_VERSION, RULE, "shard", "timestamp")
+    return {**{k: r[k] for k in keys if k in r}, REVIEW_REASON: reasons, "margin": top2_margin(r)}
 
 
 def top2_margin(r: dict) -> float:
     """The calibrated probability of the top class minus the runner-up's (1.0 when only one is known):
     a small margin is a photo whose decision moves the boundary between two classes."""
-    probs = sorted((float(t.get("probability", 0.0)) for t in r.get("top_k") or []), reverse=True)
+    probs = sorted((float(t.get("probability", 0.0)) for t in r.get(TOP_K) or []), reverse=True)
     if not probs:
-        probs = [float(r.get("confidence") or 0.0)]
+        probs = [float(r.get(CONFIDENCE) or 0.0)]
     return round(probs[0] - (probs[1] if len(probs) > 1 else 0.0), 6)
 
 
@@ -155,26 +166,31 @@ def review_order(items: list[dict]) -> list[dict]:
     between the top two classes (the model's own uncertainty), ties broken by hash so the order is
     reproducible. ``priority`` is the 1-based rank: a team with a budget of N reviews takes 1..N.
     """
-    ordered = sorted(items, key=lambda it: ("unfamiliar" not in it.get("review_reason", []),
+    ordered = sorted(items, key=lambda it: (UNFAMILIAR not in it.get(REVIEW_REASON, []),
                                             it.get("margin", 1.0), str(it.get("sha256"))))
     for rank, it in enumerate(ordered, 1):
         it["priority"] = rank
     return ordered
 
 
-def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None) -> Summary:
-    """One streaming pass over the journal files: counts and distributions, nothing written."""
+def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
+              edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
+    """One streaming pass over the journal files: counts and distributions, nothing written.
+
+    Each rule's answers are tallied apart, their confidences binned on ``edges_for(rule)``: the edges
+    of the reference they will be judged against (default ``reference_edges`` for every rule)."""
     s = Summary()
     if reference_edges:
         s.reference_histogram = [0] * (len(reference_edges) - 1)
     last_batch = None
     for r in _records(predictions):
         s.classified += 1
-        conf = float(r.get("confidence", 0.0))
+        conf = float(r.get(CONFIDENCE, 0.0))
         s.confidence_sum += conf
-        s.class_ids[int(r.get("class_id", -1))] += 1
-        s.labels[str(r.get("label"))] += 1
-        s.models[(r.get("model_name"), r.get("model_version"), r.get("model_sha256"))] += 1
+        class_id = int(r.get(CLASS_ID, -1))
+        s.class_ids[class_id] += 1
+        s.labels[str(r.get(LABEL))] += 1
+        s.models[(r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256))] += 1
         s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
         if s.reference_histogram is not None:
             s.reference_histogram[bin_index(conf, reference_edges)] += 1
@@ -187,7 +203,13 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         reasons = reasons_of(r)
         s.needs_review += bool(reasons)
         s.review_reasons.update(reasons)
-        s.unfamiliar += "unfamiliar" in reasons
+        flagged = UNFAMILIAR in reasons
+        s.unfamiliar += flagged
+        key = drift.rule_key(r.get(RULE))
+        if key not in s.by_rule:
+            rule = None if r.get(RULE) is None else key
+            s.by_rule[key] = drift.Tally(rule, edges_for(rule) if edges_for else reference_edges)
+        s.by_rule[key].add(class_id, conf, flagged)
     for r in _records(rejected):
         s.rejected += 1
         s.rejected_by_code[str(r.get("code"))] += 1
@@ -212,7 +234,7 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
         writer = csv.writer(fcsv)
         writer.writerow(CSV_COLUMNS)
         for r in _records(predictions):
-            reasons = reasons_of(r) + (["night_drift"] if all_to_review else [])
+            reasons = reasons_of(r) + ([NIGHT_DRIFT] if all_to_review else [])
             writer.writerow(csv_row(r, reasons))
             fault_point("during_manifest_rewrite")  # test-only: returns_submit/faults.py
             if reasons:
@@ -268,7 +290,8 @@ ON_DRIFT = ("record", "review", "fail")
 
 @dataclass
 class Night:
-    """A run's records summarised, its drift judged, and what --on-drift makes of it."""
+    """A run's records summarised, its drift judged (each rule's answers against that rule's
+    reference), and what --on-drift makes of it."""
 
     summary: Summary
     drift: dict
@@ -281,19 +304,25 @@ class Night:
 
 def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], reference: Reference | None,
            drift_alpha: float, on_drift: str, merge: bool = False) -> Night:
-    """Summarise the journal files, judge the night's drift, then write the derived files
-    (with every photo sent to review when the night is off and --on-drift is `review`)."""
+    """Summarise the journal files, judge the night's drift rule by rule, then write the derived
+    files (with every photo sent to review when the night is off and --on-drift is `review`)."""
     if on_drift not in ON_DRIFT:
         raise ValueError(f"on_drift must be one of {ON_DRIFT}, not {on_drift!r}")
-    edges = reference.body.get("confidence_histogram", {}).get("edges") if reference else None
-    summary = summarize(predictions, rejected, edges)
-    judged = drift.summarize(reference, summary.class_ids, summary.reference_histogram, drift_alpha,
-                             unfamiliar=summary.unfamiliar, classified=summary.classified)
+    if reference is None:
+        summary = summarize(predictions, rejected, None)
+    else:
+        summary = summarize(predictions, rejected, drift.edges_of(reference.body),
+                            edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
+    judged = drift.judge_rules(reference, summary.by_rule, drift_alpha)
+    if judged["mixed_rules"]:
+        event("more than one rule answered this night (a rolling update, or servers on different machines); "
+              "each rule's answers are judged against its own reference", level=logging.WARNING,
+              rules=summary.rules)
     action = {"record": "recorded", "review": "all_to_review", "fail": "failed"}[on_drift] \
         if judged.get("drift") else "none"
     write_outputs(run_dir, predictions, rejected, all_to_review=action == "all_to_review", merge=merge)
     if action == "all_to_review":
-        summary.review_reasons["night_drift"] = summary.classified
+        summary.review_reasons[NIGHT_DRIFT] = summary.classified
         summary.needs_review = summary.classified
     return Night(summary, {**judged, "on_drift": on_drift, "action": action}, action)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from returns_model.manifest import Reference, read_reference
+from returns_model.results import CLASS_ID, CONFIDENCE, LABEL, RESULT_KEYS
 from returns_submit import k8s_info, outputs
 from returns_submit.faults import fault_point
 from returns_submit.client import Answer, BatchFailed, InferenceClient
@@ -305,7 +306,7 @@ class Runner:
             if good:
                 rec = {**base, **{k: result.get(k) for k in RESULT_KEYS}, **common, **meta}
                 if cfg.after == "move":
-                    rel_dest = f"{self.state['run_date']}/{safe_component(str(result['label']))}/{photo.rel}"
+                    rel_dest = f"{self.state['run_date']}/{safe_component(str(result[LABEL]))}/{photo.rel}"
                     rec["archived_to"] = plan(self.archive_root, rel_dest, taken)
                     moves.append((photo.rel, self.archive_root / rec["archived_to"]))
                 preds.append(rec)
@@ -407,13 +408,9 @@ class Runner:
             files={k: v for k, v in self.names.items() if k != "state"})
 
 
-RESULT_KEYS = ("label", "class_id", "confidence", "needs_review", "review_reason", "unfamiliar_score", "top_k",
-               "model_name", "model_version", "model_sha256")
-
-
 def _valid_result(r) -> bool:
-    return (isinstance(r, dict) and "error" not in r and isinstance(r.get("label"), str)
-            and isinstance(r.get("class_id"), int) and isinstance(r.get("confidence"), (int, float)))
+    return (isinstance(r, dict) and "error" not in r and isinstance(r.get(LABEL), str)
+            and isinstance(r.get(CLASS_ID), int) and isinstance(r.get(CONFIDENCE), (int, float)))
 
 
 def _blank_png(size: int = 28) -> bytes:

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from returns_model.names import MAX_INSTANCES
+from returns_model.results import EAGER, FLOAT, INT8, ONNXRUNTIME
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -64,12 +65,18 @@ class FakeInferenceServer:
     `{"error": ...}` for bytes that are not an image. Knobs for faults:
     fail_first (HTTP statuses to answer before the real answers, e.g. [503, 503]),
     delay_s, max_instances, token, poison (bytes that make any batch holding them fail 500),
-    fail_after (every request after the first n fails 500: a server gone bad)."""
+    fail_after (every request after the first n fails 500: a server gone bad). ``rules``: the rule
+    that answers a photo, drawn from its hash (two rules: a night during a rolling update; None: an
+    older server, which names neither rule nor runtime)."""
+
+    RUNTIME_OF = {FLOAT: EAGER, INT8: ONNXRUNTIME}
 
     def __init__(self, model: str = "returns-classifier", *, fail_first=(), delay_s: float = 0.0,
                  max_instances: int = MAX_INSTANCES, token: str | None = None, poison: bytes | None = None,
-                 wrong_length: bool = False, fail_after: int | None = None, unfamiliar_share: float = 0.02):
+                 wrong_length: bool = False, fail_after: int | None = None, unfamiliar_share: float = 0.02,
+                 rules: tuple[str | None, ...] = (FLOAT,)):
         self.model = model
+        self.rules = rules
         self.unfamiliar_share = unfamiliar_share  # share of photos the fake gate flags
         self.fail_first = list(fail_first)
         self.delay_s = delay_s
@@ -161,11 +168,13 @@ class FakeInferenceServer:
         conf = 0.3 + 0.7 * h[1] / 255
         unfamiliar = int.from_bytes(h[2:4], "big") / 65536 < self.unfamiliar_share
         reasons = [r for r, on in (("low_confidence", conf < 0.6), ("unfamiliar", unfamiliar)) if on]
+        rule = self.rules[h[4] % len(self.rules)]
         return {"label": CLASSES[cid], "class_id": cid, "confidence": round(conf, 4),
                 "needs_review": bool(reasons), "review_reason": reasons,
                 "unfamiliar_score": 2.0 if unfamiliar else 0.1,
                 "top_k": [{"label": CLASSES[cid], "class_id": cid, "probability": round(conf, 4)}],
-                "model_name": self.model, "model_version": "1.0", "model_sha256": self.sha}
+                "model_name": self.model, "model_version": "1.0", "model_sha256": self.sha,
+                **({"rule": rule, "runtime": self.RUNTIME_OF[rule]} if rule is not None else {})}
 
 
 # ---- running the submitter and reading what it wrote ------------------------------------
@@ -228,6 +237,24 @@ def fake_reference(class_names=CLASSES, n: int = 5000, class_distribution=None) 
                           "confidence_histogram": {"edges": edges, "counts": [0, 0, 0] + [n // 7] * 7},
                           "unfamiliar_rate": 0.02},
             "archive_content_sha256": "ab" * 32, "mar_sha256": "cd" * 32}
+
+
+def unlike_reference(n: int = 5000) -> dict:
+    """A reference body no night of the fake server resembles: one class in nine of ten photos, four
+    confidences in five above 0.9 (the fake's are spread evenly over 0.3 to 1) and a gate that flags
+    one photo in a thousand (the fake's flags 2%)."""
+    body = fake_reference(n=n, class_distribution=[0.91] + [0.01] * 9)["reference"]
+    body["confidence_histogram"]["counts"] = [0] * 7 + [n // 20, 3 * n // 20, 16 * n // 20]
+    body["unfamiliar_rate"] = 0.001
+    return body
+
+
+def fake_manifest(served_rule: str, **references: dict) -> dict:
+    """An archive manifest with each rule's reference in `references`; its single `reference` is the
+    one of the rule it serves on a CPU, as training/archive.py writes it."""
+    doc = fake_reference()
+    doc.update(served_rule=served_rule, reference=references[served_rule], references=references)
+    return doc
 
 
 # ---- a small volume that can be made full or read-only ------------------------------------

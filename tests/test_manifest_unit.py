@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from returns_model.manifest import (REFERENCE_EDGES, ArchiveRefused, content_digest, main, make_reference,
-                                    read_reference, sha256_file, tree_hashes, verify)
+from returns_model.manifest import (REFERENCE_EDGES, ArchiveRefused, RuleReference, content_digest, main,
+                                    make_reference, read_reference, sha256_file, tree_hashes, verify)
 
 
 def model_root(tmp_path: Path, mar: bytes = b"PK fake archive", **overrides) -> Path:
@@ -130,6 +130,71 @@ def test_read_reference_refuses_files_without_one(tmp_path, doc, message):
     with pytest.raises(ValueError, match=message) as e:
         read_reference(tmp_path / "r.json")
     assert str(tmp_path / "r.json") in str(e.value)  # the message names the file
+
+
+def ref_body(*mix: float, source: str = "val") -> dict:
+    return {"n": 100, "source": source, "class_distribution": list(mix)}
+
+
+def test_read_reference_of_a_model_json_has_the_float_and_the_int8_rules_reference(tmp_path):
+    """A model.json (known by its arch) holds the float rule's reference at the top and the int8
+    rule's in its int8 section; answers naming no rule are judged against the top-level one."""
+    float_body, int8_body = ref_body(0.5, 0.5, source="float"), ref_body(0.9, 0.1, source="int8")
+    doc = {"arch": {"name": "small_cnn"}, "reference": float_body, "int8": {"file": "model.int8.onnx",
+                                                                             "reference": int8_body}}
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    ref = read_reference(tmp_path / "model.json")
+    assert ref.by_rule == {"float": float_body, "int8": int8_body} and ref.body == float_body
+    assert ref.for_rule("float") == RuleReference(float_body, "reference", fallback=False)
+    assert ref.for_rule("int8") == RuleReference(int8_body, "int8.reference", fallback=False)
+    assert ref.for_rule(None) == RuleReference(float_body, "reference", fallback=True)
+    for without in ({}, None):  # an int8 section without its own reference (empty or absent): its answers fall back
+        doc["int8"]["reference"] = without
+        if without is None:
+            del doc["int8"]["reference"]
+        (tmp_path / "model.json").write_text(json.dumps(doc))
+        ref = read_reference(tmp_path)
+        assert ref.by_rule == {"float": float_body}
+        assert ref.for_rule("int8") == RuleReference(float_body, "reference", fallback=True)
+
+
+def test_read_reference_of_a_manifest_reads_each_rules_reference_from_references(tmp_path):
+    float_body, int8_body = ref_body(0.5, 0.5, source="float"), ref_body(0.9, 0.1, source="int8")
+    manifest = {"served_rule": "int8", "reference": int8_body, "references": {"float": float_body, "int8": int8_body},
+                "archive_content_sha256": "ab" * 32, "mar_sha256": "cd" * 32, "mar_file": "model-store/x.mar"}
+    (tmp_path / "artifact_manifest.json").write_text(json.dumps(manifest))
+    ref = read_reference(tmp_path)
+    assert ref.body == int8_body and ref.by_rule == {"float": float_body, "int8": int8_body}
+    assert ref.for_rule("float") == RuleReference(float_body, "references.float", fallback=False)
+    assert ref.for_rule("int8") == RuleReference(int8_body, "references.int8", fallback=False)
+    assert ref.for_rule(None).fallback and ref.for_rule(None).body == int8_body
+    manifest["references"] = {"float": float_body}  # a rule the archive cannot serve: the single reference
+    (tmp_path / "artifact_manifest.json").write_text(json.dumps(manifest))
+    assert read_reference(tmp_path).for_rule("int8") == RuleReference(int8_body, "reference", fallback=True)
+
+
+def test_a_file_without_per_rule_references_judges_every_rule_against_its_one_reference(tmp_path):
+    single = ref_body(0.5, 0.5)
+    (tmp_path / "artifact_manifest.json").write_text(json.dumps({"reference": single, "mar_sha256": "cd" * 32}))
+    ref = read_reference(tmp_path)
+    assert ref.by_rule == {} and ref.body == single
+    assert {r: ref.for_rule(r) for r in ("float", "int8", None)} == {
+        r: RuleReference(single, "reference", fallback=True) for r in ("float", "int8", None)}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"reference": {"class_distribution": [1.0]}, "references": [1]},
+     "references must be an object mapping a rule \\(float, int8\\) to its reference, not list"),
+    ({"reference": {"class_distribution": [1.0]}, "references": {"int8": {"n": 3}}},
+     "has no references.int8.class_distribution \\(the reference of the int8 rule\\)"),
+    ({"arch": {}, "reference": {"class_distribution": [1.0]}, "int8": {"reference": "x"}},
+     "has no int8.reference.class_distribution \\(the reference of the int8 rule\\)"),
+])
+def test_read_reference_refuses_a_per_rule_reference_that_is_not_one(tmp_path, doc, message):
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message) as e:
+        read_reference(tmp_path / "r.json")
+    assert str(e.value).startswith(str(tmp_path / "r.json"))
 
 
 def test_read_reference_of_a_folder_without_either_file_is_an_os_error(tmp_path):

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -64,7 +65,8 @@ def test_the_summary_is_what_the_records_say(tmp_path):
     # Every count and distribution of run_metadata.json, recomputed here from the records alone.
     rng = random.Random(5)
     recs = [{**record(f"p{i}.png", i), "confidence": rng.random(), "attempts": rng.choice([1, 1, 2, 3]),
-             "batch": f"1-{i // 7}", "request_ms": 10.0 + (i // 7) * 3} for i in range(60)]
+             "batch": f"1-{i // 7}", "request_ms": 10.0 + (i // 7) * 3, "class_id": i % 10,
+             "rule": rng.choice(["float", "int8", None])} for i in range(60)]
     del recs[0]["attempts"]  # a record without the field was sent once
     recs[1].update(model_version="0.9", model_sha256="cd" * 32)
     rejected = [{"path": "r1", "code": "not_an_image", "attempts": 2}, {"path": "r2", "code": "not_an_image"},
@@ -80,6 +82,15 @@ def test_the_summary_is_what_the_records_say(tmp_path):
                                             "counts": [tenths.count(b) for b in range(10)]}
     ref_bins = [sum(lo <= r["confidence"] < hi for r in recs) for lo, hi in zip(ref_edges, ref_edges[1:])]
     assert s.reference_histogram == ref_bins
+    rules = Counter("unknown" if r["rule"] is None else r["rule"] for r in recs)
+    assert body["counts"]["rules"] == dict(sorted(rules.items())) and sum(rules.values()) == 60
+    # Each rule's tally is its own records' share of the night's (here all on the same edges).
+    for key, t in s.by_rule.items():
+        mine = [r for r in recs if ("unknown" if r["rule"] is None else r["rule"]) == key]
+        assert t.class_ids == Counter(r["class_id"] for r in mine) and t.classified == len(mine)
+        assert t.reference_histogram == [sum(lo <= r["confidence"] < hi for r in mine)
+                                         for lo, hi in zip(ref_edges, ref_edges[1:])]
+    assert sum((t.class_ids for t in s.by_rule.values()), Counter()) == s.class_ids
     per_batch = sorted({r["batch"]: r["request_ms"] for r in recs}.values())  # one latency per request
     assert body["latency_ms"] == {"requests": 9, "p50": per_batch[4], "p95": per_batch[8], "p99": per_batch[8]}
     assert body["model"]["models_seen"] == [

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ from returns_submit.cli import main
 from returns_submit.client import InferenceClient
 from returns_submit.errors import ProtocolError
 from returns_submit.journal import blocking_lock
-from tests.submit_fixtures import (submit_args, CLASSES, FakeInferenceServer, SmallVolume, fake_reference, log_events,
+from tests.submit_fixtures import (submit_args, CLASSES, FakeInferenceServer, SmallVolume, fake_manifest,
+                                   fake_reference, log_events,
                                    read_csv,
                                    read_jsonl,
+                                   unlike_reference,
                                    write_photos)
 
 
@@ -309,6 +312,30 @@ def test_the_merged_run_says_what_one_unsharded_run_says(tmp_path, server, refer
     assert ms["shards"] == shards
     assert ms["started_at"] == min(x["started_at"] for x in shards)
     assert (s / "_SUCCESS").read_text() == "run_s\n" and (two / "LATEST").read_text() == "run_s\n"
+
+
+def test_the_merged_run_of_a_night_two_rules_answered_counts_and_judges_each_rule_as_one_run_would(tmp_path):
+    """Both rules answer (a rolling update); each shard and the merged run count photos per rule and
+    judge each rule's answers against its own reference, and the merge says what one unsharded run says."""
+    ref = tmp_path / "manifest.json"
+    ref.write_text(json.dumps(fake_manifest("int8", float=fake_reference()["reference"], int8=unlike_reference())))
+    inbox = tmp_path / "a" / "inbox"
+    write_photos(inbox, 160)
+    shutil.copytree(inbox, tmp_path / "b" / "inbox")
+    one, two = tmp_path / "one", tmp_path / "two"
+    with FakeInferenceServer(rules=("float", "int8")) as s:
+        assert main(submit_args(inbox, one, s.url, "--run-id", "u", "--after", "keep", "--reference", str(ref),
+                                "--on-drift", "record")) == 8
+        assert run_sharded(tmp_path / "b" / "inbox", two, s.url, "--reference", str(ref), "--on-drift", "record") \
+            == [8, 8]
+    mu, ms = metadata(one, "u"), metadata(two, "s")
+    answered = Counter(r["rule"] for r in read_jsonl(two / "run_s" / "predictions.jsonl"))
+    shards = [Counter(shard["counts"]["rules"]) for shard in ms["shards"]]
+    assert ms["counts"]["rules"] == mu["counts"]["rules"] == dict(answered) == dict(shards[0] + shards[1])
+    assert set(answered) == {"float", "int8"} and all(set(c) == {"float", "int8"} for c in shards)
+    assert ms["drift"]["mixed_rules"] is True and ms["drift"]["by_rule"] == mu["drift"]["by_rule"]
+    assert ms["drift"]["by_rule"]["float"]["drift"] is False and ms["drift"]["by_rule"]["int8"]["drift"] is True
+    assert ms["drift"] == mu["drift"] and ms["night_off"] is True
 
 
 def test_only_the_last_shard_publishes_and_it_says_so(tmp_path, server, monkeypatch):

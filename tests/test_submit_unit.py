@@ -22,6 +22,7 @@ import pytest
 from tests.submit_fixtures import (submit_args, 
     REPO,
     FakeInferenceServer,
+    fake_manifest,
     fake_reference,
     log_events,
     read_csv,
@@ -29,6 +30,7 @@ from tests.submit_fixtures import (submit_args,
     recorded_paths,
     run_submit,
     submit_cmd,
+    unlike_reference,
     write_photos,
 )
 
@@ -309,6 +311,30 @@ def test_compare_keeps_a_bin_with_a_single_reference_photo_and_decides_p_below_a
     assert got["df"] == 1  # the first bin (0 photos tonight, 1 in the reference) is a column of its own
     at = drift.compare([12.0, 8.0], [50.0, 50.0], alpha=0.5)
     assert drift.compare([12.0, 8.0], [50.0, 50.0], alpha=at["p_value"])["drift"] is False  # p = alpha: no drift
+
+
+def test_judge_rules_shows_the_largest_rule_at_the_top_and_the_night_is_off_when_any_rule_is():
+    from returns_model.manifest import Reference
+
+    single, unlike = fake_reference()["reference"], unlike_reference()
+    ref = Reference(single, "m.json", by_rule={"int8": unlike}, by_rule_at={"int8": "references.int8"})
+    tallies = {}
+    for rule, n in (("float", 120), ("int8", 100), (None, 10)):
+        t = tallies[drift.rule_key(rule)] = drift.Tally(rule, drift.edges_of(ref.for_rule(rule).body))
+        for i in range(n):
+            t.add(i % 10, 0.3 + 0.7 * (i % 7 + 0.5) / 7, i == 0)
+    got = drift.judge_rules(ref, tallies, alpha=0.01)
+    by_rule = got["by_rule"]
+    assert list(by_rule) == ["float", "int8", "unknown"] and got["mixed_rules"] is True
+    assert [by_rule[k]["reference_body"] for k in by_rule] == ["reference", "references.int8", "reference"]
+    assert [by_rule[k]["reference_fallback"] for k in by_rule] == [True, False, True]
+    assert [by_rule[k]["drift"] for k in by_rule] == [False, True, None]  # 10 photos: too few to judge
+    assert got["rule"] == "float" and got["signals"] == by_rule["float"]["signals"]
+    assert got["drift"] is True and got["class_mix_shift"] is True  # the int8 answers' class mix shifted
+    alone = drift.judge_rules(ref, {"float": tallies["float"]}, alpha=0.01)
+    assert {k: alone[k] for k in by_rule["float"]} == by_rule["float"] and alone["mixed_rules"] is False
+    assert drift.judge_rules(None, tallies, 0.01)["by_rule"]["int8"] == {
+        "available": False, "drift": None, "reason": "no --reference given (artifact_manifest.json or model.json)"}
 
 
 # ---- the HTTP client ------------------------------------------------------------------------
@@ -877,6 +903,7 @@ def test_an_empty_inbox_is_a_complete_run(tmp_path, server):
     meta = json.loads((run / "run_metadata.json").read_text())
     assert meta["counts"]["seen"] == 0 and meta["error_rate"] == 0.0 and meta["average_confidence"] is None
     assert meta["drift"]["signals"]["class_mix"]["drift"] is None  # too few photos to judge
+    assert meta["counts"]["rules"] == {} and meta["drift"]["by_rule"] == {} and meta["drift"]["mixed_rules"] is False
     assert read_csv(run / "predictions.csv") == [] and (run / "_SUCCESS").exists()
 
 
@@ -899,13 +926,13 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path, server
 
 # ---- nights that are off --------------------------------------------------------------------------
 
-def _night(tmp_path, share: float, *extra: str, reference: dict | None = None):
+def _night(tmp_path, share: float, *extra: str, reference: dict | None = None, rules=("float",)):
     inbox = tmp_path / "inbox"
     write_photos(inbox, 300)
     ref = tmp_path / "artifact_manifest.json"
     ref.write_text(json.dumps(reference or fake_reference()))
     out = tmp_path / "out"
-    with FakeInferenceServer(unfamiliar_share=share) as s:
+    with FakeInferenceServer(unfamiliar_share=share, rules=rules) as s:
         code = main(args(inbox, out, s.url, "--run-id", "n", "--reference", str(ref), *extra))
     run = out / "run_n"
     return code, run, json.loads((run / "run_metadata.json").read_text()), out
@@ -972,6 +999,59 @@ def test_a_new_class_mix_alone_is_a_wave_of_returns_not_a_fault(tmp_path):
     code, run, meta, _ = _night(tmp_path, 0.02, reference=fake_reference(class_distribution=skewed))
     assert meta["drift"]["signals"]["class_mix"]["drift"] is True and meta["drift"]["class_mix_shift"] is True
     assert code == 0 and meta["night_off"] is False and meta["drift"]["drift"] is False
+
+
+def test_a_float_night_is_judged_against_the_float_reference_not_the_one_the_archive_serves(tmp_path):
+    """The archive serves int8 on a CPU, so its single reference is the int8 rule's, unlike anything
+    the fake server answers; a night the float rule answered is judged against the float reference
+    and is not off. The same photos answered by the int8 rule are judged against the int8 one: off."""
+    manifest = fake_manifest("int8", float=fake_reference()["reference"], int8=unlike_reference())
+    code, _, meta, _ = _night(tmp_path / "float", 0.02, reference=manifest, rules=("float",))
+    judged = meta["drift"]["by_rule"]["float"]
+    assert code == 0 and meta["night_off"] is False and judged["drift"] is False
+    assert (judged["reference_body"], judged["reference_fallback"]) == ("references.float", False)
+    assert meta["counts"]["rules"] == {"float": 300} and set(meta["drift"]["by_rule"]) == {"float"}
+    assert {k: meta["drift"][k] for k in judged} == judged and meta["drift"]["rule"] == "float"
+    assert meta["drift"]["mixed_rules"] is False
+    code, _, meta, _ = _night(tmp_path / "int8", 0.02, reference=manifest, rules=("int8",))
+    judged = meta["drift"]["by_rule"]["int8"]
+    assert code == 8 and meta["night_off"] is True and judged["signals"]["confidence"]["drift"] is True
+    assert (judged["reference_body"], judged["reference_fallback"]) == ("references.int8", False)
+    assert {k: meta["drift"][k] for k in judged} == judged and meta["counts"]["rules"] == {"int8": 300}
+
+
+def test_a_night_two_rules_answered_judges_each_against_its_own_reference_and_says_so(tmp_path, capsys):
+    """A rolling update: some photos answered by the float rule, some by the int8 rule. Each rule's
+    answers get their own judgement; the int8 rule's drift from its reference, so the night is off."""
+    manifest = fake_manifest("int8", float=fake_reference()["reference"], int8=unlike_reference())
+    code, run, meta, _ = _night(tmp_path, 0.02, "--on-drift", "record", reference=manifest,
+                                rules=("float", "int8"))
+    answered = Counter(r["rule"] for r in read_jsonl(run / "predictions.jsonl"))
+    assert meta["counts"]["rules"] == dict(answered) and set(answered) == {"float", "int8"}
+    assert min(answered.values()) > 100 and sum(answered.values()) == 300
+    d = meta["drift"]
+    assert d["mixed_rules"] is True and set(d["by_rule"]) == {"float", "int8"}
+    assert d["by_rule"]["float"]["drift"] is False and d["by_rule"]["int8"]["drift"] is True
+    assert [d["by_rule"][r]["reference_body"] for r in ("float", "int8")] == ["references.float", "references.int8"]
+    assert [d["by_rule"][r]["signals"]["class_mix"]["n"] for r in ("float", "int8")] == \
+        [answered["float"], answered["int8"]]
+    assert code == 8 and d["drift"] is True and meta["night_off"] is True and d["action"] == "recorded"
+    top = d["rule"]  # the top-level signals are those of the rule that answered most photos
+    assert answered[top] == max(answered.values()) and d["signals"] == d["by_rule"][top]["signals"]
+    warned = [e for e in log_events(capsys.readouterr().err) if e.get("rules")]
+    assert warned and warned[0]["level"] == "warning" and warned[0]["rules"] == dict(answered)
+    assert "more than one rule answered this night" in warned[0]["msg"]
+
+
+def test_answers_that_name_no_rule_are_judged_against_the_single_reference(tmp_path):
+    """An older server names no rule: its answers count as `unknown` and are judged against the
+    file's single reference (the rule the archive serves on a CPU, here int8's), not the float one."""
+    manifest = fake_manifest("int8", float=fake_reference()["reference"], int8=unlike_reference())
+    code, _, meta, _ = _night(tmp_path, 0.02, "--on-drift", "record", reference=manifest, rules=(None,))
+    judged = meta["drift"]["by_rule"]["unknown"]
+    assert meta["counts"]["rules"] == {"unknown": 300} and set(meta["drift"]["by_rule"]) == {"unknown"}
+    assert (judged["reference_body"], judged["reference_fallback"]) == ("reference", True)
+    assert code == 8 and judged["drift"] is True and {k: meta["drift"][k] for k in judged} == judged
 
 
 def test_the_unfamiliar_share_test_is_exact_for_small_nights():
@@ -1042,13 +1122,48 @@ def test_every_record_carries_the_documented_fields_with_their_values(tmp_path):
     for row in read_csv(tmp_path / "out" / "run_f" / "predictions.csv"):
         r = by_path[row["path"]]
         for col in ("sha256", "label", "class_id", "confidence", "unfamiliar_score", "model_name", "model_version",
-                    "model_sha256", "shard", "timestamp"):
+                    "model_sha256", "shard", "timestamp", "rule"):
             assert row[col] == str(r[col]), col
         assert row["needs_review"] == str(r["needs_review"]).lower() and row["review_reason"] == "+".join(
             r["review_reason"])
     meta = json.loads((tmp_path / "out" / "run_f" / "run_metadata.json").read_text())
     assert set(meta["throughput"]) == {"this_invocation_photos", "this_invocation_seconds", "images_per_second"}
     assert meta["throughput"]["this_invocation_photos"] == 5 and meta["throughput"]["this_invocation_seconds"] > 0
+
+
+def test_the_journal_keeps_the_rule_and_runtime_that_answered_and_null_from_an_older_server(tmp_path):
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 8)
+    for name, rules in (("new", ("float", "int8")), ("old", (None,))):
+        with FakeInferenceServer(rules=rules) as s:
+            assert main(args(inbox, tmp_path / name, s.url, "--run-id", "j")) == 0
+            said = {p.name: s.predict(p.read_bytes()) for p in photos}
+        recs = read_jsonl(tmp_path / name / "run_j" / "predictions.jsonl")
+        assert {r["path"]: (r["rule"], r["runtime"]) for r in recs} == {
+            n: (a.get("rule"), a.get("runtime")) for n, a in said.items()}
+    assert not any("rule" in a for a in said.values())  # the older server named none: recorded as null
+
+
+def test_the_csv_appends_the_rule_column_and_review_items_name_the_rule(tmp_path):
+    """Columns are only appended (readers take them by position); an older server's photos have an
+    empty rule cell and a null rule in the queue."""
+    from returns_submit.outputs import CSV_COLUMNS
+
+    assert CSV_COLUMNS == ("path", "sha256", "label", "class_id", "confidence", "needs_review", "review_reason",
+                           "unfamiliar_score", "model_name", "model_version", "model_sha256", "shard", "timestamp",
+                           "rule")
+    inbox = tmp_path / "inbox"
+    photos = write_photos(inbox, 40)
+    for name, rules in (("new", ("float", "int8")), ("old", (None,))):
+        with FakeInferenceServer(rules=rules) as s:
+            assert main(args(inbox, tmp_path / name, s.url, "--run-id", "c")) == 0
+            said = {p.name: s.predict(p.read_bytes()).get("rule") for p in photos}
+        run = tmp_path / name / "run_c"
+        assert {r["path"]: r["rule"] for r in read_csv(run / "predictions.csv")} == {
+            n: rule or "" for n, rule in said.items()}
+        queue = read_jsonl(run / "review_queue.jsonl")
+        assert queue and all(q["rule"] == said[q["path"]] for q in queue)
+    assert set(said.values()) == {None}
 
 
 def test_the_margin_between_the_top_two_classes():
