@@ -252,3 +252,29 @@ def test_torchserve_stopped_and_restarted_mid_run_completes(model_root, tmp_path
     assert all("label" in r for r in records)  # nothing rejected because of the restart
     meta = json.loads((out / "run_rs" / "run_metadata.json").read_text())
     assert meta["counts"]["retried"] > 0 and meta["status"] == "complete"
+
+
+def test_a_night_served_by_the_float_rule_is_judged_against_the_float_reference(torchserve, model_root, fmnist_pngs,
+                                                                              tmp_path):
+    """The session server serves the float rule (``cpu_backend: onnx``), as a GPU pod or a CPU where the int8
+    rule does not hold would; the reference given is the default archive's manifest, built for
+    ``onnx-int8``. Every answer names the float rule, and the night is judged against the manifest's float
+    reference, not the int8 one its ``reference`` holds."""
+    manifest_path = Path(model_root) / "artifact_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["served_rule"] == "int8" and manifest["reference"] == manifest["references"]["int8"]
+    assert manifest["references"]["float"] != manifest["references"]["int8"]
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    fmnist_pngs(200, inbox, 500)
+    r = run_submit(*submit_args(inbox, out, torchserve.inference_url, "--run-id", "float-night", "--reference",
+                                str(manifest_path)), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = out / "run_float-night"
+    assert {(p["rule"], p["runtime"]) for p in read_jsonl(run / "predictions.jsonl")} == {("float", "onnxruntime")}
+    meta = json.loads((run / "run_metadata.json").read_text())
+    assert meta["counts"]["rules"] == {"float": 200}
+    assert meta["drift"]["mixed_rules"] is False and set(meta["drift"]["by_rule"]) == {"float"}
+    judged = meta["drift"]["by_rule"]["float"]
+    assert judged["reference_fallback"] is False and "float" in judged["reference_body"]
+    assert meta["drift"]["rule"] == "float" and meta["drift"]["signals"] == judged["signals"]
+    assert {row["rule"] for row in read_csv(run / "predictions.csv")} == {"float"}
