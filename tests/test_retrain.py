@@ -146,6 +146,11 @@ def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
     with torch.no_grad():  # scramble the head: a challenger that forgot what it knew
         model.head.weight.copy_(model.head.weight[torch.randperm(10, generator=torch.Generator().manual_seed(0))])
     save_weights(model, worse)
+    # The copied float probe records the candidate's answers, which these weights no longer give: a server
+    # refuses such a folder at start-up (tests/test_served_rule.py). Without a probe it is served unchecked.
+    doc = json.loads((worse / "model.json").read_text())
+    del doc["probe"]
+    (worse / "model.json").write_text(json.dumps(doc))
     from training.data import FASHION_MNIST_CLASSES  # noqa: F401  (the test split's classes)
     test = load_data_test(meta)
     sets = cmp.load_heldout(worse, [], meta.class_names, meta.preprocess)
