@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the project needs: Java 17, Fashion-MNIST, qemu-user and g++ (Debian packages, as root),
+# Installs what the project needs: Java 17, Fashion-MNIST, g++ and qemu-user (Debian packages, as root),
 # then .venv with the pinned Python dependencies and the project itself (editable).
 # Idempotent: a stamp keyed by the dependency files makes a second run quick.
 set -euo pipefail
@@ -11,8 +11,6 @@ want=$(cat requirements.txt requirements-kserve.txt requirements-moto.txt pyproj
 need_apt=()
 if ! java -version 2>&1 | grep -q 'version "17'; then need_apt+=(openjdk-17-jre-headless); fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then need_apt+=(dataset-fashion-mnist); fi
-# QEMU's user-mode emulator: tests/test_int8_portable.py runs the server on an emulated AVX2-only CPU.
-if ! command -v qemu-x86_64 >/dev/null; then need_apt+=(qemu-user); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${need_apt[*]} with apt-get"
@@ -29,6 +27,17 @@ if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
   else
     echo "setup: note: no g++; training will run in eager mode (slower). sudo apt-get install g++ fixes that" >&2
+  fi
+fi
+
+# Test-only: QEMU's user-mode emulator, with which tests/test_int8_portable.py starts the server on an
+# emulated AVX2-only CPU (the test skips, saying why, without it).
+if ! command -v qemu-x86_64 >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing qemu-user with apt-get (for the int8 portability test)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null
+  else
+    echo "setup: note: no qemu-x86_64; tests/test_int8_portable.py will skip. sudo apt-get install qemu-user fixes that" >&2
   fi
 fi
 
