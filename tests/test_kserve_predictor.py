@@ -290,6 +290,13 @@ def test_metadata_health_and_metrics(predictor, photos):
     assert values["returns_images_total"] >= 1 and values["returns_rejected_images_total"] >= 1
     assert "returns_low_confidence_total" in values and 0 < values["returns_average_confidence"] <= 1
     assert "request_predict_seconds_count" in text  # KServe's own metrics are there too
+    # which rule answers: the one the answers name, and whether the int8 rule asked for fell back here
+    answer = requests.post(f"{predictor.url}/v1/models/{MODEL}:predict", json={"instances": [b64(photos[0])]},
+                           timeout=30).json()["predictions"][0]
+    rule_lines = [line for line in text.splitlines() if line.startswith("returns_served_rule{")
+                  and f'model_name="{MODEL}"' in line]
+    assert len(rule_lines) == 1 and rule_lines[0].endswith(" 1.0")
+    assert f'rule="{answer["rule"]}"' in rule_lines[0] and f'runtime="{answer["runtime"]}"' in rule_lines[0]
     # The chart scrapes the separate metrics port (a NetworkPolicy cannot tell /metrics from inference).
     separate = requests.get(f"http://127.0.0.1:{predictor.metrics_port}/metrics", timeout=10).text
     assert "request_predict_seconds_count" in separate and "returns_images_total" in separate
