@@ -22,8 +22,8 @@ from returns_model.artifact import ArtifactError, ModelMeta, load_model
 from returns_model.gate import LayerTap
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
-from returns_model.results import CUDA, CUDA_FP16, EAGER, FLOAT, INT8, ONNXRUNTIME
-from returns_model.rule import ServedRule, choose_rule
+from returns_model.results import CUDA, CUDA_FP16, EAGER, FLOAT, ONNXRUNTIME
+from returns_model.rule import ServedRule, choose_rule, rule_meta
 
 # The CPU forward pass: the model folder's int8 graph (with the review rule fitted on its own outputs,
 # in the runtime they came from), ONNX Runtime on the exported float graph, or torch eager. Which rule
@@ -130,7 +130,7 @@ class Classifier:
         self.backend, runtime = self._open_forward(Path(model_dir), meta, cpu_backend, layer, threads)
         name = choose_rule(meta, self.device.type, cpu_backend, int8_reproduced=self.backend == "onnx-int8")
         self.rule = ServedRule.of(meta, name, runtime)
-        self.meta = meta.on_int8() if name == INT8 else meta
+        self.meta = rule_meta(meta, name)
         self.gate = self.rule.gate
         if name == FLOAT:
             self._check_float_probe()

@@ -90,7 +90,26 @@ def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: 
 def int8_runtime_name(meta: ModelMeta) -> str:
     """The runtime a folder's int8 rule was fitted on (``model.json`` ``int8.runtime``; folders made
     before it was recorded were fitted on ONNX Runtime)."""
-    return str((meta.int8 or {}).get("runtime", {}).get("name") or ONNXRUNTIME)
+    return str(((meta.int8 or {}).get("runtime") or {}).get("name") or ONNXRUNTIME)
+
+
+def _openvino_runner(graph: bytes, threads: int) -> Runner:
+    from handler.openvino_runner import OpenVinoRunner
+
+    return OpenVinoRunner(graph, threads)
+
+
+def _openvino_version() -> str | None:
+    from handler.openvino_runner import runtime_version
+
+    return runtime_version()
+
+
+# runtime name -> (what it is called, its package, installed version or None, runner on a graph)
+INT8_RUNTIMES = {
+    ONNXRUNTIME: ("ONNX Runtime", "onnxruntime", onnxruntime_version, OnnxRunner),
+    OPENVINO: ("OpenVINO", "openvino", _openvino_version, _openvino_runner),
+}
 
 
 def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> tuple[Runner | None, str]:
@@ -102,28 +121,17 @@ def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> tuple[Ru
     graph = read_int8_graph(model_dir, meta)
     if graph is None:
         return None, f"{model_dir} has no int8 graph and rule ({INT8_FILE}, model.json 'int8')"
-    fitted = meta.int8.get("runtime") or {"name": ONNXRUNTIME}
     name = int8_runtime_name(meta)
-    if name == OPENVINO:
-        from handler.openvino_runner import OpenVinoRunner, runtime_version
-
-        installed = runtime_version()
-        if installed is None:
-            return None, "its rule was fitted on OpenVINO's outputs and openvino is not installed"
-        if installed != fitted.get("version"):
-            log.warning("cpu_backend onnx-int8: OpenVINO %s is installed, the int8 rule was fitted on %s; the probe "
-                        "checks that its answers are the certified ones", installed, fitted.get("version"))
-        runner: Runner = OpenVinoRunner(graph, threads)
-    elif name == ONNXRUNTIME:
-        if importlib.util.find_spec("onnxruntime") is None:
-            return None, "its rule was fitted on ONNX Runtime's outputs and onnxruntime is not installed"
-        if onnxruntime_version() != fitted.get("version", onnxruntime_version()):
-            log.warning("cpu_backend onnx-int8: ONNX Runtime %s is installed, the int8 rule was fitted on %s; the "
-                        "probe checks that its answers are the certified ones", onnxruntime_version(),
-                        fitted.get("version"))
-        runner = OnnxRunner(graph, threads)
-    else:
+    if name not in INT8_RUNTIMES:
         return None, f"model.json's int8 rule names an unknown runtime {name!r}"
+    label, package, version_of, make_runner = INT8_RUNTIMES[name]
+    installed, fitted = version_of(), (meta.int8.get("runtime") or {}).get("version")
+    if installed is None:
+        return None, f"its rule was fitted on {label}'s outputs and {package} is not installed"
+    if fitted and installed != fitted:
+        log.warning("cpu_backend onnx-int8: %s %s is installed, the int8 rule was fitted on %s; the probe checks "
+                    "that its answers are the certified ones", label, installed, fitted)
+    runner = make_runner(graph, threads)
     why = probe_mismatch(runner, meta)
     if why:
         return None, why

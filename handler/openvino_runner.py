@@ -21,9 +21,6 @@ import threading
 import torch
 
 from returns_model.export import INPUT, LOGITS, TAPPED
-from returns_model.results import OPENVINO
-
-RUNTIME = OPENVINO  # the name model.json's int8.runtime gives it
 
 
 def runtime_version() -> str | None:

@@ -1,10 +1,10 @@
 """The model contract shared by training, serving and the submitter, and shipped inside the .mar.
 
 Modules and what they may import:
-  names, fileio, manifest, fetch,  standard library only (the submitter's torch-free image uses them);
-  results                          results holds a photo's answer fields, review reasons, rule names
-  rule                            torch: the served decision (threshold and gate) and which rule serves
+  names, fileio, manifest, fetch, standard library only (the submitter's torch-free image uses them);
+  results                         results: a photo's answer fields, review reasons, rule names
   preprocess, network, artifact   torch and Pillow: the one bytes->tensor path, the network, the
                                   model folder (model.pt + model.json)
+  rule                            torch: the served decision (threshold and gate) and which rule serves
 Nothing here imports training/, handler/ or returns_submit/: dependencies point this way only.
 """

@@ -45,6 +45,15 @@ def choose_rule(meta: ModelMeta, device_type: str, cpu_backend: str, int8_reprod
     return FLOAT
 
 
+def rule_meta(meta: ModelMeta, name: str) -> ModelMeta:
+    """A model folder's metadata as the ``name`` rule serves it: the int8 section's temperature,
+    threshold, gate, reference and probe in place of the float network's (ModelMeta.on_int8), or as
+    it is (ArtifactError for an unknown rule)."""
+    if name not in RULES:
+        raise ArtifactError(f"unknown rule {name!r}; a model folder serves one of {', '.join(RULES)}")
+    return meta.on_int8() if name == INT8 else meta
+
+
 @dataclass(frozen=True)
 class ServedRule:
     """One rule as served: its settings, and the runtime whose scores it judges."""
@@ -61,9 +70,7 @@ class ServedRule:
     @classmethod
     def of(cls, meta: ModelMeta, name: str, runtime: str) -> "ServedRule":
         """The ``name`` rule of a model folder's metadata (ArtifactError when it has no such rule)."""
-        if name not in RULES:
-            raise ArtifactError(f"unknown rule {name!r}; a model folder serves one of {', '.join(RULES)}")
-        view = meta.on_int8() if name == INT8 else meta
+        view = rule_meta(meta, name)
         return cls(name=name, runtime=runtime, temperature=view.temperature, threshold=view.threshold,
                    gate=UnfamiliarGate.from_dict(view.unfamiliar) if view.unfamiliar else None,
                    reference=view.reference, certificate=view.certificate, probe=view.probe)

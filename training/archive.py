@@ -36,7 +36,7 @@ from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
 from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
 from returns_model.results import FLOAT, INT8
-from returns_model.rule import ServedRule, choose_rule
+from returns_model.rule import choose_rule, rule_meta
 
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
@@ -157,7 +157,8 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
     # a GPU, or a CPU where the int8 rule does not hold, serves the float one: every rule's drift
     # reference travels, so a night is judged against the rule that answered it
     rules = [FLOAT] + ([INT8] if int8_graph is not None else [])
-    served = ServedRule.of(meta, choose_rule(meta, "cpu", cfg.cpu_backend, int8_graph is not None), "")
+    served_rule = choose_rule(meta, "cpu", cfg.cpu_backend, int8_graph is not None)
+    served = rule_meta(meta, served_rule)
     manifest = {
         "model_name": MODEL_NAME,
         "model_version": meta.model_version,
@@ -171,10 +172,10 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "serve_config": asdict(cfg),
         "train_config": train_cfg,
         "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
-        "served_rule": served.name,
-        "calibration": (meta.on_int8() if served.name == INT8 else meta).to_dict()["calibration"],
+        "served_rule": served_rule,
+        "calibration": served.to_dict()["calibration"],
         "reference": served.reference,
-        "references": {name: ServedRule.of(meta, name, "").reference for name in rules},
+        "references": {name: rule_meta(meta, name).reference for name in rules},
         **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))
