@@ -54,13 +54,17 @@ class Summary:
     retried: int = 0
     confidence_sum: float = 0.0
     rejected_by_code: Counter = field(default_factory=Counter)
-    class_ids: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     histogram: list = field(default_factory=lambda: [0] * (len(DEFAULT_EDGES) - 1))
     reference_histogram: list | None = None  # the night's confidences on the single reference's edges
     by_rule: dict[str, drift.Tally] = field(default_factory=dict)  # drift.rule_key -> that rule's answers
     latencies_ms: array = field(default_factory=lambda: array("d"))
+
+    @property
+    def class_ids(self) -> Counter:
+        """Photos per predicted class id, over every rule's answers."""
+        return sum((t.class_ids for t in self.by_rule.values()), Counter())
 
     @property
     def rules(self) -> dict[str, int]:
@@ -188,7 +192,6 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         conf = float(r.get(CONFIDENCE, 0.0))
         s.confidence_sum += conf
         class_id = int(r.get(CLASS_ID, -1))
-        s.class_ids[class_id] += 1
         s.labels[str(r.get(LABEL))] += 1
         s.models[(r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256))] += 1
         s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
