@@ -507,7 +507,8 @@ def bench_predictor(model_root: Path, tmp: Path, pngs: list[bytes], cfg: BenchCo
             "single_photo_request": "v1 JSON, one base64 instance"}
 
 
-def table(r: dict[str, Any]) -> str:
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The results as (figure, value) rows: the printed table's and docs/performance.md's."""
     sp = r["spread"]
 
     def rate(key: str) -> str:
@@ -521,9 +522,6 @@ def table(r: dict[str, Any]) -> str:
             ("raw int8 decode + forward", rate("raw_int8_decode_images_per_s")),
             ("served: returns-submit -> TorchServe", rate("served_images_per_s")),
             ("naive: batch 1, one photo per request", rate("naive_images_per_s")),
-            ("served rule", "{rule} on {runtime}".format(**r["served_rule"])
-             + (f" ({r['served_rule']['fallback']})" if r["served_rule"]["fallback"] else "")),
-            ("served / the served path's raw decode + forward", f"{r['served_over_raw_served_path_decode']:.2f}"),
             ("served / raw onnx, / raw int8", f"{r['served_over_raw_onnx']:.2f}, {r['served_over_raw_int8']:.2f}"),
             ("served / raw", f"{r['served_over_raw']:.2f}"),
             ("served / raw+decode", f"{r['served_over_raw_decode']:.2f}"),
@@ -540,6 +538,11 @@ def table(r: dict[str, Any]) -> str:
             ("12-MP JPEG to model input, as served / full decode", "{} / {} ms".format(
                 r["phone_photo"]["served_ms"]["median"], r["phone_photo"]["full_decode_ms"]["median"])),
             ("load average start / end", f"{r['load_average']['start']} / {r['load_average']['end']}")]
+    if "served_rule" in r:  # results written before the rule was recorded have neither
+        rows[8:8] = [("served rule", "{rule} on {runtime}".format(**r["served_rule"])
+                      + (f" ({r['served_rule']['fallback']})" if r["served_rule"]["fallback"] else "")),
+                     ("served / the served path's raw decode + forward",
+                      f"{r['served_over_raw_served_path_decode']:.2f}")]
     k = r["predictor"]
     rows += [("served: returns-submit -> returns-kserve (v2)", f"{k['served_images_per_s']:.0f} photos/s"),
              ("naive: returns-kserve, one photo per request", f"{k['naive_images_per_s']:.0f} photos/s"),
@@ -548,8 +551,13 @@ def table(r: dict[str, Any]) -> str:
              ("returns-kserve latency c=1 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**k["latency_ms"]["concurrency_1"])),
              ("returns-kserve latency c=8 p50/p95/p99", "{p50}/{p95}/{p99} ms".format(**k["latency_ms"]["concurrency_8"])),
              ("peak RSS returns-kserve", f"{k['peak_rss_mb']:.0f} MB")]
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+    return rows
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = rows(r)
+    width = max(len(a) for a, _ in lines)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,8 @@ def test_the_archive_ships_both_graphs_and_the_worker_uses_the_int8_one(model_ro
 
 def test_the_session_threads_do_not_spin(both_paths):
     """ONNX Runtime's threads would busy-wait between operators, taking the cores the frontend and
-    the submitter share with the worker (README, performance: 706 against 621 photos/s served)."""
+    the submitter share with the worker (docs/history/2026-12-04-readme-round-two.md, performance: 706 against
+    621 photos/s served)."""
     from handler.onnx_runner import SPIN_KEY
 
     opts = both_paths[1]._onnx.session.get_session_options()

@@ -23,7 +23,7 @@
    ones are counted and left out. ``--interpolate A`` (weight-space ensembling, WiSE-FT, Wortsman et
    al. 2022) then takes A of the fine-tuned weights and 1 - A of the champion's. Measured on a short
    fine-tune that lost 0.72 test points: A = 0.7 lost 0.28 and kept 89% booth accuracy of its 92%
-   (README, the feedback loop). Default 1: the fine-tuned weights as they are.
+   (docs/history/2026-12-04-readme-round-two.md, the feedback loop). Default 1: the fine-tuned weights as they are.
 4. training/report.write_model_folder then refits the gate (decided products become familiar,
    not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation and,
    with backdrop transfer, on every validation garment shown on a decided backdrop (the highest
