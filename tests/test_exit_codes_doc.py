@@ -1,0 +1,56 @@
+"""docs/exit-codes.md stays true to the code where the code names its exit codes and covers exactly
+the commands pyproject.toml declares; it and docs/glossary.md link only to files that exist."""
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+
+import returns_submit.errors as submit_errors
+import training.compare as compare
+import training.retrain as retrain
+from returns_model import fetch
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = REPO / "docs" / "exit-codes.md"
+
+
+def table() -> dict[str, set[int]]:
+    """Command -> the codes the table has rows for (rows look like "| `command` | code | ...")."""
+    rows = defaultdict(set)
+    for line in PAGE.read_text().splitlines():
+        if line.startswith("| `"):
+            command, code = (cell.strip() for cell in line.strip("|").split("|")[:2])
+            rows[command.strip("`")].add(int(code))
+    return rows
+
+
+def named(module) -> set[int]:
+    return {value for name, value in vars(module).items() if name.startswith("EXIT_")}
+
+
+def fetch_codes() -> set[int]:
+    return {0, fetch.FetchError.exit_code} | {c.exit_code for c in fetch.FetchError.__subclasses__()}
+
+
+def test_the_table_names_exactly_the_declared_commands():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(table()) == set(scripts) | {"python -m training.quantize"}
+
+
+def test_the_table_agrees_with_the_named_exit_codes():
+    rows = table()
+    # These modules name every code their command returns.
+    assert rows["returns-submit"] == named(submit_errors)
+    assert rows["returns-fetch-model"] == fetch_codes()
+    # These name some; the others are argparse's 2 and a traceback's 1.
+    assert named(compare) <= rows["returns-compare"]
+    assert named(retrain) | {0} <= rows["returns-retrain"]
+
+
+def test_the_reference_pages_link_to_files_that_exist():
+    for page in (PAGE, REPO / "docs" / "glossary.md"):
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to a missing {target}"
