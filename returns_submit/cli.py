@@ -20,6 +20,7 @@ from returns_submit.runner import Runner
 from returns_submit.config import ENV_VARS, SubmitConfig, default_run_id, env_defaults
 from returns_submit.errors import (
     EXIT_BAD_ARGS,
+    EXIT_DRIFT,
     EXIT_INTERNAL,
     EXIT_LOCKED,
     EXIT_OK,
@@ -44,6 +45,7 @@ exit codes:
   {EXIT_LOCKED}  another run holds the lock on this output and shard
   {EXIT_OUTPUT}  output not writable or full
   {EXIT_TERMINATED}  stopped by SIGTERM/SIGINT after finishing the batches in flight; resumable
+  {EXIT_DRIFT}  every photo recorded, but the night is off: unlike the model's drift reference (--on-drift)
 Re-running with the same --run-id resumes: recorded photos are skipped.
 """
 
