@@ -306,3 +306,14 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
 def test_compare_refuses_a_tolerance_outside_zero_to_one(flag, capsys):
     code = cmp.main(["--champion", "models/release", "--challenger", "models/release", flag, "-0.1"])
     assert code == 2 and f"{flag} -0.1: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_folder_that_is_no_model_or_a_version_that_exists(release_model_dir, tmp_path, capsys):
+    """Before anything is scored, with exit 2 and what was wrong: a champion that is no model folder, and a
+    --promote-to that already holds the challenger's version (versions are immutable)."""
+    code = cmp.main(["--champion", str(tmp_path / "nothing"), "--challenger", str(release_model_dir)])
+    assert code == 2 and "nothing/model.json: not found" in capsys.readouterr().err
+    (tmp_path / "versions" / "1.2").mkdir(parents=True)
+    code = cmp.main(["--champion", str(release_model_dir), "--challenger", str(release_model_dir),
+                     "--promote-to", str(tmp_path / "versions")])
+    assert code == 2 and "version 1.2 is there already" in capsys.readouterr().err

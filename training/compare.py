@@ -55,13 +55,13 @@ import torch
 
 from handler.core import Classifier
 from returns_feedback.decisions import NOT_A_PRODUCT
-from returns_model.artifact import read_meta
+from returns_model.artifact import ArtifactError, read_meta
 from returns_model.fileio import write_json
 from returns_model.preprocess import bytes_to_uint8
 from training import plots
 from training.certify import log_binom_cdf
 from training.config import TrainConfig
-from training.data import load_data
+from training.data import DataError, load_data
 from training.lineage import model_sha256, recorded_test_accuracy
 from training.retrain import HELDOUT_FILE, index_photos
 
@@ -302,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_ARGS
     try:
         meta = read_meta(args.challenger)
+        read_meta(args.champion)  # a champion that is no model folder is refused before anything is scored
+        if args.promote_to and (args.promote_to / meta.model_version).exists():
+            raise ValueError(f"--promote-to {args.promote_to}: version {meta.model_version} is there already, and "
+                             "model versions are immutable: give the candidate a new version")
         cfg = TrainConfig.from_json(args.challenger / "train_config.json")
         if args.data_dir:
             cfg.data_dir = args.data_dir
         ds = load_data(cfg, meta.preprocess)
         sets = load_heldout(args.challenger, args.photos, meta.class_names, meta.preprocess)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ArtifactError, DataError) as exc:
         print(f"returns-compare: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
     result = compare(args.champion, args.challenger, (ds.test.images, ds.test.labels), sets, args.tolerance, args.seed,
