@@ -267,4 +267,4 @@ def render(req: DataRequirements) -> str:
         lines.append(f"{certificate}. To certify, {_to_reach(req)}.")
     elif not problem:
         lines.append(f"{certificate}.")
-    return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in lines)
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False) for line in lines)
