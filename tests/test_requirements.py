@@ -138,6 +138,19 @@ def test_a_loaded_dataset_is_counted_by_class_and_its_report_is_json():
     assert json.loads(json.dumps(req.to_dict()))["min_validation"] == 305
 
 
+def test_the_training_guide_shows_the_reports_real_output():
+    guide = (REPO / "docs" / "training.md").read_text()
+    for per_class in (100, 600):
+        assert render(plan_image_folder(twelve(per_class), SHOP)) in guide, per_class
+    req, text = plan_image_folder(twelve(600), SHOP), flat(guide)
+    n0, n1, n2 = req.accepted_needed
+    for fact in (f"(`{req.gate_layer}`, {req.gate_dim} channels wide",
+                 f"at least {req.cutoff_min_validation} validation photos",
+                 f"needs at least {n0} auto-accepted validation photos without an error, {n1} with one error, "
+                 f"{n2} with two", f"validation needs at least {req.min_validation} photos"):
+        assert fact in text, fact
+
+
 # --- returns-train -------------------------------------------------------------------------------
 TINY = ["--widths", "16", "32", "--depths", "1", "1", "--image-size", "8", "--channels", "3", "--batch-size", "16",
         "--epochs", "1", "--no-compile", "--no-progress", "--no-int8", "--tsne-samples", "0"]
