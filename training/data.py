@@ -173,8 +173,8 @@ def load_fashion_mnist(data_dir: Path | None, val_size: int, seed: int,
     train = Split(arrays["train_images"].unsqueeze(1), arrays["train_labels"].long())
     test = Split(arrays["test_images"].unsqueeze(1), arrays["test_labels"].long())
     train, val = _holdout(train, val_size, seed)
-    return Dataset(train, val, test, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{root}", snapshot_hash(hashes), hashes,
-                   held_out=("val",))
+    return Dataset(train, val, test, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{root}", snapshot_hash(hashes),
+                   hashes, held_out=("val",))
 
 
 def _read_class_folders(root: Path, class_names: list[str], spec: PreprocessSpec,

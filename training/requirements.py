@@ -57,7 +57,7 @@ class DataRequirements:
     gate_min_per_class: int  # training photos every class needs (gate_fit.min_photos_per_class)
     gate_short: dict[str, int]  # class -> training photos it lacks for the gate
     cutoff_min_validation: int  # validation photos the gate's cutoff needs (gate_fit.min_cutoff_photos)
-    gate_flagged: int  # validation photos the gate flags at unfamiliar_rate: never accepted
+    gate_flagged: int  # validation photos the gate flags at unfamiliar_rate (fewer only on tied scores)
     accepted_needed: list[int]  # [e]: accepted validation photos that certify with e of them wrong
     min_validation: int  # validation photos from which accepted_needed[0] can be accepted beside the flags
     accepted_share: float | None  # accepted_needed[0] / validation: what the model must accept without an error
@@ -65,7 +65,7 @@ class DataRequirements:
     holdout: Holdout | None  # None: validation is a val/ folder
     train_folder_needed: int | None  # photos train/ needs for its own hold-out to give min_validation
     can_finish: bool  # the gate can be fitted; otherwise the run fails after training
-    certifiable: bool  # the target can be certified at all on this validation split
+    certifiable: bool  # the target can be certified at all on this validation split, beside the gate's flags
 
     @property
     def min_accepted(self) -> int:
@@ -180,8 +180,8 @@ def plan_image_folder(per_class: Mapping[str, int], cfg: TrainConfig, val_photos
     ``test_folder``: whether a test/ folder exists (otherwise the test split is held out first).
     """
     names = sorted(per_class)  # load_image_folder numbers the classes in this order
-    dummy = _labels_only([1])
-    train, val, _ = hold_out(_labels_only([per_class[n] for n in names]), dummy if test_folder else None,
+    test_stand_in = _labels_only([1])  # a test/ folder's photos change no other split
+    train, val, _ = hold_out(_labels_only([per_class[n] for n in names]), test_stand_in if test_folder else None,
                              _labels_only([val_photos]) if val_photos else None, cfg.val_size, cfg.seed)
     counts = torch.bincount(train.labels, minlength=len(names)).tolist()
     holdout = None if val_photos else Holdout(cfg.val_size, image_folder=True, test_held_out=not test_folder)
