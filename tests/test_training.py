@@ -18,10 +18,12 @@ def test_short_run_learns_and_writes_the_report(tmp_path):
     assert metrics["accuracy"] > 0.5  # chance is 0.1
     assert metrics["test_size"] == 10000
     assert metrics["nll_after_calibration"] <= metrics["nll_before_calibration"] + 1e-6
-    for name in ("model.pt", "model.json", "train_config.json", "history.jsonl", "confusion_matrix.png",
-                 "reliability_diagram.png", "risk_coverage.png", "tsne_embeddings.png"):
+    for name in ("model.pt", "model.json", "train_config.json", "data_requirements.json", "history.jsonl",
+                 "confusion_matrix.png", "reliability_diagram.png", "risk_coverage.png", "tsne_embeddings.png"):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "history.jsonl").read_text().splitlines()) == 2
+    needs = json.loads((out / "data_requirements.json").read_text())
+    assert (sum(needs["train_counts"].values()), needs["validation"], needs["certifiable"]) == (3000, 1000, True)
     meta = json.loads((out / "model.json").read_text())
     assert sum(meta["reference"]["class_distribution"]) == pytest.approx(1.0, abs=1e-4)
     # the int8 CPU path comes with every trained model: its graph, and a rule fitted on its outputs

@@ -105,6 +105,11 @@ def make_arch(cfg: TrainConfig, spec: PreprocessSpec, num_classes: int) -> ArchC
                       flip_average=cfg.flip_average and cfg.hflip)  # mirror views only if trained on them
 
 
+def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
+    """The block the gate reads: the configured one, else the middle block of the network."""
+    return cfg.gate_layer or f"blocks.{sum(arch.depths) // 2}"
+
+
 def pick_device(cfg: TrainConfig) -> torch.device:
     """The config's device (returns_model.artifact.resolve_device; a bad one exits with its reason),
     with the CPU's thread count set."""

@@ -67,6 +67,7 @@ class Dataset:
     source: str
     snapshot_sha256: str
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of its content
+    held_out: tuple[str, ...] = ()  # splits held out of train ("val", "test"), not read from files of their own
 
 
 def read_idx(path: Path) -> tuple[torch.Tensor, str]:
@@ -128,6 +129,28 @@ def _holdout(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     return split.subset(perm[size:]), split.subset(perm[:size])
 
 
+def held_out_test_size(n_train: int) -> int:
+    """Photos an image folder without ``test/`` gives its test split: a tenth of ``train/``, at least one."""
+    return max(1, n_train // 10)
+
+
+def held_out_val_size(n_train: int, val_size: int) -> int:
+    """Photos an image folder without ``val/`` gives validation: a tenth of what ``train/`` has left after
+    the test hold-out, at least one and at most ``val_size``."""
+    return min(val_size, max(1, n_train // 10))
+
+
+def hold_out(train: Split, test: Split | None, val: Split | None, val_size: int,
+             seed: int) -> tuple[Split, Split, Split]:
+    """An image folder's (train, val, test): a split without its own folder (None) is held out of train,
+    seeded, the test split first."""
+    if test is None:
+        train, test = _holdout(train, held_out_test_size(len(train)), seed + 1)
+    if val is None:
+        train, val = _holdout(train, held_out_val_size(len(train), val_size), seed)
+    return train, val, test
+
+
 def snapshot_hash(file_hashes: dict[str, str]) -> str:
     """One hash for a data snapshot: over the sorted (name, content hash) pairs."""
     lines = "".join(f"{name}  {digest}\n" for name, digest in sorted(file_hashes.items()))
@@ -150,7 +173,8 @@ def load_fashion_mnist(data_dir: Path | None, val_size: int, seed: int,
     train = Split(arrays["train_images"].unsqueeze(1), arrays["train_labels"].long())
     test = Split(arrays["test_images"].unsqueeze(1), arrays["test_labels"].long())
     train, val = _holdout(train, val_size, seed)
-    return Dataset(train, val, test, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{root}", snapshot_hash(hashes), hashes)
+    return Dataset(train, val, test, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{root}", snapshot_hash(hashes),
+                   hashes, held_out=("val",))
 
 
 def _read_class_folders(root: Path, class_names: list[str], spec: PreprocessSpec,
@@ -177,7 +201,7 @@ def _read_class_folders(root: Path, class_names: list[str], spec: PreprocessSpec
 def load_image_folder(root: Path, spec: PreprocessSpec, val_size: int, seed: int) -> Dataset:
     """``root/train/<class>/*`` (and optional ``val/``, ``test/``) -> Dataset.
 
-    Missing ``val/`` or ``test/`` splits are held out of train, seeded.
+    Missing ``val/`` or ``test/`` splits are held out of train, seeded (``hold_out``).
     """
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -187,15 +211,11 @@ def load_image_folder(root: Path, spec: PreprocessSpec, val_size: int, seed: int
         raise DataError(f"{train_dir}: found {len(class_names)} class folders; at least 2 are needed")
     hashes: dict[str, str] = {}
     train = _read_class_folders(train_dir, class_names, spec, hashes)
-    if (root / "test").is_dir():
-        test = _read_class_folders(root / "test", class_names, spec, hashes)
-    else:
-        train, test = _holdout(train, max(1, len(train) // 10), seed + 1)
-    if (root / "val").is_dir():
-        val = _read_class_folders(root / "val", class_names, spec, hashes)
-    else:
-        train, val = _holdout(train, min(val_size, max(1, len(train) // 10)), seed)
-    return Dataset(train, val, test, class_names, f"image-folder:{root}", snapshot_hash(hashes), hashes)
+    test = _read_class_folders(root / "test", class_names, spec, hashes) if (root / "test").is_dir() else None
+    val = _read_class_folders(root / "val", class_names, spec, hashes) if (root / "val").is_dir() else None
+    held_out = tuple(name for name, split in (("val", val), ("test", test)) if split is None)
+    train, val, test = hold_out(train, test, val, val_size, seed)
+    return Dataset(train, val, test, class_names, f"image-folder:{root}", snapshot_hash(hashes), hashes, held_out)
 
 
 def make_spec(cfg: TrainConfig, ds: Dataset | None = None) -> PreprocessSpec:

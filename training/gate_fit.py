@@ -18,12 +18,52 @@ import math
 import torch
 
 from returns_model.gate import GateError, LayerTap, UnfamiliarGate, min_mahalanobis, total_variation
-from returns_model.network import SEResNet
+from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
 
 DEFAULT_LAYER = "blocks.3"
 DEFAULT_RATE = 0.02
 RIDGE = 1e-6
+
+
+def min_photos_per_class(dim: int) -> int:
+    """Fewest training photos of every class that ``fit_statistics`` accepts: ``dim``, the width of the
+    tapped embedding.
+
+    Each class's residuals sum to zero, so the tied covariance of ``N`` photos in ``K`` classes has rank
+    at most ``N - K``; it can be of full rank only from ``N = dim + K``. With ``dim`` photos in every
+    class, ``N - K >= K (dim - 1) >= dim`` (for ``dim, K >= 2``), and every class mean rests on as many
+    photos as it has coordinates. The ridge keeps the covariance invertible where the photos themselves
+    are degenerate; it does not make fewer photos enough.
+    """
+    return dim
+
+
+def flagged_count(rate: float, n: int) -> int:
+    """How many of ``n`` held-out photos a cutoff chosen at ``rate`` flags: the ``floor(rate * n)``
+    highest scores (fewer where scores tie)."""
+    return math.floor(rate * n)
+
+
+def min_cutoff_photos(rate: float) -> int:
+    """Fewest held-out photos ``choose_cutoff`` can set a ``rate`` cutoff on: enough for one to be flagged."""
+    if not 0 < rate < 1:
+        raise GateError(f"flag rate must be in (0, 1), got {rate}")
+    n = max(1, math.floor(1 / rate))
+    while flagged_count(rate, n) < 1:
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def embedding_width(arch: ArchConfig, spec: PreprocessSpec, layer: str) -> int:
+    """Width of the embedding the gate reads at ``layer`` of a network built from ``arch``.
+
+    Measured by one forward pass of a freshly built network on a blank photo, so it follows the
+    network's code for any layer. Raises GateError when the network has no such layer.
+    """
+    blank = torch.zeros(1, spec.channels, spec.size, spec.size, dtype=torch.uint8)
+    return forward_with_tap(build_model(arch), blank, spec, layer)[1].shape[1]
 
 
 def fit_statistics(emb: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor, layer: str,
@@ -33,8 +73,10 @@ def fit_statistics(emb: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor
         raise GateError(f"{len(emb)} embeddings, {len(labels)} labels and {len(pixels)} images must match")
     emb = emb.double()
     counts = torch.bincount(labels, minlength=num_classes)
-    if (counts < emb.shape[1]).any():
-        raise GateError(f"every class needs at least {emb.shape[1]} training photos; counts {counts.tolist()}")
+    need = min_photos_per_class(emb.shape[1])
+    if (counts < need).any():
+        raise GateError(f"every class needs at least {need} training photos (one per dimension of the "
+                        f"{layer} embedding); counts {counts.tolist()}")
     means = torch.stack([emb[labels == k].mean(0) for k in range(num_classes)])
     resid = emb - means[labels]
     cov = resid.T @ resid / len(emb)
@@ -54,13 +96,12 @@ def fit_statistics(emb: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor
 def choose_cutoff(gate: UnfamiliarGate, emb: torch.Tensor, pixels: torch.Tensor, rate: float = DEFAULT_RATE,
                   source: str = "validation split") -> UnfamiliarGate:
     """Set the cutoff so at most ``rate`` of these held-out ordinary photos score above it."""
-    if not 0 < rate < 1:
-        raise GateError(f"flag rate must be in (0, 1), got {rate}")
+    need = min_cutoff_photos(rate)
+    if len(emb) < need:
+        raise GateError(f"{len(emb)} held-out photos are too few to set a {rate:.1%} flag rate; "
+                        f"it needs at least {need}")
     s = torch.sort(gate.score(emb, pixels=pixels).double(), descending=True).values
-    k = math.floor(rate * len(s))  # the k highest scores are flagged (fewer where tied)
-    if k == 0:
-        raise GateError(f"{len(s)} held-out photos are too few to set a {rate:.1%} flag rate")
-    gate.cutoff = float(s[k])
+    gate.cutoff = float(s[flagged_count(rate, len(s))])
     flagged = float((s > gate.cutoff).double().mean())
     gate.info.update({"cutoff_chosen_on": f"{source}, {len(s)} photos", "target_flag_rate": rate,
                       "flagged_share_at_cutoff": flagged})

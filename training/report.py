@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from returns_model.artifact import PROBE_PHOTOS, ModelMeta, load_model, make_probe, save_weights, write_meta
 from returns_model.fileio import write_json
-from returns_model.network import ArchConfig, SEResNet
+from returns_model.network import SEResNet
 from returns_model.preprocess import PreprocessSpec
 from training import plots
 from training.calibrate import Calibration, risk_coverage
-from training.config import TrainConfig, make_arch, pick_device
+from training.config import TrainConfig, gate_layer, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.evaluate import drift_reference, predict_logits
 from training.gate_fit import forward_with_tap
@@ -36,11 +36,6 @@ from training.rule import Lessons, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
-
-
-def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
-    """The block the gate reads: the configured one, else the middle block of the network."""
-    return cfg.gate_layer or f"blocks.{sum(arch.depths) // 2}"
 
 
 def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: torch.device, out: Path,

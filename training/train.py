@@ -2,6 +2,12 @@
 
     returns-train --output models/release          # the release model
     returns-train --image-folder shop_photos/ ...  # a shop's own categories
+
+Before training it prints what the data allows (training/requirements.py) and writes it to
+``data_requirements.json`` in the output folder. Exit codes: 0 model written; 1 a setting or the data
+is unusable (the message says which); 2 the data cannot keep the promise, found before any training
+and with nothing written: the unfamiliar-photo gate could not be fitted, or (with
+``--require-certifiable``) no threshold could be certified; 3 training diverged.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ import torch.nn.functional as F
 from training.augment import random_crop, random_erasing, random_hflip
 from training.composite import composite_count, make_composites, uniform_loss
 from returns_model.artifact import ArtifactError, load_model
-from returns_model.fileio import atomic_open
-from returns_model.network import SEResNet, build_model
+from returns_model.fileio import atomic_open, write_json
+from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
@@ -30,12 +36,17 @@ from training.drawn import pool_for
 from training.evaluate import predict_logits
 from training.lineage import parent_record
 from training.report import write_model_folder
+from training.requirements import REPORT_FILE, DataRequirements, for_run, render, verdict
 
 log = logging.getLogger("training")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite: exit code 3."""
+
+
+class NotEnoughData(RuntimeError):
+    """The data cannot keep the promise, found before training: exit code 2."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +89,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="precision the auto-accepted items must reach; sets the review threshold")
     p.add_argument("--delta", type=float, default=d.delta,
                    help="the threshold is certified to reach --target-precision with probability 1 - delta")
+    # A policy of this run, not a setting of the model: kept out of TrainConfig, so a resumed run's
+    # checkpoint matches whether or not it is given.
+    p.add_argument("--require-certifiable", action="store_true",
+                   help="stop before training (exit code 2) when the validation split is too small for any "
+                        "threshold to be certified; without it that is a warning and every photo goes to review")
     p.add_argument("--unfamiliar-rate", type=float, default=d.unfamiliar_rate,
                    help="share of ordinary validation photos the unfamiliar-photo gate may flag")
     p.add_argument("--gate-layer", default=d.gate_layer, help="block the gate reads (default: the middle one)")
@@ -211,15 +227,35 @@ def warm_start(model: SEResNet, cfg: TrainConfig, arch, spec: PreprocessSpec) ->
                            "composite_weight": cfg.composite_weight}}
 
 
-def train(cfg: TrainConfig) -> Path:
+def check_data(ds: Dataset, cfg: TrainConfig, arch: ArchConfig, spec: PreprocessSpec,
+               require_certifiable: bool) -> DataRequirements:
+    """Print what the data allows; raise NotEnoughData when the gate could not be fitted after training,
+    or when nothing could be certified and ``require_certifiable``."""
+    try:
+        needs = for_run(ds, cfg, arch, spec)
+    except ValueError as exc:
+        raise SystemExit(f"cannot work out what the data allows: {exc}") from None
+    print(render(needs), flush=True)
+    if not needs.can_finish:
+        raise NotEnoughData(f"{verdict(needs)}; stopping before training, as the run would fail once it is over")
+    if not needs.certifiable:
+        if require_certifiable:
+            raise NotEnoughData(f"--require-certifiable: {verdict(needs)}")
+        log.warning("%s; training anyway (--require-certifiable stops here instead)", verdict(needs))
+    return needs
+
+
+def train(cfg: TrainConfig, require_certifiable: bool = False) -> Path:
     check_composites(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg)
     ds = load_data(cfg, make_spec(cfg))
     spec = make_spec(cfg, ds)
     arch = make_arch(cfg, spec, len(ds.class_names))
+    needs = check_data(ds, cfg, arch, spec, require_certifiable)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / REPORT_FILE, needs.to_dict())
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     lineage = warm_start(model, cfg, arch, spec) if cfg.init_from else None
     drawn = pool_for(cfg.drawn_share, cfg.composite_weight, cfg.seed, spec, len(ds.train))
@@ -275,9 +311,13 @@ def train(cfg: TrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = config_from_args(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    cfg = config_from_args(args)
     try:
-        out = train(cfg)
+        out = train(cfg, require_certifiable=args.require_certifiable)
+    except NotEnoughData as exc:
+        log.error("not enough data: %s", exc)
+        return 2
     except TrainingDiverged as exc:
         log.error("training stopped: %s", exc)
         return 3
