@@ -143,6 +143,8 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
     return pngs
 
 
+# The instruction-set flags that decide which int8 and float kernels run (what a figure's CPU family is).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 RAW_PREFIXES = {"eager": "raw", "onnx": "raw_onnx", "onnx-int8": "raw_int8"}
 
 
@@ -316,7 +318,10 @@ def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any], backend: 
                 if line.startswith("model name")), platform.processor())
     from importlib import metadata
 
-    return {"cpu": cpu, "cpus": available_cpus(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), []))
+    return {"cpu": cpu, "cpu_isa": [f for f in ISA_FLAGS if f in flags],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": available_cpus(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
             "submit_concurrency": cfg.concurrency, "naive_warmup_requests": cfg.warmup_n, "torchserve_batch": serve, "cpu_backend": backend, "python": platform.python_version(),
             "torch": torch.__version__, "torchserve": metadata.version("torchserve"),

@@ -97,7 +97,8 @@ def performance(bench_dir: Path = BENCH) -> str:
     r = _json(bench_dir / "results.json")
     env = r["environment"]
     ts = env["torchserve_batch"]
-    head = (f"CPU: {env['cpu']}, {env['cpus']} CPUs; torch {env['torch']}, TorchServe {env['torchserve']}, "
+    isa = f" ({', '.join(env['cpu_isa'])}; torch's kernels: {env['cpu_capability']})" if "cpu_isa" in env else ""
+    head = (f"CPU: {env['cpu']}{isa}, {env['cpus']} CPUs; torch {env['torch']}, TorchServe {env['torchserve']}, "
             f"ONNX Runtime {env['onnxruntime']}, KServe {env['kserve']}. Archive: `cpu_backend: {env['cpu_backend']}`, "
             f"server batch {ts['batch_size']}, {env['worker_threads']} thread(s) per worker; returns-submit sends "
             f"{env['submit_batch_size']} photos per request, {env['submit_concurrency']} in flight. Each figure is the "

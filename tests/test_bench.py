@@ -29,7 +29,7 @@ def test_tiny_benchmark_writes_well_formed_results(model_root, release_model_dir
     assert r["phone_photo"]["served_ms"]["median"] > 0 and r["phone_photo"]["full_decode_ms"]["median"] > 0
     assert r["environment"]["naive_warmup_requests"] == 50
     assert len(r["worker_rss_mb_over_time"]) == 3 and len(r["load_average"]["end"]) == 3
-    assert r["environment"]["cpu_backend"] == "onnx-int8"
+    assert r["environment"]["cpu_backend"] == "onnx-int8" and "avx2" in r["environment"]["cpu_isa"]
     # what the archive's backend serves on this CPU, named, and served measured against that path's own raw figure
     assert r["served_rule"] == r["raw_paths"]["onnx-int8"] and r["served_rule"]["rule"] in ("int8", "float")
     assert (r["served_rule"]["rule"] == "int8") == (r["served_rule"]["fallback"] is None)
