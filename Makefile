@@ -5,7 +5,7 @@ DIST ?= dist/model
 # mutants per module `make mutation` draws (seeded; about 20 minutes on 2 cores); 0 tests every mutant (over an hour)
 MUTATION_SAMPLE ?= 100
 
-.PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench bench-gpu k8s clean
+.PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench soak bench-gpu k8s clean
 
 setup:  ## create .venv with pinned dependencies (and Java 17, Fashion-MNIST via apt where missing)
 	@bash scripts/setup.sh
@@ -39,10 +39,13 @@ fuzz: setup  ## fuzz photo decoding and request parsing for FUZZ_SECONDS (defaul
 	$(PY) -m tests.fuzz --seconds $(FUZZ_SECONDS)
 
 mutation: setup  ## mutmut over the modules that carry promises; kill rate per module (not in `make test`)
-	$(PY) -m scripts.mutation --sample $(MUTATION_SAMPLE) $(MUTATE)
+	$(PY) -m scripts.mutation --sample $(MUTATION_SAMPLE) --record bench/mutation.json $(MUTATE)
 
 bench: archive  ## served vs raw vs naive throughput, latency and memory -> bench/results.json
 	$(PY) -m scripts.bench --model-root $(DIST)
+
+soak: setup  ## a bounded TorchServe soak (45 s at concurrency 32) -> bench/soak.json (docs/reliability.md's figures)
+	RETURNS_SOAK_RECORD=bench/soak.json $(PY) -m pytest -p no:cacheprovider -q tests/reliability/test_load_soak.py
 
 bench-gpu: setup  ## on a machine with a GPU: served vs raw with fp16 autocast, GPU vs CPU answers -> bench/gpu.json
 	$(PY) -m scripts.bench_gpu --model-dir $(MODEL_DIR)

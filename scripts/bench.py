@@ -38,6 +38,7 @@ import requests
 import torch
 
 from handler.core import Classifier, available_cpus
+from scripts.machine import machine
 from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
 from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
@@ -143,8 +144,6 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
     return pngs
 
 
-# The instruction-set flags that decide which int8 and float kernels run (what a figure's CPU family is).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 RAW_PREFIXES = {"eager": "raw", "onnx": "raw_onnx", "onnx-int8": "raw_int8"}
 
 
@@ -314,16 +313,12 @@ def serve_with(model_dir: Path, root: Path, cfg: ServeConfig) -> Path:
 
 
 def environment(threads: int, cfg: BenchConfig, serve: dict[str, Any], backend: str) -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     from importlib import metadata
 
-    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), []))
-    return {"cpu": cpu, "cpu_isa": [f for f in ISA_FLAGS if f in flags],
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": available_cpus(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-            else None, "worker_threads": threads, "submit_batch_size": cfg.batch_size,
-            "submit_concurrency": cfg.concurrency, "naive_warmup_requests": cfg.warmup_n, "torchserve_batch": serve, "cpu_backend": backend, "python": platform.python_version(),
+    return {**machine(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "worker_threads": threads, "submit_batch_size": cfg.batch_size,
+            "submit_concurrency": cfg.concurrency, "naive_warmup_requests": cfg.warmup_n, "torchserve_batch": serve,
+            "cpu_backend": backend, "python": platform.python_version(),
             "torch": torch.__version__, "torchserve": metadata.version("torchserve"),
             "onnxruntime": metadata.version("onnxruntime"), "openvino": metadata.version("openvino"),
             "kserve": metadata.version("kserve")}

@@ -127,10 +127,63 @@ def gpu(bench_dir: Path = BENCH) -> str:
             + _md(("figure", "value"), rows))
 
 
+def _machine(run: dict[str, Any]) -> str:
+    isa = ", ".join(run.get("cpu_isa") or []) or "no ISA flags recorded"
+    return f"{run['cpu']} (family/model {run.get('cpu_family_model') or '?'}; {isa}), {run['cpus']} CPUs"
+
+
+def mutation(bench_dir: Path = BENCH) -> str:
+    """``make mutation``'s kill rates (bench/mutation.json): per module, with the survivors by name."""
+    path = bench_dir / "mutation.json"
+    if not path.exists():
+        return "No mutation run has been recorded (`make mutation` writes bench/mutation.json)."
+    m = _json(path)
+    run, mods = m["run"], m["modules"]
+    sample = (f"{run['sample_per_module']} mutants per module drawn at random (seed {run['seed']})"
+              if run["sample_per_module"] else "every mutant")
+    wall = f", {run['wall_minutes']:.1f} minutes" if run.get("wall_minutes") is not None else ""
+    rows = []
+    for mod, t in mods.items():
+        ci = "{:.1%}–{:.1%}".format(*t["kill_rate_95"]) if "kill_rate_95" in t else "all tested"
+        rows.append((f"`{mod}`", f"{t['mutants']:,}", t["tested"], t["killed"], f"**{t['kill_rate']:.1%}**", ci))
+    tested, killed = sum(t["tested"] for t in mods.values()), sum(t["killed"] for t in mods.values())
+    rows.append(("all tested", f"{sum(t['mutants'] for t in mods.values()):,}", f"{tested:,}", f"{killed:,}",
+                 f"**{killed / tested:.1%}**", ""))
+    # a mutant's name is "<dotted module>.<function>__mutmut_<n>: <status>"
+    survivors = "\n".join(f"- `{mod}`: " + ", ".join(f"`{name.split(': ')[0].rsplit('.', 1)[-1]}`"
+                                                     for name in t["not_killed"])
+                          for mod, t in mods.items() if t["not_killed"])
+    return (f"Run of {run['date']} on {_machine(run)}: {sample}{wall}.\n\n"
+            + _md(("module", "mutants", "tested", "killed", "kill rate", "95% interval"), rows)
+            + ("\n\nNot killed (function and mutant number; `python -m mutmut show NAME` prints one):\n\n" + survivors
+               if survivors else ""))
+
+
+def soak(bench_dir: Path = BENCH) -> str:
+    """``make soak``'s figures (bench/soak.json): load, answers and memory of a bounded TorchServe soak."""
+    path = bench_dir / "soak.json"
+    if not path.exists():
+        return "No soak has been recorded (`make soak` writes bench/soak.json)."
+    s = _json(path)
+    run, mem0, mem1 = s["run"], s["rss_mb_before"], s["rss_mb_after"]
+    rows = [("load", f"{s['seconds']:.0f} s at concurrency {s['concurrency']}: {s['requests']:,} requests "
+                     f"({s['photos']:,} photos; {s['requests_per_s']:,.0f} requests/s, {s['photos_per_s']:,.0f} photos/s)"),
+            ("answers", f"{s['2xx']:,} 2xx, **{s['4xx']}** 4xx, **{s['5xx']}** 5xx"),
+            ("worker restarts", f"**{s['worker_restarts']}**"),
+            ("memory (RSS) before → after", f"worker {mem0['worker']:,} → {mem1['worker']:,} MB, "
+                                            f"frontend {mem0['frontend']:,} → {mem1['frontend']:,} MB"),
+            ("worker growth after the first tenth", f"{s['worker_growth_after_warmup_mb']:.1f} MB")]
+    return (f"Run of {run['date']} on {_machine(run)}; model {run['model_version']}, served rule {run['rule']} "
+            f"on {run['runtime']}, server batch {run['server_batch']}"
+            + (", load average after {:.2f} / {:.2f} / {:.2f}".format(*run["load_average_after"])
+               if run.get("load_average_after") else "") + ".\n\n" + _md(("what", "figure"), rows))
+
+
 # page -> the tables in it
 PAGES: dict[str, dict[str, Callable[[], str]]] = {
     "docs/model-card.md": {"model-figures": model_figures, "unfamiliar-kinds": unfamiliar_kinds},
     "docs/performance.md": {"performance": performance, "gpu": gpu},
+    "docs/reliability.md": {"soak": soak},
 }
 
 

@@ -30,6 +30,8 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
+from returns_model.fileio import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 MUTANTS = REPO / "mutants"
 MUTMUT = [sys.executable, "-m", "mutmut"]
@@ -96,6 +98,15 @@ def report(names_by_module: dict[str, list[str]], found: dict[str, str], totals:
     return table
 
 
+def record(path: Path, table: dict[str, dict], sample: int, seed: int, children: int, minutes: float | None) -> None:
+    """The kill rates as a self-describing artifact: what was run, where, and how long it took."""
+    from scripts.machine import machine
+
+    run = {"date": time.strftime("%Y-%m-%d", time.gmtime()), **machine(), "sample_per_module": sample, "seed": seed,
+           "max_children": children, "wall_minutes": minutes}
+    write_json(path, {"run": run, "modules": table})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.mutation", description=__doc__.split("\n\n")[0])
     p.add_argument("modules", nargs="*", help="source files (default: [tool.mutmut] only_mutate)")
@@ -103,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
     p.add_argument("--max-children", type=int, default=2, help="parallel mutants (default: %(default)s)")
     p.add_argument("--report", type=Path, default=MUTANTS / "kill_rates.json")
+    p.add_argument("--record", type=Path, default=None,
+                   help="also write the table with the run's machine, sample and wall time here (make mutation: "
+                        "bench/mutation.json, the artifact docs/testing.md's table is generated from)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: report the verdicts mutmut already holds in mutants/")
     args = p.parse_args(argv)
@@ -137,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     tested = sum(t["tested"] for t in table.values())
     killed = sum(t["killed"] for t in table.values())
     print(f"{'all tested':34} {sum(totals.values()):>8} {tested:>7} {killed:>7} {killed / tested if tested else 0:>7.1%}")
-    if not args.report_only:
-        print(f"wall time: {(time.monotonic() - started) / 60:.1f} min")
+    minutes = None if args.report_only else round((time.monotonic() - started) / 60, 1)
+    if minutes is not None:
+        print(f"wall time: {minutes:.1f} min")
+    if args.record and sorted(modules) != sorted(configured_modules()):
+        print(f"not recording {args.record}: it holds the run over every configured module, not a subset",
+              file=sys.stderr)
+    elif args.record:
+        record(args.record, table, args.sample, args.seed, args.max_children, minutes)
     print(f"survivors per module: {args.report}")
     return 0
 

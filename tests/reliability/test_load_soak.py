@@ -5,6 +5,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -13,6 +14,22 @@ import requests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SOAK_SECONDS = float(os.environ.get("RETURNS_SOAK_SECONDS", "45"))
+CONCURRENCY = 32
+SERVER_BATCH = 4
+# `make soak` sets this to bench/soak.json: the figures of docs/reliability.md are generated from it.
+RECORD = os.environ.get("RETURNS_SOAK_RECORD")
+
+
+def record(path, report, url, photo):
+    """The soak's figures as a self-describing artifact: the machine, the model and the rule that served."""
+    from returns_model.fileio import write_json
+    from scripts.machine import machine
+
+    answer = requests.post(url, data=photo, timeout=60).json()
+    run = {"date": time.strftime("%Y-%m-%d", time.gmtime()), **machine(), "model_version": answer["model_version"],
+           "rule": answer["rule"], "runtime": answer["runtime"], "server_batch": SERVER_BATCH,
+           "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    write_json(path, {"run": run, **report})
 
 
 def rss_mb(pid):
@@ -28,7 +45,7 @@ def torchserve(release_model_dir, tmp_path_factory):
     from training.archive import build_archive
 
     root = tmp_path_factory.mktemp("model_root_soak")
-    build_archive(release_model_dir, root, ServeConfig(batch_size=4))
+    build_archive(release_model_dir, root, ServeConfig(batch_size=SERVER_BATCH))
     with LocalTorchServe(root, workdir=tmp_path_factory.mktemp("torchserve_soak")) as server:
         yield server
 
@@ -68,8 +85,8 @@ def test_soak_mixed_requests(torchserve, fmnist_png, capsys):
             time.sleep(SOAK_SECONDS / 10)
 
     t0 = time.monotonic()
-    with ThreadPoolExecutor(33) as pool:
-        futures = [pool.submit(client, s) for s in range(32)] + [pool.submit(sample)]
+    with ThreadPoolExecutor(CONCURRENCY + 1) as pool:
+        futures = [pool.submit(client, s) for s in range(CONCURRENCY)] + [pool.submit(sample)]
         for f in futures:
             f.result()
     elapsed = time.monotonic() - t0
@@ -79,13 +96,16 @@ def test_soak_mixed_requests(torchserve, fmnist_png, capsys):
     growth = (max(settled) - settled[0]) if settled else 0.0
     workers_after = torchserve.worker_pids()
     mem_after = {"frontend": rss_mb(frontend), "worker": rss_mb(workers_after[0])}
-    report = {"seconds": round(elapsed, 1), **counts, "requests_per_s": round(counts["requests"] / elapsed, 1),
+    restarts = len(set(workers_after) - set(workers_before))
+    report = {"seconds": round(elapsed, 1), "concurrency": CONCURRENCY, **counts, "worker_restarts": restarts, "requests_per_s": round(counts["requests"] / elapsed, 1),
               "photos_per_s": round(counts["photos"] / elapsed, 1),
               "rss_mb_before": {k: round(v) for k, v in mem_before.items()},
               "rss_mb_after": {k: round(v) for k, v in mem_after.items()},
               "worker_rss_mb_samples": samples, "worker_growth_after_warmup_mb": round(growth, 1)}
     with capsys.disabled():
         print("\nsoak:", json.dumps(report))
+    if RECORD:
+        record(Path(RECORD), report, url, photos[0])
     assert counts["5xx"] == 0 and counts["4xx"] == 0
     assert counts["requests"] > 100
     assert workers_after == workers_before  # no worker restarted
