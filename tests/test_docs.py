@@ -74,3 +74,41 @@ def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading():
 def test_the_slug_follows_githubs_rule():
     assert slug("Reviewers' decisions (format version 1; `returns_feedback/decisions.py`)") == \
         "reviewers-decisions-format-version-1-returns_feedbackdecisionspy"
+
+
+def readme_command(name: str) -> list[str]:
+    """The README's first ``name ...`` command, its continuation lines joined, split into words."""
+    text = (REPO / "README.md").read_text()
+    line = re.search(rf"^{re.escape(name)} .*?(?<!\\)$", text, re.M | re.S).group(0)
+    return line.replace("\\\n", " ").split()
+
+
+def test_the_readme_helm_install_renders_what_the_quick_start_goes_on_to_use():
+    """The platform engineer's `helm install` line, rendered by Helm's engine with its own --set flags:
+    valid objects, the images from the registry the block pushed to, and the CronJob the next line runs."""
+    from scripts import helm_render as hr
+    from tests.test_helm_chart import containers, pod_specs
+
+    words = readme_command("helm install")
+    namespace = words[words.index("-n") + 1]
+    values: dict = {}
+    for flag, setting in zip(words, words[1:]):
+        if flag == "--set":
+            key, value = setting.split("=", 1)
+            value = {"false": False, "true": True}.get(value, value.replace("$", "").lower())
+            node = values
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    values["model"]["sha256"] = "0" * 64  # the block's $SHA
+    rendered = hr.render(values, namespace=namespace)
+    assert hr.validate_objects(rendered.objects) == []
+    images = {c["image"] for _, pod in pod_specs(rendered) for c in containers(pod) if "image" in c}
+    assert "registry/returns-classifier/predictor:1.0.0" in images, images
+    assert "registry/returns-classifier/submitter:1.0.0" in images, images
+    job = readme_command("kubectl create job")
+    cronjob = job[job.index(next(w for w in job if w.startswith("--from=cronjob/")))].split("/", 1)[1]
+    assert cronjob in {o["metadata"]["name"] for o in rendered.objects if o["kind"] == "CronJob"}
+    assert job[job.index("-n") + 1] == namespace
+    assert {"--set", "gpu.enabled=false"} <= set(words), "the predictor built with CPU wheels needs no GPU"
