@@ -36,12 +36,6 @@ def _train_config(model_dir: Path) -> TrainConfig | None:
     return TrainConfig.from_json(path) if path.exists() else None
 
 
-def trained_with_composites(model_dir: Path) -> bool:
-    """Whether the folder's train_config.json says the network was trained against composites."""
-    cfg = _train_config(model_dir)
-    return cfg is not None and cfg.composite_weight > 0
-
-
 def trained_against(model_dir: Path) -> frozenset[str]:
     """The kinds whose like the folder's network was trained against: composites' and drawn outliers'
     (drawn outliers ride in the composite slots, so none without composites)."""
