@@ -23,8 +23,8 @@ class ServeConfig:
 
     # Requests TorchServe groups into one handler call. One request of returns-submit's 256 photos already
     # fills the handler's passes of 32, so merging requests gains little: on a quiet 2-core host (make bench's
-    # sweep, 3 runs of 2,000 photos per point) batch 1 beat 4 and 8 at 64 and 128 photos per request, and
-    # later sweeps put batch 1 and 4 within one point's spread (docs/history/2026-12-04-readme-round-two.md).
+    # sweep, 3 runs of 2,000 photos per point) batch 1 beat 4 and 8 at 64 and 128 photos per request in one
+    # sweep and was within one point's spread of 4 in others (docs/history/2026-12-04-readme-round-two.md).
     batch_size: int = 1
     max_batch_delay_ms: int = 5  # how long a lone request waits for company (batch sizes above 1)
     # Python workers, each with threads = CPU quota / workers (handler/torchserve_handler.py). On the

@@ -122,13 +122,12 @@ class UnfamiliarGate:
     def dim(self) -> int:
         return self._mu.shape[1]
 
-    def score(self, features: torch.Tensor, logits: torch.Tensor | None = None,
-              pixels: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, features: torch.Tensor, *, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Unfamiliarity ``[N]`` (higher = stranger) from the tapped embedding and the uint8 pixels.
 
         ``features`` is the pooled output of ``self.layer`` (see ``LayerTap``), not the penultimate
-        embedding; ``logits`` is accepted for interface stability and unused; ``pixels`` are the
-        uint8 ``[N, C, H, W]`` model inputs. Without pixels only the feature distance counts.
+        embedding; ``pixels`` are the uint8 ``[N, C, H, W]`` model inputs. Without pixels only the
+        feature distance counts.
         """
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise GateError(f"features must be [N, {self.dim}] from layer {self.layer!r}, got {tuple(features.shape)}")

@@ -110,8 +110,8 @@ class Reference:
     archive it describes (so a run can say whether the server answered with that archive).
 
     ``body`` is the file's single reference (a manifest's is the rule its archive serves on a CPU);
-    ``by_rule`` holds the references of each rule the file describes, empty in files written
-    before there were two rules, and ``by_rule_at`` where in the file each one is."""
+    ``by_rule`` holds the references of each rule the file describes, empty in files that hold the
+    single reference only, and ``by_rule_at`` where in the file each one is."""
 
     body: dict[str, Any]
     source: str

@@ -215,8 +215,3 @@ def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean, device=batch.device).view(shape)
     std = torch.tensor(spec.std, device=batch.device).view(shape)
     return (batch.float().div_(255.0) - mean) / std
-
-
-def bytes_to_tensor(data: bytes, spec: PreprocessSpec) -> torch.Tensor:
-    """Image bytes -> normalised float tensor ``[C, size, size]``: what the model sees."""
-    return normalize(bytes_to_uint8(data, spec), spec)

@@ -57,7 +57,6 @@ class Summary:
     labels: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     histogram: list = field(default_factory=lambda: [0] * (len(DEFAULT_EDGES) - 1))
-    reference_histogram: list | None = None  # the night's confidences on the single reference's edges
     by_rule: dict[str, drift.Tally] = field(default_factory=dict)  # drift.rule_key -> that rule's answers
     latencies_ms: array = field(default_factory=lambda: array("d"))
 
@@ -184,8 +183,6 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
     Each rule's answers are tallied apart, their confidences binned on ``edges_for(rule)``: the edges
     of the reference they will be judged against (default ``reference_edges`` for every rule)."""
     s = Summary()
-    if reference_edges:
-        s.reference_histogram = [0] * (len(reference_edges) - 1)
     last_batch = None
     for r in _records(predictions):
         s.classified += 1
@@ -195,8 +192,6 @@ def summarize(predictions: list[Path], rejected: list[Path], reference_edges: li
         s.labels[str(r.get(LABEL))] += 1
         s.models[(r.get(MODEL_NAME), r.get(MODEL_VERSION), r.get(MODEL_SHA256))] += 1
         s.histogram[bin_index(conf, DEFAULT_EDGES)] += 1
-        if s.reference_histogram is not None:
-            s.reference_histogram[bin_index(conf, reference_edges)] += 1
         if r.get("attempts", 1) > 1:
             s.retried += 1
         batch = (r.get("shard"), r.get("batch"))

@@ -427,8 +427,8 @@ BLANK_PNG = _blank_png()
 
 
 def _stated_limit(message: str) -> int | None:
-    """The photos-per-request limit a `too_many_instances` message states ("the limit is N"; a
-    returns-kserve before 2026-11-26 said "allowed 1 to N" on v2), or None."""
+    """The photos-per-request limit a `too_many_instances` message states ("the limit is N"; "allowed
+    1 to N", the v2 wording of older returns-kserve builds), or None."""
     m = re.search(r"(?:the limit is|allowed 1 to) (\d+)", message)
     return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
 

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=300, help="decisions the reviewers make a night")
     p.add_argument("--eval-shifted", type=int, default=1000, help="held-out shifted photos (test-split garments)")
     # lighter than returns-retrain's defaults (4 epochs of 30,000), so three nights fit in 15 minutes on 2 cores
-    # (3 epochs of 10,000 took 888 s with release 1.1, whose composites the fine-tune keeps: too close)
+    # (3 epochs of 10,000 take about 890 s with the composites the fine-tune keeps: too close)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--replay", type=int, default=10000)
     p.add_argument("--gate-photos", type=int, default=5000)

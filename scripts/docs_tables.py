@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from returns_model.fileio import write_text
+from training.unfamiliar import group_name
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "models" / "release"
@@ -77,10 +78,11 @@ def model_figures(model_dir: Path = RELEASE) -> str:
 
 
 def unfamiliar_kinds(model_dir: Path = RELEASE) -> str:
-    """Each kind of unfamiliar photo in the trust report: how many go to review under each rule."""
+    """Each kind of unfamiliar photo in the trust report, with its group as ``training.unfamiliar.GROUPS``
+    names it (``group_name``): how many go to review under each rule."""
     trust, meta = _json(model_dir / "trust.json"), _json(model_dir / "model.json")
     int8 = ((meta.get("int8") or {}).get("trust") or {}).get("unfamiliar_kinds_routed", {})
-    rows = [(kind, v["group"], f"{v['n']:,}", _pct(v["routed_to_review"], 1), _pct(int8.get(kind), 1))
+    rows = [(kind, group_name(v["group"]), f"{v['n']:,}", _pct(v["routed_to_review"], 1), _pct(int8.get(kind), 1))
             for kind, v in trust["unfamiliar_kinds"].items()]
     night = trust["mixed_night"]
     mixed = (f"A night of {night['ordinary']:,} test photos and {night['unfamiliar']:,} unfamiliar ones: "

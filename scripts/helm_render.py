@@ -62,9 +62,6 @@ class Rendered:
             raise LookupError(f"expected one {kind}, found {len(found)}")
         return found[0]
 
-    def without_hooks(self) -> list[dict[str, Any]]:
-        return [o for o in self.objects if not is_hook(o)]
-
 
 def min_kube_version(chart_dir: Path = CHART_DIR) -> str:
     """The lower bound of Chart.yaml's kubeVersion constraint, e.g. ">=1.31.0-0" -> "1.31.0"."""

@@ -124,4 +124,4 @@ def test_a_warm_started_run_against_drawn_outliers_doubts_print_and_strokes_keep
     groups = json.loads((child / "trust.json").read_text())["unfamiliar_kinds"]
     assert {k for k, v in groups.items() if v["group"] == "trained_against"} == set(
         unfamiliar.COMPOSITE_KINDS + unfamiliar.DRAWN_KINDS)
-    assert {k for k, v in groups.items() if v["group"] == "confirmation_4"} == set(unfamiliar.FOURTH_CONFIRMATION_KINDS)
+    assert {k for k, v in groups.items() if v["group"] == "sent_instead"} == set(unfamiliar.kinds_in("sent_instead"))

@@ -81,7 +81,7 @@ def test_the_summary_is_what_the_records_say(tmp_path):
     assert body["confidence_histogram"] == {"edges": [i / 10 for i in range(11)],
                                             "counts": [tenths.count(b) for b in range(10)]}
     ref_bins = [sum(lo <= r["confidence"] < hi for r in recs) for lo, hi in zip(ref_edges, ref_edges[1:])]
-    assert s.reference_histogram == ref_bins
+    assert [sum(b) for b in zip(*(t.reference_histogram for t in s.by_rule.values()))] == ref_bins
     rules = Counter("unknown" if r["rule"] is None else r["rule"] for r in recs)
     assert body["counts"]["rules"] == dict(sorted(rules.items())) and sum(rules.values()) == 60
     # Each rule's tally is its own records' share of the night's (here all on the same edges).

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from training.data import load_image_folder
-from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_tensor, bytes_to_uint8, decode_image, normalize
+from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, decode_image, normalize
 from tests.conftest import encode
 
 
@@ -39,7 +39,7 @@ def test_every_pillow_mode_becomes_the_model_input(mode):
     img = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
     buf = io.BytesIO()
     img.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    t = bytes_to_tensor(buf.getvalue(), spec)
+    t = normalize(bytes_to_uint8(buf.getvalue(), spec), spec)
     assert t.shape == (1, 28, 28) and t.dtype == torch.float32 and torch.isfinite(t).all()
 
 

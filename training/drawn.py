@@ -2,9 +2,10 @@
 photo of paper or of a drawing is not a product (outlier exposure, Hendrycks et al. 2019).
 
 At 28x28 a return slip (a light card with rows of print) looks like a bag or a dress, and a few light
-strokes on a dark board like a sandal; the gate, reading the network's own features, let 23% and 10%
-of them through release 1.1 (training/unfamiliar.py's ``receipt`` and ``scribble`` kinds). Composites
-of garments (training/composite.py) cannot teach this: they are made of garments.
+strokes on a dark board like a sandal; on a network trained with composites but not with these, the
+gate, reading the network's own features, let 23% and 10% of them through (training/unfamiliar.py's
+``receipt`` and ``scribble`` kinds). Composites of garments (training/composite.py) cannot teach this:
+they are made of garments.
 
     strokes   one to four polylines, light on dark or dark on light, of random width
     print     rows of random letters and digits, dark on a light card

@@ -21,7 +21,6 @@ from returns_model.gate import GateError, LayerTap, UnfamiliarGate, min_mahalano
 from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
 
-DEFAULT_LAYER = "blocks.3"
 DEFAULT_RATE = 0.02
 RIDGE = 1e-6
 

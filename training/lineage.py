@@ -25,8 +25,8 @@ def recorded_test_accuracy(model_dir: Path) -> float | None:
 
 def lineage_root(model_dir: Path, meta) -> dict[str, Any]:
     """The first release of a model's lineage: the champion's own ``lineage.root``, or the champion
-    itself when it has none (a trained release; or a candidate written before roots were recorded,
-    whose drift is then counted from it). ``test_accuracy`` is what its report measured
+    itself when it has none (a trained release; or a candidate whose lineage records no root, whose
+    drift is then counted from it). ``test_accuracy`` is what its report measured
     (metrics.json, the float graph on the test split), so that every later candidate can say how far
     it has moved from it, however many promotions lie between."""
     if meta.lineage and meta.lineage.get("root"):

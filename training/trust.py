@@ -6,9 +6,9 @@ training data, measured through the serving core itself (handler.core.Classifier
     unfamiliar_scores.png       the gate's score for ordinary photos and for each kind
     unfamiliar_routed.png       the share of each kind sent to review
 
-Kinds come in groups (training/unfamiliar.py): `tuning` kinds were looked at while designing the
-gate, `held_out` and the `confirmation` groups only ever reported; for a model trained with
-composites (train_config.json `composite_weight` > 0) the composite kinds are `trained_against`, and
+Each kind is reported with its group (training/unfamiliar.py's ``GROUPS``: `tuning` kinds were looked
+at while designing the gate, every other group is only reported); for a model trained with composites
+(train_config.json `composite_weight` > 0) the kinds composites imitate are `trained_against`, and
 with drawn outliers as well (`drawn_share` > 0) the kinds they imitate. training/report.py calls this after
 writing model.json, so `make train` and `returns-report` both produce it.
 """
@@ -28,27 +28,12 @@ MIXED_NIGHT_SHARE = 0.15  # unfamiliar photos in the mixed night
 
 
 def _group(kind: str, against: frozenset[str]) -> str:
-    if kind in against:
-        return "trained_against"
-    for group, kinds in (("tuning", unfamiliar.TUNING_KINDS), ("held_out", unfamiliar.HELD_OUT_KINDS),
-                         ("confirmation", unfamiliar.CONFIRMATION_KINDS),
-                         ("confirmation_2", unfamiliar.SECOND_CONFIRMATION_KINDS),
-                         ("confirmation_3", unfamiliar.THIRD_CONFIRMATION_KINDS),
-                         ("confirmation_4", unfamiliar.FOURTH_CONFIRMATION_KINDS)):
-        if kind in kinds:
-            return group
-    raise KeyError(f"kind {kind!r} is in no group of training/unfamiliar.py")
+    return unfamiliar.TRAINED_AGAINST if kind in against else unfamiliar.GROUP_OF[kind]
 
 
 def _train_config(model_dir: Path) -> TrainConfig | None:
     path = Path(model_dir) / "train_config.json"
     return TrainConfig.from_json(path) if path.exists() else None
-
-
-def trained_with_composites(model_dir: Path) -> bool:
-    """Whether the folder's train_config.json says the network was trained against composites."""
-    cfg = _train_config(model_dir)
-    return cfg is not None and cfg.composite_weight > 0
 
 
 def trained_against(model_dir: Path) -> frozenset[str]:

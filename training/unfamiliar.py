@@ -3,22 +3,20 @@
 Each generator returns PNG bytes, so the photos take the real serving path (decode, greyscale,
 letterbox, ``bytes_to_uint8``) before any score sees them; sizes and colour modes vary on purpose.
 
-Kinds are split in groups. ``TUNING_KINDS`` may be looked at while designing the gate;
-``HELD_OUT_KINDS`` are only reported. (The gate's cutoff itself is chosen on ordinary validation
-photos alone, so no kind chooses a number.) One design choice was in the end settled after the
-held-out results had been seen, so ``CONFIRMATION_KINDS`` were written afterwards, for a final design
-that was frozen first, and run once. ``SECOND_CONFIRMATION_KINDS`` were written later, before a gate
-redesign was tried; no redesign beat the shipped gate, so they were first run on the shipped gate.
-``THIRD_CONFIRMATION_KINDS`` were written before the first model trained with composites was measured.
-A model trained with composites (training/composite.py) has seen ``COMPOSITE_KINDS``' like, and one
-trained with drawn outliers (training/drawn.py) ``DRAWN_KINDS``' like: for it they are
-``trained_against``, not held out. ``FOURTH_CONFIRMATION_KINDS`` were written before drawn outliers
-were tried, and run once on the first model trained with them.
+``KINDS`` is the one registry: each kind's name (as trust reports and ``model.json`` key it), its
+generator, the group it belongs to (``GROUPS``: what its photos test) and the training outliers that
+imitate it, if any. Only ``tuning`` kinds may be looked at while designing the gate; every other group
+is held out and only reported (the gate's cutoff itself is chosen on ordinary validation photos
+alone, so no kind chooses a number). A model trained with composites (training/composite.py) has
+seen the like of the kinds they imitate, and one trained with drawn outliers (training/drawn.py)
+theirs: for that model those kinds are ``trained_against`` (``TRAINED_AGAINST``), not held out.
+How the groups came to be written is in docs/history/2026-12-04-code-history.md.
 """
 from __future__ import annotations
 
 import io
 import string
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -45,7 +43,7 @@ def _size(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.integers(28, 257)), int(rng.integers(28, 257))
 
 
-# --- tuning kinds -------------------------------------------------------------------------------
+# --- tuning: looked at while the gate was designed -----------------------------------------------
 def inverted(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     """Polarity-inverted Fashion-MNIST: dark garments on a white background (a scanned or lit photo)."""
     imgs = _fashion(images)
@@ -82,7 +80,7 @@ def noise(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
-# --- held-out kinds ----------------------------------------------------------------------------
+# --- other_pictures: a scene, a garment on another backdrop, shapes and text, an empty frame ------
 def scene_crops(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     """Random crops and rescalings of sklearn's colour sample photos (a building, a flower)."""
     from sklearn.datasets import load_sample_images
@@ -174,7 +172,7 @@ def blank(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
-# --- confirmation kinds: added after the held-out results had been seen (see results.json) -------
+# --- surfaces_and_bundles: a wall, a swatch, several garments in one photo -----------------------
 def gradients(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     """Smooth linear or radial colour gradients (a wall, a sky, an out-of-focus shot)."""
     rng = np.random.default_rng(seed)
@@ -224,8 +222,7 @@ def collage(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
-# --- second confirmation kinds: written on 2026-11-26 for a gate redesign that never shipped (no
-# design beat the shipped one), then run once on the shipped gate, unchanged --------------------
+# --- misshots: two exposures, too close, a cluttered floor, an out-of-focus texture ---------------
 def double_exposure(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     """Two garments blended half and half (a double exposure, or one item seen through another's bag)."""
     imgs = _fashion(images)
@@ -286,8 +283,7 @@ def clouds(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
-# --- third confirmation kinds: written on 2026-11-26, before any model trained with composites
-# (training/composite.py) was measured, and run once on it ---------------------------------------
+# --- paper_and_print: a return slip, a barcode label, pen strokes ----------------------------------
 def receipt(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     """The return slip photographed instead of the item: lines of dark print on light paper."""
     rng = np.random.default_rng(seed)
@@ -343,8 +339,7 @@ def scribble(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]
     return out
 
 
-# --- fourth confirmation kinds: written on 2026-11-26 (eleventh session), before any fix for the
-# slips and scribbles was tried (gate changes, then drawn outliers), and first run on release 1.2 --
+# --- sent_instead: what is photographed instead of the item, on a table or in colour -------------
 def _on_table(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     """A table or floor to lay things on: dark, wooden (brown with stretched grain) or a plain colour."""
     what = int(rng.integers(3))
@@ -478,25 +473,86 @@ def coins(n: int, seed: int, images: np.ndarray | None = None) -> list[bytes]:
     return out
 
 
-TUNING_KINDS: dict[str, Generator] = {"inverted": inverted, "digits": digits, "noise": noise}
-HELD_OUT_KINDS: dict[str, Generator] = {"scene_crops": scene_crops, "pasted_on_background": pasted,
-                                        "shapes_text": shapes_text, "blank": blank}
-CONFIRMATION_KINDS: dict[str, Generator] = {"gradients": gradients, "patterns": patterns, "collage": collage}
-SECOND_CONFIRMATION_KINDS: dict[str, Generator] = {"double_exposure": double_exposure, "close_up": close_up,
-                                                   "garment_on_scene": garment_on_scene, "clouds": clouds}
-THIRD_CONFIRMATION_KINDS: dict[str, Generator] = {"receipt": receipt, "barcode_label": barcode_label, "scribble": scribble}
-FOURTH_CONFIRMATION_KINDS: dict[str, Generator] = {"price_tag": price_tag, "handwritten_note": handwritten_note,
-                                                   "packing_box": packing_box, "phone_screen": phone_screen,
-                                                   "coins": coins}
-COMPOSITE_KINDS = ("double_exposure", "collage")  # what training/composite.py makes, from training garments
-# what training/drawn.py draws (print on a card, pen strokes); shapes_text also holds lines and printed text
-DRAWN_KINDS = ("receipt", "scribble", "shapes_text")
-ALL_KINDS: dict[str, Generator] = {**TUNING_KINDS, **HELD_OUT_KINDS, **CONFIRMATION_KINDS, **SECOND_CONFIRMATION_KINDS,
-                                   **THIRD_CONFIRMATION_KINDS, **FOURTH_CONFIRMATION_KINDS}
+COMPOSITES = "composites"  # training/composite.py: blends and tiles of the batch's own garments
+DRAWN = "drawn"  # training/drawn.py: pen strokes and lines of print on a card
+TRAINED_AGAINST = "trained_against"  # a kind's group for a model trained against its imitations
+
+# What each group's photos test. A trust report names a kind's group, or TRAINED_AGAINST.
+GROUPS: dict[str, str] = {
+    "tuning": "looked at while the gate was designed: inverted garments, handwritten digits, noise",
+    "other_pictures": "pictures other than one garment on black: a scene, a garment on a light or "
+                      "textured backdrop, shapes and text, an empty frame (one design choice of the gate "
+                      "was settled after their figures were seen)",
+    "surfaces_and_bundles": "a surface with no item (gradients, stripes and checks) and several garments "
+                            "in one photo",
+    "misshots": "the camera got it wrong: two exposures, too close, a cluttered floor, an out-of-focus texture",
+    "paper_and_print": "paper instead of the item: a return slip, a barcode label, pen strokes",
+    "sent_instead": "objects photographed instead of the item, in colour on a table: a price tag, a "
+                    "customer's note, the empty box, a phone screenshot, coins",
+}
+# The names trust reports written before the groups had the names above (the committed release's
+# trust.json among them) store; ``group_name`` reads both.
+FORMER_GROUP_NAMES: dict[str, str] = {"held_out": "other_pictures", "confirmation": "surfaces_and_bundles",
+                                      "confirmation_2": "misshots", "confirmation_3": "paper_and_print",
+                                      "confirmation_4": "sent_instead"}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of unfamiliar photo: its name in trust reports, its generator, its group (``GROUPS``)
+    and the training outliers that imitate it (``COMPOSITES``, ``DRAWN``; "" for none)."""
+
+    name: str
+    make: Generator
+    group: str
+    imitated_by: str = ""
+
+
+# In report order: a trust report's mixed night draws from the kinds' photos in this order.
+KINDS: tuple[Kind, ...] = (
+    Kind("inverted", inverted, "tuning"),
+    Kind("digits", digits, "tuning"),
+    Kind("noise", noise, "tuning"),
+    Kind("scene_crops", scene_crops, "other_pictures"),
+    Kind("pasted_on_background", pasted, "other_pictures"),
+    Kind("shapes_text", shapes_text, "other_pictures", imitated_by=DRAWN),  # it holds lines and printed text too
+    Kind("blank", blank, "other_pictures"),
+    Kind("gradients", gradients, "surfaces_and_bundles"),
+    Kind("patterns", patterns, "surfaces_and_bundles"),
+    Kind("collage", collage, "surfaces_and_bundles", imitated_by=COMPOSITES),
+    Kind("double_exposure", double_exposure, "misshots", imitated_by=COMPOSITES),
+    Kind("close_up", close_up, "misshots"),
+    Kind("garment_on_scene", garment_on_scene, "misshots"),
+    Kind("clouds", clouds, "misshots"),
+    Kind("receipt", receipt, "paper_and_print", imitated_by=DRAWN),
+    Kind("barcode_label", barcode_label, "paper_and_print"),
+    Kind("scribble", scribble, "paper_and_print", imitated_by=DRAWN),
+    Kind("price_tag", price_tag, "sent_instead"),
+    Kind("handwritten_note", handwritten_note, "sent_instead"),
+    Kind("packing_box", packing_box, "sent_instead"),
+    Kind("phone_screen", phone_screen, "sent_instead"),
+    Kind("coins", coins, "sent_instead"),
+)
+ALL_KINDS: dict[str, Generator] = {k.name: k.make for k in KINDS}
+GROUP_OF: dict[str, str] = {k.name: k.group for k in KINDS}
+COMPOSITE_KINDS: tuple[str, ...] = tuple(k.name for k in KINDS if k.imitated_by == COMPOSITES)
+DRAWN_KINDS: tuple[str, ...] = tuple(k.name for k in KINDS if k.imitated_by == DRAWN)
+
+
+def kinds_in(group: str) -> tuple[str, ...]:
+    """The names of ``group``'s kinds, in report order."""
+    if group not in GROUPS:
+        raise KeyError(f"unknown group {group!r}; groups: {', '.join(GROUPS)}")
+    return tuple(k.name for k in KINDS if k.group == group)
+
+
+def group_name(stored: str) -> str:
+    """A group as a trust report stores it, by its name in ``GROUPS`` (or ``TRAINED_AGAINST``)."""
+    return FORMER_GROUP_NAMES.get(stored, stored)
 
 
 def make(kind: str, n: int, seed: int = 0, images: np.ndarray | None = None) -> list[bytes]:
-    """``n`` PNG photos of one kind; ``images`` (uint8 Fashion-MNIST) is needed by inverted and pasted."""
+    """``n`` PNG photos of one kind; ``images`` (uint8 Fashion-MNIST) is needed by the kinds made of garments."""
     if kind not in ALL_KINDS:
         raise KeyError(f"unknown kind {kind!r}; known kinds: {sorted(ALL_KINDS)}")
     if n < 1:
