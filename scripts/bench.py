@@ -193,7 +193,8 @@ def phone_photo_costs(runs: int, n: int = 10) -> dict[str, Any]:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from returns_model.preprocess import PreprocessSpec, bytes_to_uint8, decode_image, image_to_uint8
+    from returns_model.meta import PreprocessSpec
+    from returns_model.preprocess import bytes_to_uint8, decode_image, image_to_uint8
 
     buf = io.BytesIO()
     Image.fromarray(load_sample_images().images[1]).resize((4032, 3024)).save(buf, "JPEG", quality=90)

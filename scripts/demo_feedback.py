@@ -42,8 +42,9 @@ from tqdm import tqdm
 from handler.core import Classifier
 from returns_feedback.decisions import NOT_A_PRODUCT
 from returns_feedback.validate import main as feedback_main
-from returns_model.artifact import load_model, read_meta
+from returns_model.artifact import load_model
 from returns_model.fileio import write_json, write_text
+from returns_model.meta import read_meta
 from returns_model.preprocess import bytes_to_uint8
 from returns_submit.outputs import write_outputs
 from training import compare as cmp

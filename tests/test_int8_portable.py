@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from handler.onnx_runner import OnnxRunner
-from returns_model.artifact import read_meta
+from returns_model.meta import read_meta
 from returns_model.export import INT8_FILE
 from returns_model.preprocess import normalize
 

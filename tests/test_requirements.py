@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from returns_model.gate import GateError
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
 from tests.conftest import encode
 from training import train as train_mod
 from training.certify import certify_threshold, min_accepted

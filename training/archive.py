@@ -30,10 +30,11 @@ import handler
 import returns_model
 from handler.core import CPU_BACKENDS
 from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
-from returns_model.artifact import ModelMeta, load_model, read_int8_graph, read_meta
+from returns_model.artifact import load_model, read_int8_graph
 from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
+from returns_model.meta import ModelMeta, read_meta
 from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
 from returns_model.results import FLOAT, INT8
 from returns_model.rule import choose_rule, rule_meta
@@ -41,8 +42,8 @@ from returns_model.rule import choose_rule, rule_meta
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_PACKAGES = {
-    "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
-                      "artifact.py", "gate.py", "export.py", "results.py", "rule.py"],
+    "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "meta.py", "preprocess.py",
+                      "network.py", "artifact.py", "gate.py", "export.py", "results.py", "rule.py"],
     "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py",
                 "openvino_runner.py"],
 }

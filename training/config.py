@@ -11,8 +11,7 @@ import torch
 
 from returns_model.artifact import resolve_device
 from returns_model.fileio import write_json
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
 
 
 @dataclass

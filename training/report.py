@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from returns_model.artifact import PROBE_PHOTOS, ModelMeta, load_model, make_probe, save_weights, write_meta
+from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, save_weights
 from returns_model.fileio import write_json
+from returns_model.meta import ModelMeta, PreprocessSpec, write_meta
 from returns_model.network import SEResNet
-from returns_model.preprocess import PreprocessSpec
 from training import plots
 from training.calibrate import Calibration, risk_coverage
 from training.config import TrainConfig, gate_layer, make_arch, pick_device

@@ -23,8 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
 from training.certify import min_accepted, rejects_risk_above
 from training.config import TrainConfig, gate_layer, make_arch
 from training.data import Dataset, Split, held_out_test_size, held_out_val_size, hold_out, make_spec
