@@ -179,9 +179,16 @@ class ModelMeta:
             return replace(self, temperature=float(cal["temperature"]), threshold=float(cal["threshold"]),
                            target_precision=float(cal["target_precision"]), coverage=cal.get("coverage"),
                            certificate=cal.get("certificate"), unfamiliar=self.int8.get("unfamiliar"),
-                           reference=self.int8.get("reference") or self.reference, probe=self.int8.get("probe"))
+                           reference=int8_reference(self.int8) or self.reference, probe=self.int8.get("probe"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model.json: malformed int8 section ({exc!r})") from None
+
+
+def int8_reference(int8: Any) -> Any:
+    """The int8 rule's own drift reference (``int8.reference``), or None where the section has none
+    (empty or absent): that rule's answers are then judged against the float rule's ``reference``.
+    It reads the raw section, so the drift reader (returns_model.manifest) follows the same rule."""
+    return (int8.get("reference") or None) if isinstance(int8, dict) else None
 
 
 def read_meta(model_dir: Path) -> ModelMeta:
