@@ -55,14 +55,13 @@ from handler.payload import instance_photo, parse_request
 from handler.serve_config import HandlerKnobs
 from returns_model.artifact import resolve_device
 from returns_model.manifest import ArchiveRefused, verify
-from returns_model.names import META_FILE
+from returns_model.names import META_FILE, MODEL_CONFIG_FILE
 from returns_model.preprocess import PhotoError
 
 # A child of KServe's own logger: its handler and format apply, so the start-up line (device, model
 # SHA-256) and refusals reach the pod's log like KServe's lines do.
 log = logging.getLogger("kserve.returns_classifier")
 
-MODEL_CONFIG = "model-config.yaml"  # the serving knobs inside the .mar, as TorchServe reads them
 OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
     {"name": "label", "datatype": "BYTES", "shape": [-1]},  # "" for a rejected photo
     {"name": "confidence", "datatype": "FP32", "shape": [-1]},  # 0 for a rejected photo
@@ -112,7 +111,7 @@ def resolve_model_dir(model_root: Path, scratch: Path) -> Path:
 
 def read_knobs(model_dir: Path) -> HandlerKnobs:
     """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder)."""
-    path = model_dir / MODEL_CONFIG
+    path = model_dir / MODEL_CONFIG_FILE
     return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
 
 

@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from returns_model.export import INT8_FILE
 from returns_model.fileio import atomic_open
 from returns_model.meta import ArtifactError, ModelMeta, read_meta
-from returns_model.names import WEIGHTS_FILE
+from returns_model.names import INT8_FILE, WEIGHTS_FILE
 from returns_model.network import SEResNet, build_model
 
 # The int8 section's probe: a few photos and the logits the runtime gave them when the rule was fitted.

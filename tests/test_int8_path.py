@@ -16,7 +16,7 @@ import torch
 
 from handler.core import Classifier
 from handler.onnx_runner import Int8GraphError
-from returns_model.export import INT8_FILE
+from returns_model.names import INT8_FILE
 from training import unfamiliar
 
 

@@ -350,7 +350,8 @@ def test_a_predictor_with_a_lower_photo_limit_gets_smaller_requests_from_the_sub
     """A predictor built with `max_instances: 5`: the submitter's batches of 16 are refused with the
     limit stated in the same words on both ("the limit is 5"), and both nights finish with requests of 5."""
     import yaml
-    from handler.kserve_predictor import MODEL_CONFIG, resolve_model_dir
+    from handler.kserve_predictor import resolve_model_dir
+    from returns_model.names import MODEL_CONFIG_FILE as MODEL_CONFIG
 
     folder = resolve_model_dir(model_root, tmp_path / "model")
     knobs = yaml.safe_load((folder / MODEL_CONFIG).read_text())

@@ -12,6 +12,7 @@ import torch
 from returns_model.artifact import resolve_device
 from returns_model.fileio import write_json
 from returns_model.meta import ArchConfig, PreprocessSpec
+from returns_model.names import TRAIN_CONFIG_FILE
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainConfig:
     @classmethod
     def of_folder(cls, model_dir: Path, data_dir: str | None = None) -> "TrainConfig":
         """What a model folder's ``train_config.json`` records, its data folder overridden where given."""
-        cfg = cls.from_json(Path(model_dir) / "train_config.json")
+        cfg = cls.from_json(Path(model_dir) / TRAIN_CONFIG_FILE)
         if data_dir:
             cfg.data_dir = data_dir
         return cfg
