@@ -7,5 +7,6 @@ Modules and what they may import:
   preprocess, network, artifact   torch and Pillow: the one bytes->tensor path, the network, the
                                   model folder's weights (model.pt), probes and int8 graph
   rule                            torch: the served decision (threshold and gate) and which rule serves
+  device                          torch: what --device auto|cpu|cuda gives on this machine
 Nothing here imports training/, handler/ or returns_submit/: dependencies point this way only.
 """

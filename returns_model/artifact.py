@@ -69,19 +69,6 @@ def read_int8_graph(model_dir: Path, meta: ModelMeta) -> bytes | None:
     return graph
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first GPU where CUDA sees one, else the CPU; ``cuda`` without a GPU is an error
-    (ValueError), never a silent CPU run that someone believes is on their GPU."""
-    if device not in DEVICES:
-        raise ValueError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA sees no GPU")
-    return torch.device("cuda:0" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[SEResNet, ModelMeta]:
     """Rebuild the network from ``model.json`` and load ``model.pt`` safely (``weights_only=True``)."""
     meta = read_meta(model_dir)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from returns_model.artifact import resolve_device
+from returns_model.device import resolve_device
 from returns_model.fileio import write_json
 from returns_model.meta import ArchConfig, PreprocessSpec
 from returns_model.names import TRAIN_CONFIG_FILE
@@ -111,12 +111,9 @@ def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
-    """The config's device (returns_model.artifact.resolve_device; a bad one exits with its reason),
-    with the CPU's thread count set."""
-    try:
-        dev = resolve_device(cfg.device)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    """The config's device (returns_model.device.resolve_device: DeviceError where this machine has
+    no such device), with the CPU's thread count set."""
+    dev = resolve_device(cfg.device)
     if dev.type == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     return dev

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, save_weights
+from returns_model.device import DEVICES, DeviceError
 from returns_model.fileio import write_json
 from returns_model.meta import ModelMeta, PreprocessSpec, write_meta
 from returns_model.names import (CONFUSION_MATRIX_PLOT, METRICS_FILE, RELIABILITY_PLOT, RISK_COVERAGE_PLOT,
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Re-run calibration, evaluation and the report for a trained model.")
     p.add_argument("--model-dir", default="models/release", help="folder with model.pt, model.json, train_config.json")
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+    p.add_argument("--device", choices=DEVICES, default=None,
                    help="override the device recorded in train_config.json (a model trained on a GPU, "
                         "reported on the CPU that serves it)")
     args = p.parse_args(argv)
@@ -126,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.of_folder(model_dir, args.data_dir)
     if args.device:
         cfg.device = args.device
-    device = pick_device(cfg)
+    try:
+        device = pick_device(cfg)
+    except DeviceError as exc:
+        print(f"returns-report: {exc}", file=sys.stderr)
+        return 1
     model, meta = load_model(model_dir, device)
     model = model.to(memory_format=torch.channels_last)
     ds = load_data(cfg, meta.preprocess)
