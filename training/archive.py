@@ -124,7 +124,6 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig, meta: ModelMeta, int8
     if int8_graph is not None:  # quantised with its own rule in model.json: shipped as is
         (payload / INT8_FILE).write_bytes(int8_graph)
     shutil.copy2(METRICS_YAML, payload / METRICS_CONFIG_FILE)
-    write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
     write_text(stage / MODEL_CONFIG_FILE, yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
     return payload
 
