@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from returns_model import results as R
-from returns_model.artifact import ArtifactError, ModelMeta, load_model
+from returns_model.artifact import load_model
 from returns_model.gate import LayerTap
 from returns_model.manifest import content_digest, tree_hashes
+from returns_model.meta import ArtifactError, ModelMeta
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 from returns_model.results import CUDA, CUDA_FP16, EAGER, FLOAT, ONNXRUNTIME
 from returns_model.rule import ServedRule, choose_rule, rule_meta

@@ -53,16 +53,15 @@ from handler.core import BatchStats, Classifier, available_cpus
 from handler.errors import RequestError
 from handler.payload import instance_photo, parse_request
 from handler.serve_config import HandlerKnobs
-from returns_model.artifact import resolve_device
+from returns_model.device import DEVICES, resolve_device
 from returns_model.manifest import ArchiveRefused, verify
-from returns_model.names import META_FILE
+from returns_model.names import META_FILE, MODEL_CONFIG_FILE
 from returns_model.preprocess import PhotoError
 
 # A child of KServe's own logger: its handler and format apply, so the start-up line (device, model
 # SHA-256) and refusals reach the pod's log like KServe's lines do.
 log = logging.getLogger("kserve.returns_classifier")
 
-MODEL_CONFIG = "model-config.yaml"  # the serving knobs inside the .mar, as TorchServe reads them
 OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
     {"name": "label", "datatype": "BYTES", "shape": [-1]},  # "" for a rejected photo
     {"name": "confidence", "datatype": "FP32", "shape": [-1]},  # 0 for a rejected photo
@@ -112,7 +111,7 @@ def resolve_model_dir(model_root: Path, scratch: Path) -> Path:
 
 def read_knobs(model_dir: Path) -> HandlerKnobs:
     """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder)."""
-    path = model_dir / MODEL_CONFIG
+    path = model_dir / MODEL_CONFIG_FILE
     return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
 
 
@@ -242,7 +241,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also serve /metrics (KServe's request metrics and ours) on this port, so that a "
                         "NetworkPolicy can admit Prometheus there without admitting it to inference; "
                         "0 = only on --http_port")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the network runs: auto = the first GPU when CUDA sees one (fp16 autocast), else the CPU")
     p.add_argument("--lanes", default=0, type=int,
                    help="classifications run side by side on the CPU graph paths, CPUs shared out among them "
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             model = ReturnsClassifierModel(args.model_name, model_dir, args.device, args.lanes)
-        except ValueError as exc:
+        except ValueError as exc:  # returns_model.device.DeviceError among them: a setting this machine cannot serve
             log.error("%s", exc)
             return 2
         model_server.app.add_exception_handler(Rejected, rejected_handler)

@@ -18,8 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from returns_model.artifact import Int8GraphError, ModelMeta, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
-from returns_model.export import INPUT, INT8_FILE, ONNX_FILE, export_onnx
+from returns_model.artifact import Int8GraphError, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
+from returns_model.export import INPUT, export_onnx
+from returns_model.meta import ModelMeta
+from returns_model.names import INT8_FILE, ONNX_FILE
 from returns_model.preprocess import normalize
 from returns_model.results import INT8, ONNXRUNTIME, OPENVINO
 from returns_model.rule import ServedRule

@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
-from returns_model.names import MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, MODEL_NAME, MODEL_ROOT_IN_POD, MODEL_STORE
+from returns_model.names import (MAR_FILE, MAX_IMAGE_PIXELS, MAX_INSTANCES, METRICS_CONFIG_FILE, MODEL_NAME,
+                                 MODEL_ROOT_IN_POD, MODEL_STORE)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def config_properties(cfg: ServeConfig, version: str = "1.0", listen: Listen | N
         "grpc_inference_address": "127.0.0.1",
         "grpc_management_address": "127.0.0.1",
         "model_store": store,
-        "metrics_config": f"{listen.model_root}/config/metrics.yaml",
+        "metrics_config": f"{listen.model_root}/config/{METRICS_CONFIG_FILE}",
         "metrics_mode": "prometheus",
         "enable_metrics_api": "true",
         "disable_system_metrics": "true",

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from returns_feedback.decisions import (CODES, Decision, Parsed, Problem, check_hashes, check_labels,
                                         check_repeats, read_decisions)
-from returns_model.names import META_FILE
+from returns_model.meta import ArtifactError, read_meta
 from returns_model.results import LABEL, TOP_K
 
 
@@ -58,7 +58,8 @@ def read_runs(run_dirs: Iterable[Path]) -> RunPhotos:
 
 
 def model_class_names(model_dir: Path) -> list[str]:
-    return list(json.loads((Path(model_dir) / META_FILE).read_text())["class_names"])
+    """The labels a model folder allows: its class names (ArtifactError when model.json is missing or malformed)."""
+    return list(read_meta(model_dir).class_names)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = read_runs(args.runs)
         names = model_class_names(args.model) if args.model else sorted(runs.class_names)
-    except (RunError, OSError, ValueError, KeyError) as exc:
+    except (RunError, ArtifactError, OSError, ValueError) as exc:
         print(f"returns-feedback: {exc}", file=sys.stderr)
         return 2
     report = validate(args.decisions, set(runs.photos), names,

@@ -21,8 +21,6 @@ from torch import nn
 
 from returns_model.gate import LayerTap
 
-ONNX_FILE = "model.onnx"  # beside model.pt in the .mar; built by training/archive.py
-INT8_FILE = "model.int8.onnx"  # in the model folder itself: its review rule is fitted on its outputs (training/quantize.py)
 OPSET = 17
 INPUT, LOGITS, TAPPED = "pixels", "logits", "tapped"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from returns_model.meta import int8_reference
 from returns_model.names import MANIFEST_FILE, META_FILE
 from returns_model.results import FLOAT, INT8
 
@@ -143,10 +144,9 @@ def _rule_references(doc: dict[str, Any], path: Path) -> dict[str, tuple[dict[st
                              f"to its reference, not {type(refs).__name__}")
         found = {str(rule): (body, f"references.{rule}") for rule, body in refs.items()}
     elif "arch" in doc:
-        int8 = doc.get("int8")
         found = {FLOAT: (doc.get("reference"), "reference")}
-        if isinstance(int8, dict) and int8.get("reference"):  # empty or absent: ModelMeta.on_int8 uses the float one
-            found[INT8] = (int8["reference"], "int8.reference")
+        if (int8 := int8_reference(doc.get("int8"))) is not None:  # else its answers fall back, as ModelMeta.on_int8 does
+            found[INT8] = (int8, "int8.reference")
     else:
         return {}
     for rule, (body, at) in found.items():

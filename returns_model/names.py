@@ -10,9 +10,36 @@ MODEL_NAME = "returns-classifier"  # the TorchServe/KServe model name and the .m
 MAR_FILE = f"{MODEL_NAME}.mar"
 MODEL_STORE = "model-store"  # the folder under a model root that holds the .mar
 MANIFEST_FILE = "artifact_manifest.json"  # beside model-store/: SHA-256s, metrics, drift reference
-WEIGHTS_FILE = "model.pt"  # a model folder: plain state_dict ...
-META_FILE = "model.json"  # ... and everything needed to rebuild and use it
 MODEL_ROOT_IN_POD = "/mnt/models"  # where KServe mounts storageUri (and the chart the model volume)
+
+# --- a model folder's files (docs/interfaces.md, "Model artifact") -------------------------------
+# What serving rebuilds the model from (returns_model.artifact, returns_model.meta):
+WEIGHTS_FILE = "model.pt"  # plain state_dict ...
+META_FILE = "model.json"  # ... and everything needed to rebuild and use it
+INT8_FILE = "model.int8.onnx"  # the int8 graph; its review rule in model.json is fitted on its outputs
+# What training leaves beside them (training/train.py, report.py, trust.py, requirements.py):
+TRAIN_CONFIG_FILE = "train_config.json"  # the run's resolved TrainConfig
+DATA_REQUIREMENTS_FILE = "data_requirements.json"  # what the data allows, written before training
+CHECKPOINT_FILE = "checkpoint.pt"  # the resume point after each epoch
+HISTORY_FILE = "history.jsonl"  # one line per epoch (training or fine-tuning)
+METRICS_FILE = "metrics.json"  # the report: test metrics, calibration and threshold figures
+TRUST_FILE = "trust.json"  # the trust report under the served rule
+CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability_diagram.png"
+RISK_COVERAGE_PLOT = "risk_coverage.png"
+TSNE_PLOT = "tsne_embeddings.png"
+UNFAMILIAR_SCORES_PLOT = "unfamiliar_scores.png"
+UNFAMILIAR_ROUTED_PLOT = "unfamiliar_routed.png"
+# A retrained candidate's (training/retrain.py) and a challenger's verdict (training/compare.py):
+RETRAIN_CONFIG_FILE = "retrain_config.json"
+HELDOUT_FILE = "heldout.jsonl"  # the decided photos held out of the fine-tune, judged by returns-compare
+LINEAGE_FILE = "lineage.json"
+COMPARISON_FILE = "comparison.json"
+COMPARISON_PLOT = "comparison.png"
+# Inside the .mar, beside model.pt and model.json (an extracted archive is a model folder too):
+ONNX_FILE = "model.onnx"  # the float graph, built by training/archive.py
+MODEL_CONFIG_FILE = "model-config.yaml"  # the serving knobs, as TorchServe reads them
+METRICS_CONFIG_FILE = "metrics.yaml"  # the metrics TorchServe exports (also in the model root's config/)
 
 # Photo file names the submitter sends and training reads from image folders.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

@@ -1,49 +1,16 @@
 """SE-ResNet: a small residual CNN with squeeze-and-excitation channel attention.
 
-The architecture is rebuilt from a plain dict stored beside the weights
-(``model.json``), so serving never needs the training flags.
+The architecture is rebuilt from its ``ArchConfig`` (``returns_model.meta``), stored beside the
+weights in ``model.json``, so serving never needs the training flags.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """Everything needed to rebuild the network; stored with the weights."""
-
-    name: str = "se_resnet"
-    in_channels: int = 1
-    num_classes: int = 10
-    widths: tuple[int, ...] = (32, 64, 128)
-    depths: tuple[int, ...] = (2, 2, 2)
-    se_reduction: int = 8
-    dropout: float = 0.1
-    # At inference, average the embeddings of each image and its mirror image (one batch of 2N).
-    # Part of the model, so training's evaluation and the served handler give the same answers.
-    flip_average: bool = False
-
-    def __post_init__(self) -> None:
-        if self.name != "se_resnet":
-            raise ValueError(f"unknown architecture {self.name!r}; only 'se_resnet' exists")
-        if len(self.widths) != len(self.depths) or not self.widths:
-            raise ValueError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchConfig":
-        d = dict(d)
-        d["widths"] = tuple(d["widths"])
-        d["depths"] = tuple(d["depths"])
-        return cls(**d)
+from returns_model.meta import ArchConfig
 
 
 class SqueezeExcite(nn.Module):

@@ -2,24 +2,21 @@
 
 Training's evaluation path, the server adapters and the benchmarks all import
 this module, and the .mar ships it, so the constants below live nowhere else.
-The spec itself travels with the weights (``model.json``), so a server never
-guesses the input size or normalisation.
+The spec itself (``PreprocessSpec``, ``returns_model.meta``, with the normalisation's
+defaults) travels with the weights in ``model.json``, so a server never guesses the
+input size or normalisation.
 """
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from returns_model.meta import PreprocessSpec
 from returns_model.names import MAX_IMAGE_PIXELS
-
-# Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
 
 
 class CodedError(ValueError):
@@ -41,40 +38,6 @@ class PhotoError(CodedError):
     instance, and a server answers it as that photo's result (HTTP 200 beside the other photos,
     or 400 when no photo of the request was valid).
     """
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How any photo becomes a ``channels x size x size`` float tensor."""
-
-    channels: int = 1
-    size: int = 28
-    mean: tuple[float, ...] = FASHION_MNIST_MEAN
-    std: tuple[float, ...] = FASHION_MNIST_STD
-    # Letterbox colour (0 = black), matching Fashion-MNIST's black background.
-    fill: int = 0
-    max_pixels: int = MAX_IMAGE_PIXELS
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"mean and std need {self.channels} values each, got {self.mean} and {self.std}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std values must be positive, got {self.std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
-        d = dict(d)
-        d["mean"] = tuple(d["mean"])
-        d["std"] = tuple(d["std"])
-        return cls(**d)
 
 
 # Image.resize first shrinks by a whole factor to within this multiple of the target size, then filters.

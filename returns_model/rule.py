@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from returns_model.artifact import ArtifactError, ModelMeta, read_probe
+from returns_model.artifact import read_probe
 from returns_model.gate import UnfamiliarGate
+from returns_model.meta import ArtifactError, ModelMeta
 from returns_model.results import FLOAT, INT8, LOW_CONFIDENCE, RULES, UNFAMILIAR
 
 # How far a float-rule runtime may move the probe photos' calibrated probabilities from the CPU's

@@ -41,7 +41,7 @@ from handler.core import Classifier, available_cpus
 from scripts.machine import machine
 from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
-from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
+from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
 from returns_submit.config import SubmitConfig
 from training.archive import build_archive
 from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
@@ -192,7 +192,8 @@ def phone_photo_costs(runs: int, n: int = 10) -> dict[str, Any]:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from returns_model.preprocess import PreprocessSpec, bytes_to_uint8, decode_image, image_to_uint8
+    from returns_model.meta import PreprocessSpec
+    from returns_model.preprocess import bytes_to_uint8, decode_image, image_to_uint8
 
     buf = io.BytesIO()
     Image.fromarray(load_sample_images().images[1]).resize((4032, 3024)).save(buf, "JPEG", quality=90)
@@ -415,7 +416,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             frontend_rss = peak_rss_mb(server.frontend_pid)
         loads["after_served"] = load_average()
 
-        naive_root = serve_with(Path(cfg.model_dir) if (Path(cfg.model_dir) / "model.pt").exists() else extracted,
+        naive_root = serve_with(Path(cfg.model_dir) if (Path(cfg.model_dir) / WEIGHTS_FILE).exists() else extracted,
                                 tmp / "naive_root", ServeConfig(batch_size=1, max_batch_delay_ms=0))
         with LocalTorchServe(naive_root, workdir=tmp / "ts_naive") as server:
             warm_up(server.inference_url + PRED, pngs, cfg)

@@ -42,8 +42,10 @@ from tqdm import tqdm
 from handler.core import Classifier
 from returns_feedback.decisions import NOT_A_PRODUCT
 from returns_feedback.validate import main as feedback_main
-from returns_model.artifact import load_model, read_meta
+from returns_model.artifact import load_model
 from returns_model.fileio import write_json, write_text
+from returns_model.meta import read_meta
+from returns_model.names import CHECKPOINT_FILE, META_FILE, TRAIN_CONFIG_FILE
 from returns_model.preprocess import bytes_to_uint8
 from returns_submit.outputs import write_outputs
 from training import compare as cmp
@@ -80,15 +82,15 @@ def png(img: np.ndarray) -> bytes:
 def prepare_champion(release: Path, dest: Path, data_dir: str | None) -> None:
     """Copy the release model; a release folder without the gate and certificate gets them here
     (the report step on the copy, with a small trust report)."""
-    if (dest / "model.json").exists():
+    if (dest / META_FILE).exists():
         return
-    shutil.copytree(release, dest, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    shutil.copytree(release, dest, ignore=shutil.ignore_patterns(CHECKPOINT_FILE))
     meta = read_meta(dest)
     if meta.unfamiliar and meta.certificate:
         return
     print("demo-feedback: the release model has no gate/certificate yet; running the report step on a copy",
           flush=True)
-    cfg = TrainConfig.from_json(dest / "train_config.json")
+    cfg = TrainConfig.from_json(dest / TRAIN_CONFIG_FILE)
     cfg = replace(cfg, trust_photos=50, tsne_samples=0, output=str(dest), data_dir=data_dir or cfg.data_dir)
     model, meta = load_model(dest)
     ds = load_data(cfg, meta.preprocess)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     first = versions / read_meta(args.release).model_version
     prepare_champion(args.release, first, args.data_dir)
-    cfg = TrainConfig.from_json(first / "train_config.json")
+    cfg = TrainConfig.from_json(first / TRAIN_CONFIG_FILE)
     ds = load_data(replace(cfg, data_dir=args.data_dir or cfg.data_dir), read_meta(first).preprocess)
     spec = read_meta(first).preprocess
     eval_idx = np.arange(args.eval_shifted)

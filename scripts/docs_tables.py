@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from returns_model.fileio import write_text
+from returns_model.names import META_FILE, METRICS_FILE, TRUST_FILE
 from training.unfamiliar import group_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _certified(cert: dict[str, Any]) -> str:
 
 def model_figures(model_dir: Path = RELEASE) -> str:
     """The release model on its test split, under each served rule (float network, int8 graph)."""
-    m, meta = _json(model_dir / "metrics.json"), _json(model_dir / "model.json")
+    m, meta = _json(model_dir / METRICS_FILE), _json(model_dir / META_FILE)
     int8 = meta.get("int8") or {}
     i8 = int8.get("test", {})
     rows = [("accuracy", _pct(m["accuracy"]), _pct(i8.get("accuracy"))),
@@ -80,7 +81,7 @@ def model_figures(model_dir: Path = RELEASE) -> str:
 def unfamiliar_kinds(model_dir: Path = RELEASE) -> str:
     """Each kind of unfamiliar photo in the trust report, with its group as ``training.unfamiliar.GROUPS``
     names it (``group_name``): how many go to review under each rule."""
-    trust, meta = _json(model_dir / "trust.json"), _json(model_dir / "model.json")
+    trust, meta = _json(model_dir / TRUST_FILE), _json(model_dir / META_FILE)
     int8 = ((meta.get("int8") or {}).get("trust") or {}).get("unfamiliar_kinds_routed", {})
     rows = [(kind, group_name(v["group"]), f"{v['n']:,}", _pct(v["routed_to_review"], 1), _pct(int8.get(kind), 1))
             for kind, v in trust["unfamiliar_kinds"].items()]

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from returns_model.fileio import write_bytes
-from returns_model.network import ArchConfig, build_model
+from returns_model.meta import ArchConfig
+from returns_model.network import build_model
 
 
 @dataclass(frozen=True)

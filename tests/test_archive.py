@@ -28,7 +28,7 @@ def test_mar_carries_everything_serving_needs(model_root, release_model_dir, tmp
     mar = model_root / "model-store" / "returns-classifier.mar"
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
-        assert {"model.pt", "model.json", "index_to_name.json", "model-config.yaml", "torchserve_handler.py",
+        assert {"model.pt", "model.json", "model-config.yaml", "torchserve_handler.py", "returns_model/meta.py",
                 "returns_model/preprocess.py", "returns_model/network.py", "handler/core.py", "MAR-INF/MANIFEST.json"} <= names
         assert not any(n.startswith(("training/", "returns_submit/", "scripts/")) for n in names)  # only what serving imports
         serve_cfg = yaml.safe_load(z.read("model-config.yaml"))

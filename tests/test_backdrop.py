@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from returns_model.preprocess import PreprocessSpec, bytes_to_uint8
+from returns_model.meta import PreprocessSpec
+from returns_model.preprocess import bytes_to_uint8
 from training.backdrop import BackdropError, border, estimate_backdrops, garment_alpha, paste, plain_backdrop
 from training.data import DEFAULT_FASHION_MNIST_DIR, Split, read_idx
 

@@ -9,7 +9,7 @@ import torch
 
 from training.data import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_SHA256, DataError, load_fashion_mnist,
                            load_image_folder, read_idx)
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import PreprocessSpec
 from tests.conftest import encode
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import PreprocessSpec
 from training.composite import make_composites
 from training.drawn import POOL_SIZE, drawn_pool, pool_for
 

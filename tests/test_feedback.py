@@ -88,6 +88,18 @@ def test_a_missing_run_folder_is_a_usage_error(tmp_path, capsys):
     assert "no predictions.jsonl" in capsys.readouterr().err
 
 
+def test_a_model_folder_gives_the_allowed_labels_and_a_folder_without_one_is_a_usage_error(
+        tmp_path, capsys, release_model_dir):
+    run = _run(tmp_path)
+    f = tmp_path / "d.jsonl"
+    f.write_text(_rec(H[0], "Coat") + _rec(H[1], "Sandal"))  # both release classes; Sandal is not in the run
+    assert feedback_main(["validate", "--decisions", str(f), "--runs", str(run), "--model", str(release_model_dir)]) == 0
+    assert feedback_main(["validate", "--decisions", str(f), "--runs", str(run)]) == 1  # the runs' labels only
+    capsys.readouterr()
+    assert feedback_main(["validate", "--decisions", str(f), "--runs", str(run), "--model", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'model.json'}: not found" in capsys.readouterr().err
+
+
 def test_runs_give_hashes_and_class_names(tmp_path):
     runs = read_runs([_run(tmp_path)])
     assert set(runs.photos) == set(H) and runs.class_names == set(CLASSES)

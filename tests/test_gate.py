@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from returns_model.gate import GateError, LayerTap, UnfamiliarGate, min_mahalanobis, total_variation
-from returns_model.network import ArchConfig, build_model
+from returns_model.meta import ArchConfig
+from returns_model.network import build_model
 from training.gate_fit import choose_cutoff, fit_statistics, forward_with_tap
 
 
@@ -41,7 +42,7 @@ def test_the_tap_sees_the_flip_averaged_block_output():
 
 
 def fitted_gate() -> tuple[UnfamiliarGate, torch.nn.Module]:
-    from returns_model.preprocess import PreprocessSpec
+    from returns_model.meta import PreprocessSpec
 
     g = torch.Generator().manual_seed(1)
     model = build_model(ArchConfig(widths=(8,), depths=(1,))).eval()

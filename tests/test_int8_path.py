@@ -16,7 +16,7 @@ import torch
 
 from handler.core import Classifier
 from handler.onnx_runner import Int8GraphError
-from returns_model.export import INT8_FILE
+from returns_model.names import INT8_FILE
 from training import unfamiliar
 
 
@@ -234,7 +234,7 @@ def test_a_cpu_that_does_not_reproduce_the_certified_logits_serves_the_float_rul
 
 def test_the_release_probe_is_reproduced_here_and_a_malformed_one_is_refused(int8_classifier, release_model_dir, tmp_path):
     from handler.onnx_runner import probe_mismatch
-    from returns_model.artifact import ArtifactError
+    from returns_model.meta import ArtifactError
 
     assert int8_classifier.meta.int8["probe"]["shape"] == [32, 1, 28, 28]
     assert probe_mismatch(int8_classifier._onnx, int8_classifier.meta) == ""

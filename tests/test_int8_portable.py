@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from handler.onnx_runner import OnnxRunner
-from returns_model.artifact import read_meta
-from returns_model.export import INT8_FILE
+from returns_model.meta import read_meta
+from returns_model.names import INT8_FILE
 from returns_model.preprocess import normalize
 
 pytestmark = [pytest.mark.slow]
@@ -31,7 +31,7 @@ import json, sys
 import numpy as np, torch
 from handler.core import Classifier
 from handler.onnx_runner import OnnxRunner
-from returns_model.export import INT8_FILE
+from returns_model.names import INT8_FILE
 model_dir, photos = sys.argv[1], np.load(sys.argv[2])
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for backend in ("onnx-int8", "eager"):

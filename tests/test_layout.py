@@ -20,7 +20,7 @@ ALLOWED = {
     "scripts": set(PACKAGES),
 }
 STDLIB_CONTRACT = ("returns_model.names", "returns_model.fileio", "returns_model.manifest",
-                   "returns_model.fetch", "returns_model.results")
+                   "returns_model.fetch", "returns_model.results", "returns_model.meta")
 
 
 def project_imports() -> dict[str, set[str]]:

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from returns_model.network import ArchConfig, build_model
+from returns_model.meta import ArchConfig
+from returns_model.network import build_model
 
 
 def _model(flip_average: bool) -> torch.nn.Module:

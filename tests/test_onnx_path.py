@@ -13,7 +13,8 @@ import torch
 from handler.core import Classifier
 from handler.serve_config import HandlerKnobs, ServeConfig, model_config_yaml
 from returns_model.artifact import load_model
-from returns_model.export import INT8_FILE, ONNX_FILE, export_onnx
+from returns_model.export import export_onnx
+from returns_model.names import INT8_FILE, ONNX_FILE
 
 PROB_TOL = 1e-3  # the bound on calibrated probabilities
 SCORE_TOL = 1e-3  # unfamiliar scores: the flag is a cutoff on them

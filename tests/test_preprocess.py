@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from training.data import load_image_folder
-from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8, decode_image, normalize
+from returns_model.meta import PreprocessSpec
+from returns_model.preprocess import PhotoError, bytes_to_uint8, decode_image, normalize
 from tests.conftest import encode
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from returns_model.gate import GateError
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
 from tests.conftest import encode
 from training import train as train_mod
 from training.certify import certify_threshold, min_accepted
 from training.config import TrainConfig
 from training.data import Dataset, Split, held_out_test_size, held_out_val_size
 from training.gate_fit import choose_cutoff, embedding_width, fit_statistics
-from training.requirements import REPORT_FILE, Holdout, assess, for_run, plan_image_folder, render
+from returns_model.names import DATA_REQUIREMENTS_FILE as REPORT_FILE
+from training.requirements import Holdout, assess, for_run, plan_image_folder, render
 
 REPO = Path(__file__).resolve().parents[1]
 SHOP = TrainConfig(image_folder="photos", channels=3, image_size=64)  # the README's shop command

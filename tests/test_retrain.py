@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from returns_feedback.decisions import decisions_hash, read_decisions, split_hash
-from returns_model.artifact import load_model, read_meta, save_weights
+from returns_model.artifact import load_model, save_weights
+from returns_model.meta import read_meta
 from training import compare as cmp
 from training.lineage import model_sha256
 from training.retrain import SETUP_NAME, main as retrain_main, next_version

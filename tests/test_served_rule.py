@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from handler.core import Classifier
-from returns_model.artifact import ArtifactError, read_meta
+from returns_model.meta import ArtifactError, read_meta
 from returns_model.results import FLOAT, INT8, LOW_CONFIDENCE, UNFAMILIAR
 from returns_model.rule import FLOAT_PROBE_TOLERANCE, ServedRule, accepted, choose_rule
 

@@ -77,7 +77,8 @@ def test_without_a_compiler_training_falls_back_to_eager(monkeypatch, caplog):
 
     from training import train as train_mod
     from training.config import TrainConfig
-    from returns_model.network import ArchConfig, build_model
+    from returns_model.meta import ArchConfig
+    from returns_model.network import build_model
 
     model = build_model(ArchConfig(widths=(8,), depths=(1,)))
     monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)

@@ -30,19 +30,22 @@ import handler
 import returns_model
 from handler.core import CPU_BACKENDS
 from handler.serve_config import Listen, ServeConfig, config_properties, model_config_yaml
-from returns_model.artifact import ModelMeta, load_model, read_int8_graph, read_meta
-from returns_model.export import INT8_FILE, ONNX_FILE, write_onnx
+from returns_model.artifact import load_model, read_int8_graph
+from returns_model.export import write_onnx
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import content_digest, sha256_file
-from returns_model.names import MANIFEST_FILE, MAR_FILE, META_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
+from returns_model.meta import ModelMeta, read_meta
+from returns_model.names import (INT8_FILE, MANIFEST_FILE, MAR_FILE, META_FILE, METRICS_CONFIG_FILE, METRICS_FILE,
+                                 MODEL_CONFIG_FILE, MODEL_NAME, MODEL_STORE, ONNX_FILE, TRAIN_CONFIG_FILE,
+                                 WEIGHTS_FILE)
 from returns_model.results import FLOAT, INT8
 from returns_model.rule import choose_rule, rule_meta
 
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
 SHIPPED_PACKAGES = {
-    "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "preprocess.py", "network.py",
-                      "artifact.py", "gate.py", "export.py", "results.py", "rule.py"],
+    "returns_model": ["__init__.py", "names.py", "fileio.py", "manifest.py", "meta.py", "preprocess.py",
+                      "network.py", "artifact.py", "gate.py", "export.py", "results.py", "rule.py"],
     "handler": ["__init__.py", "core.py", "payload.py", "errors.py", "serve_config.py", "onnx_runner.py",
                 "openvino_runner.py"],
 }
@@ -120,9 +123,8 @@ def _stage(model_dir: Path, stage: Path, cfg: ServeConfig, meta: ModelMeta, int8
     write_onnx(model, gate_layer, meta.preprocess.channels, meta.preprocess.size, payload / ONNX_FILE)
     if int8_graph is not None:  # quantised with its own rule in model.json: shipped as is
         (payload / INT8_FILE).write_bytes(int8_graph)
-    shutil.copy2(METRICS_YAML, payload / "metrics.yaml")
-    write_json(payload / "index_to_name.json", {str(i): n for i, n in enumerate(meta.class_names)})
-    write_text(stage / "model-config.yaml", yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
+    shutil.copy2(METRICS_YAML, payload / METRICS_CONFIG_FILE)
+    write_text(stage / MODEL_CONFIG_FILE, yaml.safe_dump(model_config_yaml(cfg), sort_keys=False))
     return payload
 
 
@@ -141,7 +143,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME,
                "--version", meta.model_version, "--serialized-file", str(model_dir / WEIGHTS_FILE),
                "--handler", str(HANDLER_ENTRY), "--extra-files", str(payload),
-               "--config-file", str(stage / "model-config.yaml"), "--export-path", str(stage), "--force"]
+               "--config-file", str(stage / MODEL_CONFIG_FILE), "--export-path", str(stage), "--force"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -150,9 +152,9 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         shutil.move(str(stage / MAR_FILE), str(mar.with_suffix(".mar.tmp")))
         mar.with_suffix(".mar.tmp").replace(mar)
     files = mar_file_hashes(mar)
-    metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
-    train_cfg = (json.loads((model_dir / "train_config.json").read_text())
-                 if (model_dir / "train_config.json").exists() else {})
+    metrics = json.loads((model_dir / METRICS_FILE).read_text()) if (model_dir / METRICS_FILE).exists() else {}
+    train_cfg = (json.loads((model_dir / TRAIN_CONFIG_FILE).read_text())
+                 if (model_dir / TRAIN_CONFIG_FILE).exists() else {})
     # the rule the archive serves on a CPU that reproduces its probes (returns_model.rule.choose_rule);
     # a GPU, or a CPU where the int8 rule does not hold, serves the float one: every rule's drift
     # reference travels, so a night is judged against the rule that answered it
@@ -179,7 +181,7 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))
-    shutil.copy2(METRICS_YAML, output / "config" / "metrics.yaml")
+    shutil.copy2(METRICS_YAML, output / "config" / METRICS_CONFIG_FILE)
     write_json(output / MANIFEST_FILE, manifest)
     log.info("wrote %s (sha256 %s…) and its manifest", mar, manifest["mar_sha256"][:12])
     return manifest

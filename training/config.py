@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from returns_model.artifact import resolve_device
+from returns_model.device import resolve_device
 from returns_model.fileio import write_json
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
+from returns_model.names import TRAIN_CONFIG_FILE
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TrainConfig:
     @classmethod
     def of_folder(cls, model_dir: Path, data_dir: str | None = None) -> "TrainConfig":
         """What a model folder's ``train_config.json`` records, its data folder overridden where given."""
-        cfg = cls.from_json(Path(model_dir) / "train_config.json")
+        cfg = cls.from_json(Path(model_dir) / TRAIN_CONFIG_FILE)
         if data_dir:
             cfg.data_dir = data_dir
         return cfg
@@ -111,12 +111,9 @@ def gate_layer(cfg: TrainConfig, arch: ArchConfig) -> str:
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
-    """The config's device (returns_model.artifact.resolve_device; a bad one exits with its reason),
-    with the CPU's thread count set."""
-    try:
-        dev = resolve_device(cfg.device)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    """The config's device (returns_model.device.resolve_device: DeviceError where this machine has
+    no such device), with the CPU's thread count set."""
+    dev = resolve_device(cfg.device)
     if dev.type == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     return dev

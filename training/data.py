@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from returns_model.meta import PreprocessSpec
 from returns_model.names import IMAGE_SUFFIXES
-from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8
+from returns_model.preprocess import PhotoError, bytes_to_uint8
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from returns_model.preprocess import PreprocessSpec, image_to_uint8
+from returns_model.meta import PreprocessSpec
+from returns_model.preprocess import image_to_uint8
 
 POOL_SIZE = 12_000  # drawn once per run, reused across epochs (drawing costs ~1.7 ms a photo)
 _CHARS = list(string.ascii_letters + string.digits + "  ")

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from returns_model.manifest import REFERENCE_EDGES, make_reference
+from returns_model.meta import PreprocessSpec
 from returns_model.network import SEResNet
-from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.preprocess import normalize
 from returns_model.rule import accepted
 from training.calibrate import Calibration, expected_calibration_error, nll, risk_coverage
 from training.data import Split

@@ -18,8 +18,9 @@ import math
 import torch
 
 from returns_model.gate import GateError, LayerTap, UnfamiliarGate, min_mahalanobis, total_variation
-from returns_model.network import ArchConfig, SEResNet, build_model
-from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.meta import ArchConfig, PreprocessSpec
+from returns_model.network import SEResNet, build_model
+from returns_model.preprocess import normalize
 
 DEFAULT_RATE = 0.02
 RIDGE = 1e-6

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from returns_model.manifest import content_digest, sha256_file
-from returns_model.names import META_FILE, WEIGHTS_FILE
+from returns_model.names import META_FILE, METRICS_FILE, WEIGHTS_FILE
 
 
 def model_sha256(model_dir: Path) -> str:
@@ -19,7 +19,7 @@ def model_sha256(model_dir: Path) -> str:
 
 def recorded_test_accuracy(model_dir: Path) -> float | None:
     """The test accuracy a model folder's report measured (metrics.json, the float graph), or None."""
-    metrics = Path(model_dir) / "metrics.json"
+    metrics = Path(model_dir) / METRICS_FILE
     return json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None
 
 

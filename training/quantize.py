@@ -49,11 +49,13 @@ import numpy as np
 import torch
 
 from handler.onnx_runner import OnnxRunner, Runner, onnxruntime_version
-from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, read_meta, write_meta
-from returns_model.export import INPUT, INT8_FILE, export_onnx
+from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe
+from returns_model.export import INPUT, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
-from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.meta import PreprocessSpec, read_meta, write_meta
+from returns_model.names import INT8_FILE
+from returns_model.preprocess import normalize
 from returns_model.results import ONNXRUNTIME
 from training.composite import composite_count, make_composites
 from training.drawn import pool_for

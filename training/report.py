@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from returns_model.artifact import PROBE_PHOTOS, ModelMeta, load_model, make_probe, save_weights, write_meta
+from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, save_weights
+from returns_model.device import DEVICES, DeviceError
 from returns_model.fileio import write_json
+from returns_model.meta import ModelMeta, PreprocessSpec, write_meta
+from returns_model.names import (CONFUSION_MATRIX_PLOT, METRICS_FILE, RELIABILITY_PLOT, RISK_COVERAGE_PLOT,
+                                 TSNE_PLOT)
 from returns_model.network import SEResNet
-from returns_model.preprocess import PreprocessSpec
 from training import plots
 from training.calibrate import Calibration, risk_coverage
 from training.config import TrainConfig, gate_layer, make_arch, pick_device
@@ -83,7 +87,7 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     if cfg.int8:  # a retrained candidate's int8 rule learns the same decided photos (training/rule.py)
         section = add_int8_path(out, ds, cfg, lessons=lessons)
         metrics["int8"] = {k: section[k] for k in ("test", "agreement_with_float_path", "trust")}
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     log.info("test accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; served rule: %.1f%% auto-accepted at %.2f%% precision",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece_before_calibration"],
              metrics["ece_after_calibration"], 100 * metrics["test_coverage_at_threshold"],
@@ -100,22 +104,22 @@ def _plots(val_logits: torch.Tensor, test_logits: torch.Tensor, model: SEResNet,
     val_conf, val_pred = F.softmax(val_logits / cal.temperature, 1).max(1)
     curves = {"validation (calibration)": risk_coverage(val_conf, val_pred == ds.val.labels)[:2],
               "test": risk_coverage(conf, correct)[:2]}
-    plots.confusion_matrix(pred, labels, ds.class_names, out / "confusion_matrix.png")
-    plots.reliability_diagram(raw_conf, conf, correct, out / "reliability_diagram.png")
+    plots.confusion_matrix(pred, labels, ds.class_names, out / CONFUSION_MATRIX_PLOT)
+    plots.reliability_diagram(raw_conf, conf, correct, out / RELIABILITY_PLOT)
     plots.risk_coverage_curve(curves, cal.certificate, {"test": metrics["test_coverage_at_threshold"]},
-                              out / "risk_coverage.png")
+                              out / RISK_COVERAGE_PLOT)
     n = min(cfg.tsne_samples, len(labels))
     if n >= 50:
         _, feats = predict_logits(model, ds.test.subset(torch.arange(n)), spec, next(model.parameters()).device,
                                   with_features=True)
-        plots.tsne_embeddings(feats, labels[:n], ds.class_names, out / "tsne_embeddings.png", seed=cfg.seed)
+        plots.tsne_embeddings(feats, labels[:n], ds.class_names, out / TSNE_PLOT, seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Re-run calibration, evaluation and the report for a trained model.")
     p.add_argument("--model-dir", default="models/release", help="folder with model.pt, model.json, train_config.json")
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+    p.add_argument("--device", choices=DEVICES, default=None,
                    help="override the device recorded in train_config.json (a model trained on a GPU, "
                         "reported on the CPU that serves it)")
     args = p.parse_args(argv)
@@ -124,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.of_folder(model_dir, args.data_dir)
     if args.device:
         cfg.device = args.device
-    device = pick_device(cfg)
+    try:
+        device = pick_device(cfg)
+    except DeviceError as exc:
+        print(f"returns-report: {exc}", file=sys.stderr)
+        return 1
     model, meta = load_model(model_dir, device)
     model = model.to(memory_format=torch.channels_last)
     ds = load_data(cfg, meta.preprocess)
-    old = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
+    old = json.loads((model_dir / METRICS_FILE).read_text()) if (model_dir / METRICS_FILE).exists() else {}
     write_model_folder(model, ds, cfg, device, model_dir, train_seconds=old.get("train_seconds"), save=False,
                        meta=meta)
     return 0

@@ -23,14 +23,14 @@ from typing import Any, Mapping
 
 import torch
 
-from returns_model.network import ArchConfig
-from returns_model.preprocess import PreprocessSpec
+from returns_model.meta import ArchConfig, PreprocessSpec
+from returns_model.names import DATA_REQUIREMENTS_FILE
 from training.certify import min_accepted, rejects_risk_above
 from training.config import TrainConfig, gate_layer, make_arch
 from training.data import Dataset, Split, held_out_test_size, held_out_val_size, hold_out, make_spec
 from training.gate_fit import embedding_width, flagged_count, min_cutoff_photos, min_photos_per_class
 
-REPORT_FILE = "data_requirements.json"  # written by returns-train into the model folder
+REPORT_FILE = DATA_REQUIREMENTS_FILE  # the name training/train.py writes it under
 MOST_ERRORS_SHOWN = 2  # the report also says how many accepted photos certify with 1..this many errors
 
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from returns_feedback.decisions import NOT_A_PRODUCT, UNSURE, Decision, decisions_hash, held_out, split_hash
 from returns_feedback.validate import print_report, read_runs, validate
 from returns_model.artifact import load_model
+from returns_model.device import DeviceError
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import sha256_file
 from returns_model.names import IMAGE_SUFFIXES, META_FILE
@@ -445,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         for e in errors:
             print(f"returns-retrain: {e}", file=sys.stderr)
         return EXIT_BAD_DECISIONS
-    return retrain(rc)
+    try:
+        return retrain(rc)
+    except DeviceError as exc:
+        print(f"returns-retrain: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from training.augment import random_crop, random_erasing, random_hflip
 from training.composite import composite_count, make_composites, uniform_loss
 from returns_model.artifact import ArtifactError, load_model
+from returns_model.device import DeviceError
 from returns_model.fileio import atomic_open, write_json
 from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec, normalize
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         out = train(cfg, require_certifiable=args.require_certifiable)
+    except DeviceError as exc:
+        log.error("%s", exc)
+        return 1
     except NotEnoughData as exc:
         log.error("not enough data: %s", exc)
         return 2

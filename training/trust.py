@@ -21,6 +21,7 @@ import torch
 
 from handler.core import Classifier
 from returns_model.fileio import write_json
+from returns_model.names import TRAIN_CONFIG_FILE, TRUST_FILE, UNFAMILIAR_ROUTED_PLOT, UNFAMILIAR_SCORES_PLOT
 from training import plots, unfamiliar
 from training.config import TrainConfig
 
@@ -32,7 +33,7 @@ def _group(kind: str, against: frozenset[str]) -> str:
 
 
 def _train_config(model_dir: Path) -> TrainConfig | None:
-    path = Path(model_dir) / "train_config.json"
+    path = Path(model_dir) / TRAIN_CONFIG_FILE
     return TrainConfig.from_json(path) if path.exists() else None
 
 
@@ -96,11 +97,11 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
               "test": test, "unfamiliar_kinds": kinds, "mixed_night": night}
     if not write:
         return report
-    write_json(model_dir / "trust.json", report)
+    write_json(model_dir / TRUST_FILE, report)
     if clf.gate is not None:
         plots.unfamiliar_histograms(scores["ordinary"], {k: v for k, v in scores.items() if k != "ordinary" and len(v)},
-                                    clf.gate.cutoff, model_dir / "unfamiliar_scores.png")
+                                    clf.gate.cutoff, model_dir / UNFAMILIAR_SCORES_PLOT)
     plots.routed_shares({"ordinary test": {"group": "ordinary", "routed_to_review": 1 - test["coverage"],
                                            "flagged_unfamiliar": test["flagged_unfamiliar"]}, **kinds},
-                        model_dir / "unfamiliar_routed.png")
+                        model_dir / UNFAMILIAR_ROUTED_PLOT)
     return report

@@ -17,7 +17,8 @@ from PIL import Image
 
 from handler.errors import RequestError
 from handler.payload import ParsedRequest, parse_request
-from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8
+from returns_model.meta import PreprocessSpec
+from returns_model.preprocess import PhotoError, bytes_to_uint8
 
 PHOTO_CODES = {"empty", "not_an_image", "corrupt", "too_large", "zero_size"}
 INSTANCE_CODES = {"bad_base64", "bad_instance"}
