@@ -13,8 +13,10 @@ import torch
 from returns_feedback.decisions import decisions_hash, read_decisions, split_hash
 from returns_model.artifact import load_model, read_meta, save_weights
 from training import compare as cmp
+from training.backdrop import SETUP_NAME
 from training.lineage import model_sha256
-from training.retrain import SETUP_NAME, main as retrain_main, next_version
+from training.retrain import main as retrain_main
+from training.retrain_config import next_version
 from training.train import main as train_main
 
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
@@ -184,6 +186,17 @@ def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
     assert model_sha256(loop["champion"]) == before
 
 
+@pytest.mark.slow
+def test_a_fine_tune_that_diverges_stops_with_exit_1_and_writes_nothing(loop, tmp_path, caplog):
+    """The recipe's finite-loss check guards fine-tuning as it guards training: no half-written candidate."""
+    out = tmp_path / "diverged"
+    code = retrain_main(["--champion", str(loop["champion"]), "--decisions", str(loop["decisions"]),
+                         "--photos", str(loop["photos"]), "--output", str(out), "--epochs", "1", "--replay", "500",
+                         "--lr", "1e12", "--no-progress", "--no-int8"])
+    assert code == 1 and not out.exists()
+    assert "fine-tune stopped, nothing written: loss is" in caplog.text and "lower --lr (now 1000000000000.0)" in caplog.text
+
+
 def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
     stats = lambda acc, prec: {"accuracy": acc, "precision": prec, "coverage": 0.8, "accepted": accepted,  # noqa: E731
                                "errors_accepted": round(accepted * (1 - prec))}
@@ -235,18 +248,19 @@ def test_paired_bootstrap_interval_covers_the_difference():
 
 def test_backdrop_transfer_is_off_with_a_warning_when_the_training_photos_have_no_plain_backdrop(caplog):
     from training.data import Dataset, Split
-    from training.retrain import RetrainConfig, new_setup
+    from training.backdrop import new_setup
+    from training.retrain_config import RetrainConfig
 
     noisy = Split(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8), torch.arange(300) % 10)
     ds = Dataset(noisy, noisy, noisy, [str(i) for i in range(10)], "test", "0" * 64)
     booth = Split(torch.full((20, 1, 28, 28), 180, dtype=torch.uint8), torch.arange(20) % 10)
-    assert new_setup(booth, ds, RetrainConfig()) == (None, {})
+    assert new_setup(booth, ds, RetrainConfig().backdrop_share, seed=0) == (None, {})
     assert "backdrop transfer off" in caplog.text and "borders vary" in caplog.text
-    assert new_setup(booth, ds, RetrainConfig(backdrop_share=0)) == (None, {})
+    assert new_setup(booth, ds, 0, seed=0) == (None, {})
 
 
 def test_interpolate_takes_a_share_of_the_fine_tuned_weights_and_the_rest_of_the_champion():
-    from training.retrain import interpolate
+    from training.finetune import interpolate
 
     torch.manual_seed(0)
     net = lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # noqa: E731

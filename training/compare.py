@@ -63,7 +63,7 @@ from training.certify import log_binom_cdf
 from training.config import TrainConfig
 from training.data import DataError, load_data
 from training.lineage import model_sha256, recorded_test_accuracy
-from training.retrain import HELDOUT_FILE, index_photos
+from training.decided import HELDOUT_FILE, index_photos
 
 log = logging.getLogger("training.compare")
 EXIT_PROMOTE, EXIT_BAD_ARGS, EXIT_KEEP = 0, 2, 3
