@@ -14,7 +14,10 @@ from returns_feedback.decisions import decisions_hash, read_decisions, split_has
 from returns_model.artifact import load_model, read_meta, save_weights
 from training import compare as cmp
 from training.backdrop import SETUP_NAME
-from training.lineage import model_sha256
+from training.decided import load_heldout
+from training.lineage import lineage_drift, model_sha256
+from training.paired import paired_bootstrap
+from training.promotion import gate, precision_below_p_value
 from training.retrain import main as retrain_main
 from training.retrain_config import next_version
 from training.train import main as train_main
@@ -155,7 +158,7 @@ def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
     (worse / "model.json").write_text(json.dumps(doc))
     from training.data import FASHION_MNIST_CLASSES  # noqa: F401  (the test split's classes)
     test = load_data_test(meta)
-    sets = cmp.load_heldout(worse, [], meta.class_names, meta.preprocess)
+    sets = load_heldout(worse, [], meta.class_names, meta.preprocess)
     result = cmp.compare(loop["champion"], worse, test, sets)
     assert not result["gate"]["promote"]
     failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
@@ -208,17 +211,17 @@ def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
 def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
     good = {"sets": {"test": _set(0.942, 0.941, 0.991, 0.992, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}}
-    verdict = cmp.gate(good, target=0.99, tolerance=0.003, certified=True)
+    verdict = gate(good, target=0.99, tolerance=0.003, certified=True)
     assert verdict["promote"] and verdict["reason"] == "every check passed"
     worse = {"sets": {"test": _set(0.942, 0.935, 0.991, 0.985, (0, 0)),
                       "heldout": _set(0.30, 0.32, 0.0, 0.99, (-0.02, 0.05))}}
-    verdict = cmp.gate(worse, target=0.99, tolerance=0.003, certified=False)
+    verdict = gate(worse, target=0.99, tolerance=0.003, certified=False)
     assert not verdict["promote"]
     assert {c["name"] for c in verdict["checks"] if not c["passed"]} == {
         "test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified", "better_on_heldout"}
     assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
     no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
-    assert "no held-out decided photos" in cmp.gate(no_heldout, 0.99, 0.003, True)["reason"]
+    assert "no held-out decided photos" in gate(no_heldout, 0.99, 0.003, True)["reason"]
 
 
 def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
@@ -226,22 +229,22 @@ def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_pr
     precision that many errors would happen with probability ~1e-5, so the promise is shown broken."""
     test = _set(0.942, 0.941, 0.991, 0.992, (0, 0))
     sloppy = {"sets": {"test": test, "heldout": _set(0.30, 0.80, 0.0, 18 / 23, (0.20, 0.45), accepted=23)}}
-    verdict = cmp.gate(sloppy, target=0.99, tolerance=0.003, certified=True)
+    verdict = gate(sloppy, target=0.99, tolerance=0.003, certified=True)
     failed = [c for c in verdict["checks"] if not c["passed"]]
     assert not verdict["promote"] and [c["name"] for c in failed] == ["promise_not_broken_on_heldout"]
     assert "5 wrong of 23" in failed[0]["detail"] and "precision 78.3%" in failed[0]["detail"]
     one_slip = {"sets": {"test": test, "heldout": _set(0.30, 0.85, 0.0, 17 / 18, (0.20, 0.45), accepted=18)}}
-    assert cmp.gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
-    assert cmp.precision_below_p_value(0, 50, 0.99) == 1.0
-    assert cmp.precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
-    assert cmp.precision_below_p_value(5, 23, 0.99) < 1e-4
+    assert gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
+    assert precision_below_p_value(0, 50, 0.99) == 1.0
+    assert precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
+    assert precision_below_p_value(5, 23, 0.99) < 1e-4
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
     a = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1] * 50, dtype=torch.bool)
     b = a.clone()
     b[:40] = True
-    d = cmp.paired_bootstrap(a, b, draws=500)
+    d = paired_bootstrap(a, b, draws=500)
     assert d["value"] == pytest.approx((b.double() - a.double()).mean().item())
     assert 0 < d["ci95"][0] < d["value"] < d["ci95"][1]
 
@@ -296,20 +299,20 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     cand.mkdir()
     (cand / "metrics.json").write_text(json.dumps({"accuracy": 0.9420}))
     root = {"model_version": "1.1", "model_sha256": "a" * 64, "test_accuracy": 0.9465}
-    drift = cmp.lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
+    drift = lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
     assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
     step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}, "lineage_drift": drift}
-    assert cmp.gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
-    verdict = cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
+    assert gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
+    verdict = gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
     assert not verdict["promote"]
     assert verdict["reason"] == ("kept the champion: test accuracy -0.45 points against 1.1, the lineage's first "
                                  "release (tolerance -0.3)")
-    assert cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
+    assert gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
     # a model without a lineage root (or without metrics) has nothing to compare with: the check refuses
-    assert cmp.lineage_drift(cand, None) is None and cmp.lineage_drift(tmp_path / "none", {"root": root}) is None
+    assert lineage_drift(cand, None) is None and lineage_drift(tmp_path / "none", {"root": root}) is None
     bare = {**step, "lineage_drift": None}
-    assert "no lineage root" in cmp.gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
+    assert "no lineage root" in gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
     # a candidate's root is its champion's root, however many promotions lie between
     class Meta:
         lineage, model_version = {"root": root}, "1.3"

@@ -5,12 +5,13 @@ archived twice is one photo). The decisions are validated (returns_feedback) aga
 the champion's class names and optionally the runs; any problem refuses the whole retrain, so a bad
 decision file never changes a model. A seeded share of the photos, chosen by hash
 (``returns_feedback.decisions.held_out``), is held out: never trained on, written to ``heldout.jsonl``
-in the candidate, and judged on by returns-compare. ``not_a_product`` photos are never a
+in the candidate, and read back by returns-compare to judge it. ``not_a_product`` photos are never a
 class (they teach the unfamiliar gate); ``unsure`` ones are counted and left out.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +119,28 @@ def load_decided(decisions: list[Decision], paths: dict[str, Path], class_names:
     return DecidedPhotos(tr, ho, stack(groups[(False, True)], spec.size)[0], stack(groups[(True, True)], spec.size)[0],
                          sorted(rows, key=lambda r: r["sha256"]), counts)
 
+
+def load_heldout(challenger: Path, photo_folders: list[str], class_names: list[str], spec) -> dict[str, tuple]:
+    """The held-out decided photos recorded by the retrain, by hash (path first, else the folders)."""
+    rows = [json.loads(x) for x in (challenger / HELDOUT_FILE).read_text().splitlines() if x.strip()] \
+        if (challenger / HELDOUT_FILE).exists() else []
+    index = index_photos(photo_folders) if photo_folders else {}
+    products, labels, nap = [], [], []
+    for r in rows:
+        path = Path(r["path"])
+        data = path.read_bytes() if path.exists() else None
+        if data is None or hashlib.sha256(data).hexdigest() != r["sha256"]:
+            if r["sha256"] not in index:
+                raise FileNotFoundError(f"held-out photo {r['sha256'][:16]}... is neither at {path} nor in {photo_folders}")
+            data = index[r["sha256"]].read_bytes()
+        img = bytes_to_uint8(data, spec)
+        if r["label"] == NOT_A_PRODUCT:
+            nap.append(img)
+        else:
+            products.append(img)
+            labels.append(class_names.index(r["label"]))
+    empty = torch.empty((0, spec.channels, spec.size, spec.size), dtype=torch.uint8)
+    out = {"heldout": (torch.stack(products) if products else empty, torch.tensor(labels, dtype=torch.long))}
+    if nap:
+        out["heldout_not_a_product"] = (torch.stack(nap), None)
+    return out
