@@ -52,6 +52,8 @@ from training import compare as cmp
 from training import unfamiliar
 from training.config import TrainConfig, pick_device
 from training.data import load_data
+from training.decided import load_heldout
+from training.paired import served_cached
 from training.report import write_model_folder
 from training.retrain import main as retrain_main
 
@@ -181,7 +183,7 @@ def bad_file_is_refused(work: Path, good: Path, champion: Path, inbox: Path, run
 
 
 def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict, threads: int) -> dict:
-    s = cmp.served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
+    s = served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
     correct, acc = s["pred"] == labels, s["accepted"]
     return {"coverage": float(acc.float().mean()), "accuracy": float(correct.float().mean()),
             "precision": float(correct[acc].float().mean()) if acc.any() else None}
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"returns-retrain exited {rc}", file=sys.stderr)
             return rc
-        heldout = cmp.load_heldout(cand, [str(inbox)], ds.class_names, spec)
+        heldout = load_heldout(cand, [str(inbox)], ds.class_names, spec)
         result = cmp.compare(champion, cand, (ds.test.images, ds.test.labels),
                              {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
                              threads=args.threads)

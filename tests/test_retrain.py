@@ -14,8 +14,13 @@ from returns_feedback.decisions import decisions_hash, read_decisions, split_has
 from returns_model.artifact import load_model, save_weights
 from returns_model.meta import read_meta
 from training import compare as cmp
-from training.lineage import model_sha256
-from training.retrain import SETUP_NAME, main as retrain_main, next_version
+from training.backdrop import SETUP_NAME
+from training.decided import load_heldout
+from training.lineage import lineage_drift, model_sha256
+from training.paired import paired_bootstrap
+from training.promotion import gate, precision_below_p_value
+from training.retrain import main as retrain_main
+from training.retrain_config import next_version
 from training.train import main as train_main
 
 TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", "--depths", "1", "1",
@@ -154,7 +159,7 @@ def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
     (worse / "model.json").write_text(json.dumps(doc))
     from training.data import FASHION_MNIST_CLASSES  # noqa: F401  (the test split's classes)
     test = load_data_test(meta)
-    sets = cmp.load_heldout(worse, [], meta.class_names, meta.preprocess)
+    sets = load_heldout(worse, [], meta.class_names, meta.preprocess)
     result = cmp.compare(loop["champion"], worse, test, sets)
     assert not result["gate"]["promote"]
     failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
@@ -185,6 +190,17 @@ def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
     assert model_sha256(loop["champion"]) == before
 
 
+@pytest.mark.slow
+def test_a_fine_tune_that_diverges_stops_with_exit_1_and_writes_nothing(loop, tmp_path, caplog):
+    """The recipe's finite-loss check guards fine-tuning as it guards training: no half-written candidate."""
+    out = tmp_path / "diverged"
+    code = retrain_main(["--champion", str(loop["champion"]), "--decisions", str(loop["decisions"]),
+                         "--photos", str(loop["photos"]), "--output", str(out), "--epochs", "1", "--replay", "500",
+                         "--lr", "1e12", "--no-progress", "--no-int8"])
+    assert code == 1 and not out.exists()
+    assert "fine-tune stopped, nothing written: loss is" in caplog.text and "lower --lr (now 1000000000000.0)" in caplog.text
+
+
 def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
     stats = lambda acc, prec: {"accuracy": acc, "precision": prec, "coverage": 0.8, "accepted": accepted,  # noqa: E731
                                "errors_accepted": round(accepted * (1 - prec))}
@@ -196,17 +212,17 @@ def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
 def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
     good = {"sets": {"test": _set(0.942, 0.941, 0.991, 0.992, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}}
-    verdict = cmp.gate(good, target=0.99, tolerance=0.003, certified=True)
+    verdict = gate(good, target=0.99, tolerance=0.003, certified=True)
     assert verdict["promote"] and verdict["reason"] == "every check passed"
     worse = {"sets": {"test": _set(0.942, 0.935, 0.991, 0.985, (0, 0)),
                       "heldout": _set(0.30, 0.32, 0.0, 0.99, (-0.02, 0.05))}}
-    verdict = cmp.gate(worse, target=0.99, tolerance=0.003, certified=False)
+    verdict = gate(worse, target=0.99, tolerance=0.003, certified=False)
     assert not verdict["promote"]
     assert {c["name"] for c in verdict["checks"] if not c["passed"]} == {
         "test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified", "better_on_heldout"}
     assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
     no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
-    assert "no held-out decided photos" in cmp.gate(no_heldout, 0.99, 0.003, True)["reason"]
+    assert "no held-out decided photos" in gate(no_heldout, 0.99, 0.003, True)["reason"]
 
 
 def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
@@ -214,40 +230,41 @@ def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_pr
     precision that many errors would happen with probability ~1e-5, so the promise is shown broken."""
     test = _set(0.942, 0.941, 0.991, 0.992, (0, 0))
     sloppy = {"sets": {"test": test, "heldout": _set(0.30, 0.80, 0.0, 18 / 23, (0.20, 0.45), accepted=23)}}
-    verdict = cmp.gate(sloppy, target=0.99, tolerance=0.003, certified=True)
+    verdict = gate(sloppy, target=0.99, tolerance=0.003, certified=True)
     failed = [c for c in verdict["checks"] if not c["passed"]]
     assert not verdict["promote"] and [c["name"] for c in failed] == ["promise_not_broken_on_heldout"]
     assert "5 wrong of 23" in failed[0]["detail"] and "precision 78.3%" in failed[0]["detail"]
     one_slip = {"sets": {"test": test, "heldout": _set(0.30, 0.85, 0.0, 17 / 18, (0.20, 0.45), accepted=18)}}
-    assert cmp.gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
-    assert cmp.precision_below_p_value(0, 50, 0.99) == 1.0
-    assert cmp.precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
-    assert cmp.precision_below_p_value(5, 23, 0.99) < 1e-4
+    assert gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
+    assert precision_below_p_value(0, 50, 0.99) == 1.0
+    assert precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
+    assert precision_below_p_value(5, 23, 0.99) < 1e-4
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
     a = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1] * 50, dtype=torch.bool)
     b = a.clone()
     b[:40] = True
-    d = cmp.paired_bootstrap(a, b, draws=500)
+    d = paired_bootstrap(a, b, draws=500)
     assert d["value"] == pytest.approx((b.double() - a.double()).mean().item())
     assert 0 < d["ci95"][0] < d["value"] < d["ci95"][1]
 
 
 def test_backdrop_transfer_is_off_with_a_warning_when_the_training_photos_have_no_plain_backdrop(caplog):
     from training.data import Dataset, Split
-    from training.retrain import RetrainConfig, new_setup
+    from training.backdrop import new_setup
+    from training.retrain_config import RetrainConfig
 
     noisy = Split(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8), torch.arange(300) % 10)
     ds = Dataset(noisy, noisy, noisy, [str(i) for i in range(10)], "test", "0" * 64)
     booth = Split(torch.full((20, 1, 28, 28), 180, dtype=torch.uint8), torch.arange(20) % 10)
-    assert new_setup(booth, ds, RetrainConfig()) == (None, {})
+    assert new_setup(booth, ds, RetrainConfig().backdrop_share, seed=0) == (None, {})
     assert "backdrop transfer off" in caplog.text and "borders vary" in caplog.text
-    assert new_setup(booth, ds, RetrainConfig(backdrop_share=0)) == (None, {})
+    assert new_setup(booth, ds, 0, seed=0) == (None, {})
 
 
 def test_interpolate_takes_a_share_of_the_fine_tuned_weights_and_the_rest_of_the_champion():
-    from training.retrain import interpolate
+    from training.finetune import interpolate
 
     torch.manual_seed(0)
     net = lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # noqa: E731
@@ -283,20 +300,20 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     cand.mkdir()
     (cand / "metrics.json").write_text(json.dumps({"accuracy": 0.9420}))
     root = {"model_version": "1.1", "model_sha256": "a" * 64, "test_accuracy": 0.9465}
-    drift = cmp.lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
+    drift = lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
     assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
     step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}, "lineage_drift": drift}
-    assert cmp.gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
-    verdict = cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
+    assert gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
+    verdict = gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
     assert not verdict["promote"]
     assert verdict["reason"] == ("kept the champion: test accuracy -0.45 points against 1.1, the lineage's first "
                                  "release (tolerance -0.3)")
-    assert cmp.gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
+    assert gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
     # a model without a lineage root (or without metrics) has nothing to compare with: the check refuses
-    assert cmp.lineage_drift(cand, None) is None and cmp.lineage_drift(tmp_path / "none", {"root": root}) is None
+    assert lineage_drift(cand, None) is None and lineage_drift(tmp_path / "none", {"root": root}) is None
     bare = {**step, "lineage_drift": None}
-    assert "no lineage root" in cmp.gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
+    assert "no lineage root" in gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
     # a candidate's root is its champion's root, however many promotions lie between
     class Meta:
         lineage, model_version = {"root": root}, "1.3"

@@ -13,15 +13,25 @@ filled in over the garment by normalised convolution (a Gaussian-weighted averag
 pixels); "empty" pixels far from that average (the photo's own garment reaching where few of its
 class do) are dropped and the fill repeated. Decided photos whose estimated backdrop is the
 training split's own (ordinary photos) add nothing and are skipped.
+
+A fine-tune (training/finetune.py) shows a share of each batch's replayed garments on them
+(``onto_backdrops``), and the candidate's threshold is certified on every validation garment shown on
+one of them as well (``new_setup``), so the promise holds in the new setup too, not only on average.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
-from training.data import Split
+from training.augment import random_hflip
+from training.data import Dataset, Split
+
+log = logging.getLogger("training.backdrop")
+# The calibration set of the new setup, by this name in the certificate's ``setups``.
+SETUP_NAME = "validation_garments_on_decided_backdrops"
 
 
 class BackdropError(ValueError):
@@ -94,3 +104,34 @@ def paste(garments: torch.Tensor, backdrops: torch.Tensor, level: float) -> torc
     """uint8 garments of a plain-backdrop split shown on the given backdrops (one each)."""
     a = garment_alpha(garments, level)
     return (a * garments.float() + (1 - a) * backdrops).round().clamp(0, 255).to(torch.uint8)
+
+
+def onto_backdrops(garments: torch.Tensor, movable: torch.Tensor, backdrops: torch.Tensor, level: float,
+                   share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 batch with a random ``share`` of its ``movable`` garments pasted onto backdrops picked
+    from ``backdrops`` (each mirrored at random), and the mask of those moved."""
+    moved = movable & (torch.rand(len(garments), generator=gen) < share)
+    pick = torch.randint(0, len(backdrops), (int(moved.sum()),), generator=gen)
+    out = garments.clone()
+    out[moved] = paste(garments[moved], random_hflip(backdrops[pick], gen), level)
+    return out, moved
+
+
+def new_setup(decided: Split, ds: Dataset, share: float, seed: int) -> tuple[tuple[torch.Tensor, float] | None, dict[str, Split]]:
+    """Backdrops of the decided photos that were not shot like the training split, with the training
+    split's backdrop level; and the new setup's calibration photos: every validation garment (never
+    trained on) shown on one of them. ``(None, {})`` when ``share`` is 0, when the training split has
+    no plain backdrop (with a warning) or when no decided photo shows a new one."""
+    if not share:
+        return None, {}
+    try:
+        level = plain_backdrop(ds.train)
+    except BackdropError as exc:
+        log.warning("backdrop transfer off: %s", exc)
+        return None, {}
+    found = estimate_backdrops(decided, ds.train, level)
+    log.info("backdrop transfer: %d new-setup backdrops among %d decided product photos", len(found), len(decided))
+    if not len(found):
+        return None, {}
+    pick = torch.randint(0, len(found), (len(ds.val),), generator=torch.Generator().manual_seed(seed + 1))
+    return (found, level), {SETUP_NAME: Split(paste(ds.val.images, found[pick], level), ds.val.labels)}

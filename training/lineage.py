@@ -1,6 +1,7 @@
 """Who a model descends from: its identity, the accuracy its report measured, and its lineage's first
 release. A retrain (training/retrain.py) and a warm-started training run (training/train.py
-``--init-from``) both record their parent with these; training/compare.py reads them back."""
+``--init-from``) both record their parent with these; returns-compare (training/compare.py) reads
+them back to measure a challenger's drift from the first release."""
 from __future__ import annotations
 
 import json
@@ -39,3 +40,14 @@ def parent_record(model_dir: Path, meta) -> dict[str, Any]:
     """What a child's ``lineage`` says of the model it started from: its identity, version and root."""
     return {"parent_model_sha256": model_sha256(model_dir), "parent_model_version": meta.model_version,
             "root": lineage_root(model_dir, meta)}
+
+
+def lineage_drift(challenger: Path, lineage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Test accuracy of the challenger (its metrics.json) against its lineage's root, or None when
+    either figure is missing (a model without lineage, a folder without metrics)."""
+    root = (lineage or {}).get("root") or {}
+    accuracy = recorded_test_accuracy(challenger)
+    if root.get("test_accuracy") is None or accuracy is None:
+        return None
+    return {"root_version": root.get("model_version"), "root_test_accuracy": root["test_accuracy"],
+            "test_accuracy": accuracy, "change": accuracy - root["test_accuracy"]}

@@ -24,26 +24,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from training.augment import random_crop, random_erasing, random_hflip
-from training.composite import composite_count, make_composites, uniform_loss
 from returns_model.artifact import ArtifactError, load_model
 from returns_model.device import DeviceError
 from returns_model.fileio import atomic_open, write_json
 from returns_model.network import ArchConfig, SEResNet, build_model
-from returns_model.preprocess import PreprocessSpec, normalize
+from returns_model.preprocess import PreprocessSpec
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.drawn import pool_for
 from training.evaluate import predict_logits
 from training.lineage import parent_record
+from training.recipe import TrainingDiverged, make_optimizer, train_step, training_batch
 from training.report import write_model_folder
 from training.requirements import REPORT_FILE, DataRequirements, for_run, render, verdict
 
 log = logging.getLogger("training")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: exit code 3."""
 
 
 class NotEnoughData(RuntimeError):
@@ -140,24 +135,18 @@ def compiled_forward(model: SEResNet, cfg: TrainConfig, device: torch.device) ->
     return torch.compile(model, dynamic=False)
 
 
-def make_optimizer(model: SEResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on norms and biases
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
 def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
                     sched, ds: Dataset, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
                     gen: torch.Generator, epoch: int, drawn: torch.Tensor | None = None) -> dict:
+    """One pass over a fresh permutation of the training split, each batch through training/recipe.py.
+
+    Not clipped: the one-cycle schedule up to ``cfg.lr`` is the recipe the release was trained and
+    measured with, and a run that blows up stops at its first non-finite loss (TrainingDiverged)."""
     model.train()
     n = len(ds.train)
     perm = torch.randperm(n, generator=gen)
     steps = n // cfg.batch_size
     total_loss, correct, seen = 0.0, 0, 0
-    n_comp = composite_count(cfg.batch_size, cfg.composite_weight, cfg.composite_share)
     bar = range(steps)
     if cfg.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -165,35 +154,12 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
         bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
     for step in bar:
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x, y = ds.train.images[idx], ds.train.labels[idx]
-        if cfg.crop_padding:
-            x = random_crop(x, cfg.crop_padding, gen, spec.fill)
-        if cfg.hflip:
-            x = random_hflip(x, gen)
-        if n_comp:  # composites ride in the same forward pass, after the batch's own images
-            x = torch.cat([x, make_composites(x, n_comp, gen, spec.fill, drawn, cfg.drawn_share)])
-        x = normalize(x.to(device, non_blocking=True), spec)
-        if cfg.erasing_p:
-            x = random_erasing(x, gen, cfg.erasing_p)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = forward(x)
-            if n_comp:
-                out, out_comp = out[:len(y)], out[len(y):]
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-            if n_comp:
-                loss = loss + cfg.composite_weight * uniform_loss(out_comp)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                   f"lower --lr (now {cfg.lr}) or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total_loss += loss.item() * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
+        batch = training_batch(ds.train.images[idx], ds.train.labels[idx], spec, cfg, device, gen, drawn)
+        loss, out = train_step(model, forward, opt, sched, batch, cfg, device, lr=cfg.lr,
+                               where=f"epoch {epoch + 1}, step {step}")
+        total_loss += loss * len(batch.y)
+        correct += int((out.argmax(1) == batch.y).sum())
+        seen += len(batch.y)
         if hasattr(bar, "set_postfix") and step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
