@@ -34,6 +34,7 @@ import torch
 from handler.core import Classifier
 from returns_model.artifact import ArtifactError, read_meta
 from returns_model.fileio import write_json
+from returns_model.names import COMPARISON_FILE, COMPARISON_PLOT, TRAIN_CONFIG_FILE
 from training import plots
 from training.config import TrainConfig
 from training.data import DataError, load_data
@@ -76,8 +77,8 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
     result["gate"] = gate(result, c2.meta.target_precision, tolerance, not cert.get("accept_nothing", False),
                           lineage_tolerance)
     out = Path(out or challenger)
-    write_json(out / "comparison.json", result)
-    plots.champion_challenger(result, out / "comparison.png")
+    write_json(out / COMPARISON_FILE, result)
+    plots.champion_challenger(result, out / COMPARISON_PLOT)
     return result
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.promote_to and (args.promote_to / meta.model_version).exists():
             raise ValueError(f"--promote-to {args.promote_to}: version {meta.model_version} is there already, and "
                              "model versions are immutable: give the candidate a new version")
-        cfg = TrainConfig.from_json(args.challenger / "train_config.json")
+        cfg = TrainConfig.from_json(args.challenger / TRAIN_CONFIG_FILE)
         if args.data_dir:
             cfg.data_dir = args.data_dir
         ds = load_data(cfg, meta.preprocess)

@@ -21,11 +21,10 @@ import torch
 
 from returns_feedback.decisions import NOT_A_PRODUCT, UNSURE, Decision, held_out
 from returns_feedback.validate import print_report, read_runs, validate
-from returns_model.names import IMAGE_SUFFIXES
+from returns_model.names import HELDOUT_FILE, IMAGE_SUFFIXES
 from returns_model.preprocess import PhotoError, PreprocessSpec, bytes_to_uint8
 from training.data import Split
 
-HELDOUT_FILE = "heldout.jsonl"
 
 
 def index_photos(folders: list[str]) -> dict[str, Path]:

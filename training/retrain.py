@@ -39,10 +39,11 @@ from returns_model.artifact import load_model
 from returns_model.device import DeviceError
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import sha256_file
+from returns_model.names import HELDOUT_FILE, HISTORY_FILE, LINEAGE_FILE, RETRAIN_CONFIG_FILE, TRAIN_CONFIG_FILE
 from training.backdrop import new_setup
 from training.config import TrainConfig, pick_device
 from training.data import Split, load_data
-from training.decided import HELDOUT_FILE, DecidedPhotos, check_decisions, decision_files, load_decided
+from training.decided import DecidedPhotos, check_decisions, decision_files, load_decided
 from training.finetune import fine_tune, interpolate
 from training.lineage import model_sha256, parent_record
 from training.recipe import TrainingDiverged
@@ -53,7 +54,6 @@ from training.rule import Lessons
 log = logging.getLogger("training.retrain")
 EXIT_DIVERGED = 1  # the fine-tune's loss became NaN or infinite; nothing was written
 EXIT_BAD_DECISIONS = 2
-LINEAGE_FILE = "lineage.json"
 
 
 def candidate_lineage(champion: Path, meta, decisions: list[Decision], decided: DecidedPhotos, rc: RetrainConfig,
@@ -81,7 +81,7 @@ def retrain(rc: RetrainConfig) -> int:
     if checked is None:
         return EXIT_BAD_DECISIONS
     decisions, paths = checked
-    cfg = TrainConfig.from_json(champion / "train_config.json")
+    cfg = TrainConfig.from_json(champion / TRAIN_CONFIG_FILE)
     cfg = replace(cfg, output=rc.output, device=rc.device, threads=rc.threads, progress=rc.progress,
                   trust_photos=rc.trust_photos, tsne_samples=0, compile=False,
                   model_version=rc.model_version or next_version(meta.model_version),
@@ -103,10 +103,10 @@ def retrain(rc: RetrainConfig) -> int:
     out = Path(rc.output)
     out.mkdir(parents=True, exist_ok=True)
     lineage = candidate_lineage(champion, meta, decisions, decided, rc, backdrops)
-    cfg.write(out / "train_config.json")
+    cfg.write(out / TRAIN_CONFIG_FILE)
     write_text(out / HELDOUT_FILE, "".join(json.dumps(r) + "\n" for r in decided.heldout_rows))
-    write_json(out / "retrain_config.json", asdict(rc))
-    write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    write_json(out / RETRAIN_CONFIG_FILE, asdict(rc))
+    write_text(out / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in history))
     # The report's "training split" is what the gate's statistics are fitted on: a prefix of the
     # (seeded, shuffled) training split, or all of it, plus the decided photos, which it then knows.
     base = ds.train.subset(torch.arange(min(rc.gate_photos, len(ds.train)))) if rc.gate_photos else ds.train

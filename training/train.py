@@ -29,6 +29,7 @@ from returns_model.device import DeviceError
 from returns_model.fileio import atomic_open, write_json
 from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec
+from returns_model.names import CHECKPOINT_FILE, HISTORY_FILE, TRAIN_CONFIG_FILE
 from training.config import TrainConfig, make_arch, pick_device
 from training.data import Dataset, load_data, make_spec
 from training.drawn import pool_for
@@ -233,12 +234,12 @@ def train(cfg: TrainConfig, require_certifiable: bool = False) -> Path:
         raise SystemExit(f"only {len(ds.train)} training images for a batch size of {cfg.batch_size}")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.25)
     gen = torch.Generator().manual_seed(cfg.seed)
-    cfg.write(out / "train_config.json")
+    cfg.write(out / TRAIN_CONFIG_FILE)
     log.info("device %s, %d threads; %d train / %d val / %d test images, %d classes; %.2fM parameters",
              device, torch.get_num_threads(), len(ds.train), len(ds.val), len(ds.test), len(ds.class_names),
              sum(p.numel() for p in model.parameters()) / 1e6)
 
-    ckpt_path, history_path = out / "checkpoint.pt", out / "history.jsonl"
+    ckpt_path, history_path = out / CHECKPOINT_FILE, out / HISTORY_FILE
     start_epoch = 0
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
