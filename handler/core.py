@@ -3,6 +3,9 @@ probabilities -> one result per photo. No TorchServe import: another server can 
 
     clf = Classifier("models/release")          # or an extracted .mar folder
     clf.classify([png_bytes, jpeg_bytes])        # -> [{"label": ..., "confidence": ...}, ...]
+
+It serves a folder's contents held in memory the same way (``returns_model.artifact.ModelParts``):
+training measures the folder it is building through this code before the folder is complete.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ from typing import Any
 import torch
 
 from returns_model import results as R
-from returns_model.artifact import load_model
+from returns_model.artifact import ModelParts, load_model, network_of, read_int8_graph
 from returns_model.gate import LayerTap
 from returns_model.manifest import content_digest, tree_hashes
 from returns_model.meta import ArtifactError, ModelMeta
+from returns_model.names import ONNX_FILE
 from returns_model.preprocess import PhotoError, bytes_to_uint8, normalize
 from returns_model.results import CUDA, CUDA_FP16, EAGER, FLOAT, ONNXRUNTIME
 from returns_model.rule import ServedRule, choose_rule, rule_meta
@@ -100,22 +104,33 @@ class Work:
 
 class Classifier:
     """One model folder, served: the rule that answers here (``self.rule``: which one, and on what
-    runtime, returns_model/rule.py) and the forward pass that computes its scores."""
+    runtime, returns_model/rule.py) and the forward pass that computes its scores.
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_image_pixels: int | None = None,
-                 threads: int = 0, warmup: bool = True, cpu_backend: str = "eager") -> None:
+    ``model_dir`` is the folder, or its contents in memory (``ModelParts``: the same network, rule
+    choice, probe checks and decisions; the weights and graphs come from the parts, and answers name
+    no ``model_sha256``)."""
+
+    def __init__(self, model_dir: str | Path | ModelParts, device: str | torch.device = "cpu",
+                 max_image_pixels: int | None = None, threads: int = 0, warmup: bool = True,
+                 cpu_backend: str = "eager") -> None:
         if cpu_backend not in CPU_BACKENDS:
             raise ValueError(f"cpu_backend must be one of {', '.join(CPU_BACKENDS)}, not {cpu_backend!r}")
         self.device = torch.device(device)
         threads = threads or available_cpus()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.model, meta = load_model(Path(model_dir), self.device)
+        self._parts = model_dir if isinstance(model_dir, ModelParts) else None
+        self._folder = None if self._parts else Path(model_dir)
+        if self._parts:
+            meta = self._parts.meta
+            self.model = network_of(meta.arch, self._parts.weights, self.device, "the weights in memory")
+        else:
+            self.model, meta = load_model(self._folder, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = meta.preprocess
         if max_image_pixels:
             self.spec = replace(self.spec, max_pixels=max_image_pixels)
-        self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
+        self.model_sha256: str | None = content_digest(tree_hashes(self._folder)) if self._folder else None
         self._labels = meta.class_names
         layer = meta.unfamiliar["layer"] if meta.unfamiliar else None
         # The unfamiliar-photo gate reads an inner layer during an eager pass (a hook; a graph has it as an output).
@@ -128,7 +143,7 @@ class Classifier:
         self._onnx = None
         # Why the int8 rule does not serve where it was asked for (None where it serves or was not asked for).
         self.fallback: str | None = None
-        self.backend, runtime = self._open_forward(Path(model_dir), meta, cpu_backend, layer, threads)
+        self.backend, runtime = self._open_forward(meta, cpu_backend, layer, threads)
         name = choose_rule(meta, self.device.type, cpu_backend, int8_reproduced=self.backend == "onnx-int8")
         self.rule = ServedRule.of(meta, name, runtime)
         self.meta = rule_meta(meta, name)
@@ -142,8 +157,17 @@ class Classifier:
             for n in (1, 8):
                 self.probabilities([torch.zeros(size[1:], dtype=torch.uint8)] * n)
 
-    def _open_forward(self, model_dir: Path, meta: ModelMeta, cpu_backend: str, layer: str | None,
-                      threads: int) -> tuple[str, str]:
+    def _graph(self, meta: ModelMeta, int8: bool) -> bytes | None:
+        """The model's int8 graph (a folder's checked against model.json, ``read_int8_graph``) or its
+        shipped float graph (``model.onnx``); None where it has none."""
+        if self._parts:
+            return self._parts.int8_graph if int8 else self._parts.float_graph
+        if int8:
+            return read_int8_graph(self._folder, meta)
+        path = self._folder / ONNX_FILE
+        return path.read_bytes() if path.is_file() else None
+
+    def _open_forward(self, meta: ModelMeta, cpu_backend: str, layer: str | None, threads: int) -> tuple[str, str]:
         """Open the forward pass: (backend, runtime). On a CPU a graph does it (handler/onnx_runner.py):
         the int8 graph in the runtime its rule was fitted on, where this CPU reproduces its probe, or
         the float graph in ONNX Runtime; each falls back to the next (int8 -> float graph -> eager)
@@ -154,7 +178,7 @@ class Classifier:
         if cpu_backend == "onnx-int8":
             from handler.onnx_runner import int8_runtime_name, open_int8_runner
 
-            self._onnx, why = open_int8_runner(model_dir, meta, threads)
+            self._onnx, why = open_int8_runner(self._graph(meta, int8=True), self._where, meta, threads)
             if self._onnx is not None:
                 return "onnx-int8", int8_runtime_name(meta)
             self.fallback = f"the int8 rule does not serve here: {why}; the float rule serves instead"
@@ -166,10 +190,16 @@ class Classifier:
         if cpu_backend == "onnx":
             from handler.onnx_runner import open_runner
 
-            self._onnx = open_runner(model_dir, self.model, layer, self.spec.channels, self.spec.size, threads)
+            self._onnx = open_runner(self._graph(meta, int8=False), self._where, self.model, layer,
+                                     self.spec.channels, self.spec.size, threads)
             if self._onnx is not None:
                 return "onnx", ONNXRUNTIME
         return "eager", EAGER
+
+    @property
+    def _where(self) -> str:
+        """What is served, for messages: the folder, or the model in memory."""
+        return str(self._folder) if self._folder else "the model in memory"
 
     def _check_float_probe(self) -> None:
         """The float rule's certificate was computed on the CPU's fp32 answers: this device and runtime

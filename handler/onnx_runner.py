@@ -12,13 +12,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from returns_model.artifact import Int8GraphError, read_int8_graph  # noqa: F401 (Int8GraphError: re-exported)
+from returns_model.artifact import Int8GraphError  # noqa: F401 (re-exported)
 from returns_model.export import INPUT, export_onnx
 from returns_model.meta import ModelMeta
 from returns_model.names import INT8_FILE, ONNX_FILE
@@ -69,20 +68,20 @@ class OnnxRunner:
         return torch.from_numpy(logits), torch.from_numpy(tapped)
 
 
-def open_runner(model_dir: Path, model: nn.Module, layer: str | None, channels: int, size: int,
+def open_runner(graph: bytes | None, where: str, model: nn.Module, layer: str | None, channels: int, size: int,
                 threads: int) -> OnnxRunner | None:
-    """A runner on the shipped ``model.onnx``, or on a graph exported now from ``model`` when the
-    folder has none (a plain model folder); None, with the reason logged, where that cannot work."""
+    """A runner on the shipped float graph (``graph``: ``model.onnx``'s bytes), or on a graph exported now
+    from ``model`` where there is none (a plain model folder, ``where``); None, with the reason logged,
+    where that cannot work."""
     t0 = time.perf_counter()
-    path = Path(model_dir) / ONNX_FILE
-    if path.is_file():
-        graph, source = path.read_bytes(), ONNX_FILE
+    if graph is not None:
+        source = ONNX_FILE
     else:
         try:
             graph, source = export_onnx(model, layer, channels, size), "an export at start-up"
         except Exception as exc:  # the exporter needs the onnx package; a server without it stays eager
             log.warning("cpu_backend onnx: no %s in %s and the export failed (%s); serving on the eager path",
-                        ONNX_FILE, model_dir, exc)
+                        ONNX_FILE, where, exc)
             return None
     runner = OnnxRunner(graph, threads)
     log.info("cpu_backend onnx: session on %s ready in %.2f s", source, time.perf_counter() - t0)
@@ -114,15 +113,15 @@ INT8_RUNTIMES = {
 }
 
 
-def open_int8_runner(model_dir: Path, meta: ModelMeta, threads: int) -> tuple[Runner | None, str]:
-    """A runner on the folder's int8 graph (training/quantize.py), in the runtime its rule was fitted
-    on, and ``""``; or None and why not, where the folder has no int8 graph and rule, that runtime is
-    missing or this CPU does not reproduce the rule's probe (the caller then serves the float graph
-    and rule). A graph whose SHA-256 is not model.json's is refused (``Int8GraphError``, read_int8_graph)."""
+def open_int8_runner(graph: bytes | None, where: str, meta: ModelMeta, threads: int) -> tuple[Runner | None, str]:
+    """A runner on the model's int8 graph (training/quantize.py; ``graph``, from ``read_int8_graph``,
+    which refuses one whose SHA-256 is not model.json's), in the runtime its rule was fitted on, and
+    ``""``; or None and why not, where the model (``where``) has no int8 graph and rule, that runtime
+    is missing or this CPU does not reproduce the rule's probe (the caller then serves the float graph
+    and rule)."""
     t0 = time.perf_counter()
-    graph = read_int8_graph(model_dir, meta)
-    if graph is None:
-        return None, f"{model_dir} has no int8 graph and rule ({INT8_FILE}, model.json 'int8')"
+    if graph is None or not meta.int8:
+        return None, f"{where} has no int8 graph and rule ({INT8_FILE}, model.json 'int8')"
     name = int8_runtime_name(meta)
     if name not in INT8_RUNTIMES:
         return None, f"model.json's int8 rule names an unknown runtime {name!r}"

@@ -1,5 +1,6 @@
 """The model folder's torch side: ``model.pt`` (a plain state_dict) loaded into the network that
-``model.json`` describes, the probe tensors, and the int8 graph checked against its digest.
+``model.json`` describes, the probe tensors, the int8 graph checked against its digest, and
+``ModelParts``: a folder's contents held in memory, which the serving core serves as it serves a folder.
 
 ``model.json`` itself (ModelMeta, read_meta, write_meta) is ``returns_model.meta``, which needs no torch.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from returns_model.fileio import atomic_open
-from returns_model.meta import ArtifactError, ModelMeta, read_meta
+from returns_model.meta import ArchConfig, ArtifactError, ModelMeta, read_meta
 from returns_model.names import INT8_FILE, WEIGHTS_FILE
 from returns_model.network import SEResNet, build_model
 
@@ -69,25 +71,60 @@ def read_int8_graph(model_dir: Path, meta: ModelMeta) -> bytes | None:
     return graph
 
 
+def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """``model.pt``, loaded safely (``weights_only=True``) onto the CPU."""
+    path = Path(model_dir) / WEIGHTS_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: weights not found") from None
+
+
+def network_of(arch: ArchConfig, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+               where: str = WEIGHTS_FILE) -> SEResNet:
+    """The network ``arch`` describes with ``weights`` loaded (copied), in eval mode on ``device``."""
+    model = build_model(arch)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{where}: weights do not fit the architecture in model.json: {exc}") from None
+    return model.to(device).eval()
+
+
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[SEResNet, ModelMeta]:
     """Rebuild the network from ``model.json`` and load ``model.pt`` safely (``weights_only=True``)."""
     meta = read_meta(model_dir)
-    model = build_model(meta.arch)
-    path = Path(model_dir) / WEIGHTS_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: weights not found") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path}: weights do not fit the architecture in model.json: {exc}") from None
-    return model.to(device).eval(), meta
+    return network_of(meta.arch, load_weights(model_dir), device, str(Path(model_dir) / WEIGHTS_FILE)), meta
 
 
-def save_weights(model: torch.nn.Module, model_dir: Path) -> None:
-    """``model.pt``: a plain CPU state_dict (loadable with ``weights_only=True``), written atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict ``model.pt`` holds: detached, contiguous CPU tensors."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:
+    """``model.pt``: a plain CPU state_dict (loadable with ``weights_only=True``), written atomically.
+    Returns the weights it wrote, so a caller can serve exactly those without reading them back."""
+    state = weights_of(model)
     with atomic_open(Path(model_dir) / WEIGHTS_FILE, "wb") as f:
         torch.save(state, f)
+    return state
 
+
+@dataclass(frozen=True)
+class ModelParts:
+    """A model folder's contents in memory, for ``handler.core.Classifier`` to serve as it serves the
+    folder: training (training/pipeline.py) measures the folder it is building through the serving
+    core before its ``model.json`` is written, and without reading back what it holds.
+
+    ``meta`` and the graphs must belong together, as in a folder: ``int8_graph`` is the graph
+    ``meta.int8`` was fitted on (None: the model has none), ``float_graph`` the float graph a folder
+    ships as ``model.onnx`` (None: the ONNX path exports one at start-up, as for a plain folder).
+    A server on parts names no ``model_sha256`` in its answers: the folder's digest does not exist
+    before its files do.
+    """
+
+    meta: ModelMeta
+    weights: dict[str, torch.Tensor]  # as model.pt holds them (weights_of); never changed by a server
+    int8_graph: bytes | None = None
+    float_graph: bytes | None = None
