@@ -62,7 +62,7 @@ from training.drawn import pool_for
 from training.config import TrainConfig
 from training.data import Dataset, load_data
 from training.evaluate import drift_reference, served_decisions
-from training.rule import Lessons, fit_rule
+from training.rule import Lessons, RuleSettings, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.quantize")
@@ -163,7 +163,7 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
     int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
 
-    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, lessons)
+    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, layer, k, RuleSettings.of(cfg, lessons))
     gate, cal, m = rule.gate, rule.cal, rule.metrics
     p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)

@@ -36,7 +36,7 @@ from training.data import Dataset, load_data, make_spec
 from training.evaluate import drift_reference, predict_logits
 from training.gate_fit import forward_with_tap
 from training.quantize import add_int8_path
-from training.rule import Lessons, fit_rule
+from training.rule import Lessons, RuleSettings, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
@@ -60,8 +60,8 @@ def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: t
     if save:
         save_weights(model, out)
     layer = gate_layer(cfg, arch)
-    rule = fit_rule(lambda images: forward_with_tap(model, images, spec, layer), ds, cfg, layer, arch.num_classes,
-                    lessons)
+    rule = fit_rule(lambda images: forward_with_tap(model, images, spec, layer), ds, layer, arch.num_classes,
+                    RuleSettings.of(cfg, lessons))
     cal, cert, val_flag_rate = rule.cal, rule.cal.certificate, float(rule.val_flagged.float().mean())
     log.info("temperature %.4f; gate flags %.1f%% of validation; certified threshold %.4f: %s",
              cal.temperature, 100 * val_flag_rate, cert.threshold, cert.reason)

@@ -1,10 +1,11 @@
 """The review rule fitted on one forward path's own outputs: gate, temperature, certified threshold.
 
-Both served paths are fitted by this one sequence on the same splits: the float model
+Both served paths are fitted by this one sequence on the same splits, with the same settings
+(``RuleSettings``: the promise's targets and a retrain's lessons): the float model
 (training/report.py, eager) and the int8 graph (training/quantize.py, ONNX Runtime). Only the
 forward pass differs, so it is passed in:
 
-    rule = fit_rule(forward, ds, cfg, layer, num_classes, lessons)
+    rule = fit_rule(forward, ds, layer, num_classes, settings)
 
 1. the gate's statistics on the training split's tapped embedding, its cutoff on validation;
 2. with reviewers' decisions (a retrain, ``lessons``): decided product photos become familiar,
@@ -44,6 +45,22 @@ class Lessons:
     setups: dict[str, Split] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RuleSettings:
+    """What a rule is fitted to, the same for the float and the int8 path: the share of ordinary
+    validation photos the gate may flag, the certificate's target precision and delta, and what a
+    retrain learnt from reviewers' decisions."""
+
+    unfamiliar_rate: float
+    target_precision: float
+    delta: float
+    lessons: Lessons = field(default_factory=Lessons)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, lessons: Lessons | None = None) -> "RuleSettings":
+        return cls(cfg.unfamiliar_rate, cfg.target_precision, cfg.delta, lessons or Lessons())
+
+
 @dataclass
 class Rule:
     gate: UnfamiliarGate
@@ -56,22 +73,22 @@ class Rule:
     metrics: dict[str, Any]  # training.evaluate.test_metrics of the served rule on the test split
 
 
-def fit_rule(forward: Forward, ds: Dataset, cfg: TrainConfig, layer: str, num_classes: int,
-             lessons: Lessons | None = None) -> Rule:
-    lessons = lessons or Lessons()
+def fit_rule(forward: Forward, ds: Dataset, layer: str, num_classes: int, settings: RuleSettings) -> Rule:
+    lessons, rate = settings.lessons, settings.unfamiliar_rate
     _, train_tap = forward(ds.train.images)
     gate = fit_statistics(train_tap, ds.train.labels, ds.train.images, layer, num_classes)
     val_logits, val_tap = forward(ds.val.images)
-    gate = choose_cutoff(gate, val_tap, ds.val.images, cfg.unfamiliar_rate)
+    gate = choose_cutoff(gate, val_tap, ds.val.images, rate)
     if lessons.decided is not None and len(lessons.decided):
         gate = learn_from_decisions(gate, forward, lessons.decided, lessons.not_products, num_classes, val_tap,
-                                    ds.val.images, cfg.unfamiliar_rate)
+                                    ds.val.images, rate)
     val_flagged = gate.flag(gate.score(val_tap, pixels=ds.val.images))
     setups = {}
     for name, split in lessons.setups.items():
         logits, tap = forward(split.images)
         setups[name] = (logits, split.labels, gate.flag(gate.score(tap, pixels=split.images)))
-    cal = calibrate(val_logits, ds.val.labels, cfg.target_precision, cfg.delta, flagged=val_flagged, setups=setups)
+    cal = calibrate(val_logits, ds.val.labels, settings.target_precision, settings.delta, flagged=val_flagged,
+                    setups=setups)
     test_logits, test_tap = forward(ds.test.images)
     test_flagged = gate.flag(gate.score(test_tap, pixels=ds.test.images))
     metrics = test_metrics(test_logits, ds.test.labels, cal, ds.class_names, flagged=test_flagged)
