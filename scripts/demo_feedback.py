@@ -54,7 +54,7 @@ from training.config import TrainConfig, pick_device
 from training.data import load_data
 from training.decided import load_heldout
 from training.paired import served_cached
-from training.report import write_model_folder
+from training.pipeline import build_model_folder
 from training.retrain import main as retrain_main
 
 JUNK_KINDS = ("scene_crops", "shapes_text", "patterns")
@@ -96,7 +96,8 @@ def prepare_champion(release: Path, dest: Path, data_dir: str | None) -> None:
     cfg = replace(cfg, trust_photos=50, tsne_samples=0, output=str(dest), data_dir=data_dir or cfg.data_dir)
     model, meta = load_model(dest)
     ds = load_data(cfg, meta.preprocess)
-    write_model_folder(model, ds, cfg, pick_device(cfg), dest, save=False, meta=meta)
+    pick_device(cfg)  # the CPU thread count the report runs with
+    build_model_folder(model, ds, cfg, dest, save=False, meta=meta)
 
 
 def night_photos(night: int, ds, n_ordinary: int, n_shifted: int, n_junk: int, used: set[int],

@@ -262,15 +262,19 @@ def test_quantize_fits_a_rule_on_its_own_outputs(release_model_dir, fmnist_test)
     """The tool on small real splits: the section describes the graph it returns."""
     import hashlib
 
+    from returns_model.artifact import load_model
+    from returns_model.export import export_onnx
     from training.config import TrainConfig
     from training.data import Dataset, Split
-    from training.quantize import int8_section
+    from training.quantize import CalibrationPhotos, int8_section
+    from training.rule import RuleSettings
 
     images, labels = fmnist_test
     split = lambda a, b: Split(images[a:b].unsqueeze(1), labels[a:b])  # noqa: E731
-    ds = Dataset(split(0, 4000), split(4000, 7000), split(7000, 10000), json.loads(
-        (release_model_dir / "model.json").read_text())["class_names"], "test", "x")
-    graph, section = int8_section(release_model_dir, ds, TrainConfig())
+    model, meta = load_model(release_model_dir)
+    ds = Dataset(split(0, 4000), split(4000, 7000), split(7000, 10000), meta.class_names, "test", "x")
+    float_graph = export_onnx(model, meta.unfamiliar["layer"], meta.preprocess.channels, meta.preprocess.size)
+    graph, section = int8_section(float_graph, meta, ds, RuleSettings.of(TrainConfig()), CalibrationPhotos.of(TrainConfig()))
     assert section["sha256"] == hashlib.sha256(graph).hexdigest() and section["file"] == INT8_FILE
     assert section["runtime"]["name"] == "onnxruntime" and section["runtime"]["version"]
     assert "7-bit" in section["quantization"]["weights"]

@@ -3,7 +3,9 @@
     python -m training.quantize --model-dir models/release
 
 Writes ``model.int8.onnx`` into the model folder and an ``int8`` section into ``model.json``; the
-server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``).
+server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``). Training
+builds the same section as a step of its pipeline (training/pipeline.py calls ``int8_path``), from
+the weights and model.json's float sections it holds in memory; the command does it for a folder.
 
 Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean ~5e-4 on the test
 split), far more than the 1e-3 within which the float graph matches the eager model. So the float
@@ -41,7 +43,7 @@ import argparse
 import hashlib
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,11 @@ import numpy as np
 import torch
 
 from handler.onnx_runner import OnnxRunner, Runner, onnxruntime_version
-from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe
+from returns_model.artifact import PROBE_PHOTOS, ModelParts, load_weights, make_probe, network_of
 from returns_model.export import INPUT, export_onnx
-from returns_model.fileio import atomic_open
+from returns_model.fileio import write_bytes
 from returns_model.gate import UnfamiliarGate
-from returns_model.meta import PreprocessSpec, read_meta, write_meta
+from returns_model.meta import ModelMeta, PreprocessSpec, read_meta, write_meta
 from returns_model.names import INT8_FILE
 from returns_model.preprocess import normalize
 from returns_model.results import ONNXRUNTIME
@@ -62,8 +64,8 @@ from training.drawn import pool_for
 from training.config import TrainConfig
 from training.data import Dataset, load_data
 from training.evaluate import drift_reference, served_decisions
-from training.rule import Lessons, RuleSettings, fit_rule
-from training.trust import trust_report
+from training.rule import RuleSettings, fit_rule
+from training.trust import TrustSettings, trust_report, trust_section
 
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
@@ -139,31 +141,61 @@ def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, te
     return served_decisions(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
 
 
-def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS,
-                 lessons: Lessons | None = None) -> tuple[bytes, dict[str, Any]]:
-    """Quantise the folder's model and fit the int8 path's review rule; nothing is written here.
-    A retrain passes what it learnt from reviewers' decisions (``lessons``), which the int8 rule
-    learns as the float one did (training/rule.py)."""
-    model, meta = load_model(model_dir)
-    if not meta.unfamiliar:
-        raise ValueError(f"{model_dir}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
-                         "re-report the model first")
-    spec, layer, k = meta.preprocess, meta.unfamiliar["layer"], meta.arch.num_classes
-    float_graph = export_onnx(model, layer, spec.channels, spec.size)
-    pick = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:CAL_PHOTOS]
-    calibration, described = ds.train.images[pick], f"{len(pick)} of the training split, seed {cfg.seed}"
-    n_comp = composite_count(len(pick), cfg.composite_weight, cfg.composite_share)
-    if n_comp:  # ranges from garments alone clip what the network does on composites (up to 0.73 of a probability)
-        drawn = pool_for(cfg.drawn_share, cfg.composite_weight, cfg.seed, spec, len(ds.train))
-        calibration = torch.cat([calibration, make_composites(calibration, n_comp, torch.Generator().manual_seed(cfg.seed),
-                                                              spec.fill, drawn, cfg.drawn_share)])
+@dataclass(frozen=True)
+class CalibrationPhotos:
+    """How the quantiser's calibration photos are drawn (see the module docstring): ``CAL_PHOTOS``
+    seeded training photos and, for a model trained against composites, composites of them, with drawn
+    outliers where the run drew them."""
+
+    seed: int
+    composite_weight: float
+    composite_share: float
+    drawn_share: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "CalibrationPhotos":
+        return cls(cfg.seed, cfg.composite_weight, cfg.composite_share, cfg.drawn_share)
+
+    def draw(self, ds: Dataset, spec: PreprocessSpec, drawn: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """uint8 calibration photos, and how they were drawn (``quantization.calibration_photos``).
+        ``drawn``: the run's drawn pool where the caller made it with these settings (training/train.py);
+        otherwise it is made here (training/drawn.py ``pool_for``)."""
+        pick = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(self.seed))[:CAL_PHOTOS]
+        calibration, described = ds.train.images[pick], f"{len(pick)} of the training split, seed {self.seed}"
+        n_comp = composite_count(len(pick), self.composite_weight, self.composite_share)
+        if not n_comp:
+            return calibration, described
+        # ranges from garments alone clip what the network does on composites (up to 0.73 of a probability)
+        if drawn is None:
+            drawn = pool_for(self.drawn_share, self.composite_weight, self.seed, spec, len(ds.train))
+        gen = torch.Generator().manual_seed(self.seed)
+        calibration = torch.cat([calibration, make_composites(calibration, n_comp, gen, spec.fill, drawn, self.drawn_share)])
         described += (f", and {n_comp} composites of them (training/composite.py)" if drawn is None else
                       f", and {n_comp} composites of them and drawn outliers (training/composite.py, drawn.py)")
+        return calibration, described
+
+
+def _gate_layer(meta: ModelMeta, where: object) -> str:
+    if not meta.unfamiliar:
+        raise ValueError(f"{where}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
+                         "re-report the model first")
+    return meta.unfamiliar["layer"]
+
+
+def int8_section(float_graph: bytes, meta: ModelMeta, ds: Dataset, settings: RuleSettings,
+                 photos: CalibrationPhotos, drawn: torch.Tensor | None = None,
+                 threads: int = THREADS) -> tuple[bytes, dict[str, Any]]:
+    """Quantise ``float_graph`` (the exported float network of the model ``meta`` describes, with its
+    float rule) and fit the int8 path's review rule with the float rule's ``settings`` (a retrain's
+    lessons included, training/rule.py); nothing is written here. Returns the int8 graph and
+    model.json's ``int8`` section, without its trust figures (``int8_path`` adds them)."""
+    spec, layer, k = meta.preprocess, _gate_layer(meta, "the model"), meta.arch.num_classes
+    calibration, described = photos.draw(ds, spec, drawn)
     graph = quantize_graph(float_graph, normalize(calibration, spec).numpy())
     # the int8 graph runs, and its rule is fitted, in the runtime the server will use for it
     int8, fp = OnnxRunner(graph, threads), OnnxRunner(float_graph, threads)
 
-    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, layer, k, RuleSettings.of(cfg, lessons))
+    rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, layer, k, settings)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
     p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)
@@ -205,20 +237,32 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
     return graph, section
 
 
-def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: int | None = None,
-                  lessons: Lessons | None = None) -> dict[str, Any]:
-    """Write ``model.int8.onnx`` and the ``int8`` section of ``model.json``, then measure the int8 path
-    as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``) on every unfamiliar kind."""
+def int8_path(parts: ModelParts, ds: Dataset, settings: RuleSettings, photos: CalibrationPhotos,
+              trust: TrustSettings, drawn: torch.Tensor | None = None,
+              threads: int = THREADS) -> tuple[bytes, dict[str, Any]]:
+    """The int8 path of a model held in memory (``parts``: its weights and model.json's float
+    sections): the float graph exported (once), quantised and its rule fitted (``int8_section``), then
+    the int8 path measured as served (handler.core.Classifier with ``cpu_backend="onnx-int8"``, on the
+    parts with this section and graph) on every unfamiliar kind. Returns the int8 graph and
+    model.json's ``int8`` section with its ``trust`` figures; nothing is written here."""
+    meta, spec = parts.meta, parts.meta.preprocess
+    float_graph = export_onnx(network_of(meta.arch, parts.weights), _gate_layer(meta, "the model"), spec.channels,
+                              spec.size)
+    graph, section = int8_section(float_graph, meta, ds, settings, photos, drawn, threads)
+    served = ModelParts(replace(meta, int8=section), parts.weights, int8_graph=graph, float_graph=float_graph)
+    report = trust_report(served, ds.test.images, ds.test.labels, trust, cpu_backend="onnx-int8")
+    return graph, {**section, "trust": trust_section(report)}
+
+
+def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+    """Add the int8 path to a model folder: ``model.int8.onnx``, then ``model.json`` with its ``int8``
+    section (written once, after the graph it names). Returns the section."""
     model_dir = Path(model_dir)
-    graph, section = int8_section(model_dir, ds, cfg, lessons=lessons)
-    with atomic_open(model_dir / INT8_FILE, "wb") as f:
-        f.write(graph)
     meta = read_meta(model_dir)
-    write_meta(replace(meta, int8=section), model_dir)
-    trust = trust_report(model_dir, ds.test.images, ds.test.labels, trust_photos or cfg.trust_photos, cfg.seed,
-                         cpu_backend="onnx-int8", write=False)
-    section["trust"] = {"test": trust["test"], "mixed_night": trust["mixed_night"],
-                        "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in trust["unfamiliar_kinds"].items()}}
+    _gate_layer(meta, model_dir)  # before any work: an older folder without a gate says so
+    graph, section = int8_path(ModelParts(meta, load_weights(model_dir)), ds, RuleSettings.of(cfg),
+                               CalibrationPhotos.of(cfg), TrustSettings.of(cfg))
+    write_bytes(model_dir / INT8_FILE, graph)
     write_meta(replace(meta, int8=section), model_dir)
     return section
 
@@ -231,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
     cfg = TrainConfig.of_folder(model_dir, args.data_dir)
-    _, meta = load_model(model_dir)
-    section = add_int8_path(model_dir, load_data(cfg, meta.preprocess), cfg)
+    section = add_int8_path(model_dir, load_data(cfg, read_meta(model_dir).preprocess), cfg)
     print(f"{model_dir / INT8_FILE}: test accuracy {section['test']['accuracy']:.4f}, "
           f"{100 * section['test']['auto_accepted']:.1f}% auto-accepted at {100 * (section['test']['precision'] or 0):.2f}%; "
           f"unfamiliar kinds routed {', '.join(f'{k} {v:.1%}' for k, v in section['trust']['unfamiliar_kinds_routed'].items())}")

@@ -13,7 +13,7 @@
    (training/finetune.py); ``--interpolate A`` then takes A of the fine-tuned weights and 1 - A of
    the champion's. Default 1: the fine-tuned weights as they are. A non-finite loss stops the
    retrain with exit code 1, before anything is written.
-4. training/report.write_model_folder then refits the gate (decided products become familiar,
+4. training/pipeline.build_model_folder then refits the gate (decided products become familiar,
    not-a-product ones must stay flagged), recalibrates, recertifies the threshold on validation and,
    with backdrop transfer, on every validation garment shown on a decided backdrop (the highest
    threshold is served, so the promise holds in the new setup too, not only on average),
@@ -46,8 +46,8 @@ from training.data import Split, load_data
 from training.decided import DecidedPhotos, check_decisions, decision_files, load_decided
 from training.finetune import fine_tune, interpolate
 from training.lineage import model_sha256, parent_record
+from training.pipeline import build_model_folder
 from training.recipe import TrainingDiverged
-from training.report import write_model_folder
 from training.retrain_config import RetrainConfig, next_version
 from training.rule import Lessons
 
@@ -112,7 +112,7 @@ def retrain(rc: RetrainConfig) -> int:
     base = ds.train.subset(torch.arange(min(rc.gate_photos, len(ds.train)))) if rc.gate_photos else ds.train
     report_ds = replace(ds, train=Split(torch.cat([base.images, decided.train.images]),
                                         torch.cat([base.labels, decided.train.labels])))
-    metrics = write_model_folder(model, report_ds, cfg, device, out, train_seconds=time.time() - t_start,
+    metrics = build_model_folder(model, report_ds, cfg, out, train_seconds=time.time() - t_start,
                                  lessons=Lessons(decided.train, decided.train_not_products, setups), lineage=lineage)
     write_json(out / LINEAGE_FILE, {**lineage, "model_sha256": model_sha256(out), "model_version": cfg.model_version,
                                     "test_accuracy": metrics["accuracy"]})

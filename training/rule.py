@@ -2,7 +2,7 @@
 
 Both served paths are fitted by this one sequence on the same splits, with the same settings
 (``RuleSettings``: the promise's targets and a retrain's lessons): the float model
-(training/report.py, eager) and the int8 graph (training/quantize.py, ONNX Runtime). Only the
+(training/pipeline.py, eager) and the int8 graph (training/quantize.py, ONNX Runtime). Only the
 forward pass differs, so it is passed in:
 
     rule = fit_rule(forward, ds, layer, num_classes, settings)

@@ -35,8 +35,8 @@ from training.data import Dataset, load_data, make_spec
 from training.drawn import pool_for
 from training.evaluate import predict_logits
 from training.lineage import parent_record
+from training.pipeline import build_model_folder
 from training.recipe import TrainingDiverged, make_optimizer, train_step, training_batch
-from training.report import write_model_folder
 from training.requirements import REPORT_FILE, DataRequirements, for_run, render, verdict
 
 log = logging.getLogger("training")
@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, require_certifiable: bool = False) -> Path:
                         "config": json.dumps(cfg.to_dict(), sort_keys=True)}, f)
     train_seconds = time.time() - t_start
 
-    write_model_folder(model, ds, cfg, device, out, train_seconds=train_seconds, lineage=lineage)
+    build_model_folder(model, ds, cfg, out, train_seconds=train_seconds, lineage=lineage, drawn=drawn)
     return out
 
 

@@ -9,17 +9,20 @@ training data, measured through the serving core itself (handler.core.Classifier
 Each kind is reported with its group (training/unfamiliar.py's ``GROUPS``: `tuning` kinds were looked
 at while designing the gate, every other group is only reported); for a model trained with composites
 (train_config.json `composite_weight` > 0) the kinds composites imitate are `trained_against`, and
-with drawn outliers as well (`drawn_share` > 0) the kinds they imitate. training/report.py calls this after
-writing model.json, so `make train` and `returns-report` both produce it.
+with drawn outliers as well (`drawn_share` > 0) the kinds they imitate. training/pipeline.py calls this
+on the folder's contents in memory (``ModelParts``), before model.json is written, so `make train`,
+`returns-retrain` and `returns-report` all produce it; training/quantize.py measures the int8 path so.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from handler.core import Classifier
+from returns_model.artifact import ModelParts
 from returns_model.fileio import write_json
 from returns_model.names import TRAIN_CONFIG_FILE, TRUST_FILE, UNFAMILIAR_ROUTED_PLOT, UNFAMILIAR_SCORES_PLOT
 from training import plots, unfamiliar
@@ -37,13 +40,32 @@ def _train_config(model_dir: Path) -> TrainConfig | None:
     return TrainConfig.from_json(path) if path.exists() else None
 
 
-def trained_against(model_dir: Path) -> frozenset[str]:
-    """The kinds whose like the folder's network was trained against: composites' and drawn outliers'
-    (drawn outliers ride in the composite slots, so none without composites)."""
-    cfg = _train_config(model_dir)
-    if cfg is None or cfg.composite_weight <= 0:
+def against_kinds(composite_weight: float, drawn_share: float) -> frozenset[str]:
+    """The kinds whose like a network trained with these settings was trained against: composites' and
+    drawn outliers' (drawn outliers ride in the composite slots, so none without composites)."""
+    if composite_weight <= 0:
         return frozenset()
-    return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if cfg.drawn_share > 0 else ()))
+    return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if drawn_share > 0 else ()))
+
+
+def trained_against(model_dir: Path) -> frozenset[str]:
+    """``against_kinds`` for the folder's network, from its train_config.json (none without one)."""
+    cfg = _train_config(model_dir)
+    return frozenset() if cfg is None else against_kinds(cfg.composite_weight, cfg.drawn_share)
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """What a trust report is measured with: photos of each unfamiliar kind, the seed they and the
+    mixed night are drawn with, and the kinds the network was trained against (grouped as such)."""
+
+    photos: int
+    seed: int
+    against: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "TrustSettings":
+        return cls(cfg.trust_photos, cfg.seed, against_kinds(cfg.composite_weight, cfg.drawn_share))
 
 
 def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -54,12 +76,13 @@ def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]
     return out
 
 
-def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.Tensor, photos_per_kind: int,
-                 seed: int = 0, cpu_backend: str = "eager", write: bool = True) -> dict[str, Any]:
-    """Measure the served rule on the test split and on every kind of unfamiliar photo; write the report
-    (``write=False``: only return it, as training/quantize.py does for the int8 path)."""
-    model_dir = Path(model_dir)
-    clf = Classifier(model_dir, warmup=False, cpu_backend=cpu_backend)
+def trust_report(served: Path | ModelParts, test_images: torch.Tensor, test_labels: torch.Tensor,
+                 settings: TrustSettings, cpu_backend: str = "eager", out: Path | None = None) -> dict[str, Any]:
+    """Measure the served rule (a model folder's, or its contents in memory) on the test split and on
+    every kind of unfamiliar photo; write the report and its figures into ``out`` (None: only return
+    it, as training/quantize.py does for the int8 path)."""
+    clf = Classifier(served, warmup=False, cpu_backend=cpu_backend)
+    photos_per_kind, seed = settings.photos, settings.seed
     ordinary = _served(clf, list(test_images))
     pred = torch.tensor([r["class_id"] for r in ordinary])
     correct = pred == test_labels
@@ -72,7 +95,7 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
     kinds: dict[str, dict[str, Any]] = {}
     routed_pool: list[bool] = []
     images_np = test_images[:, 0].numpy()
-    against = trained_against(model_dir)
+    against = settings.against
     for kind in unfamiliar.ALL_KINDS:
         results = clf.classify(unfamiliar.make(kind, photos_per_kind, seed, images_np))
         routed = [bool(r.get("needs_review", True)) for r in results]  # a rejected photo is never accepted
@@ -95,13 +118,20 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
               "threshold": clf.meta.threshold, "certificate": clf.meta.certificate,
               "gate": {k: v for k, v in (clf.meta.unfamiliar or {}).items() if k not in ("means", "precision")},
               "test": test, "unfamiliar_kinds": kinds, "mixed_night": night}
-    if not write:
+    if out is None:
         return report
-    write_json(model_dir / TRUST_FILE, report)
+    out = Path(out)
+    write_json(out / TRUST_FILE, report)
     if clf.gate is not None:
         plots.unfamiliar_histograms(scores["ordinary"], {k: v for k, v in scores.items() if k != "ordinary" and len(v)},
-                                    clf.gate.cutoff, model_dir / UNFAMILIAR_SCORES_PLOT)
+                                    clf.gate.cutoff, out / UNFAMILIAR_SCORES_PLOT)
     plots.routed_shares({"ordinary test": {"group": "ordinary", "routed_to_review": 1 - test["coverage"],
                                            "flagged_unfamiliar": test["flagged_unfamiliar"]}, **kinds},
-                        model_dir / UNFAMILIAR_ROUTED_PLOT)
+                        out / UNFAMILIAR_ROUTED_PLOT)
     return report
+
+
+def trust_section(report: dict[str, Any]) -> dict[str, Any]:
+    """The trust report's figures that metrics.json (and model.json's ``int8``) carry."""
+    return {"test": report["test"], "mixed_night": report["mixed_night"],
+            "unfamiliar_kinds_routed": {k: v["routed_to_review"] for k, v in report["unfamiliar_kinds"].items()}}
