@@ -325,6 +325,29 @@ def test_warm_up_runs_one_and_eight_blank_photos_unless_turned_off(release_model
     assert all(x.shape == shape and x.dtype == torch.uint8 and not x.any() for batch in seen for x in batch)
 
 
+def test_a_folder_served_from_memory_answers_as_the_folder_does(release_model_dir, fmnist_test):
+    """ModelParts (how training measures a folder it is still writing): the same rule, runtime and
+    probabilities as the folder on every CPU path, no model_sha256, and the parts' weights untouched."""
+    from returns_model.artifact import ModelParts, load_weights, read_int8_graph
+    from returns_model.meta import read_meta
+
+    meta = read_meta(release_model_dir)
+    weights = load_weights(release_model_dir)
+    parts = ModelParts(meta, weights, int8_graph=read_int8_graph(release_model_dir, meta))
+    pixels = list(fmnist_test[0][:40].unsqueeze(1))
+    for backend in ("eager", "onnx", "onnx-int8"):
+        disk = Classifier(release_model_dir, warmup=False, threads=1, cpu_backend=backend)
+        memory = Classifier(parts, warmup=False, threads=1, cpu_backend=backend)
+        assert (memory.backend, memory.rule.name, memory.rule.runtime) == (disk.backend, disk.rule.name,
+                                                                           disk.rule.runtime), backend
+        (p_disk, u_disk), (p_mem, u_mem) = disk.scores(pixels), memory.scores(pixels)
+        assert torch.equal(p_disk, p_mem) and torch.equal(u_disk, u_mem), backend
+        assert memory.model_sha256 is None and memory.model is not disk.model
+    assert all(torch.equal(v, load_weights(release_model_dir)[k]) and v.is_contiguous() for k, v in weights.items())
+    without_int8 = Classifier(ModelParts(meta, weights), warmup=False, threads=1, cpu_backend="onnx-int8")
+    assert without_int8.rule.name == "float" and "the model in memory has no int8 graph" in without_int8.fallback
+
+
 def test_an_unknown_cpu_backend_is_refused_by_name(release_model_dir):
     with pytest.raises(ValueError) as e:
         Classifier(release_model_dir, warmup=False, cpu_backend="tensorrt")

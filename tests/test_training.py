@@ -11,9 +11,19 @@ TINY = ["--train-subset", "3000", "--val-size", "1000", "--widths", "16", "32", 
         "--batch-size", "64", "--tsne-samples", "100", "--no-progress", "--no-compile", "--trust-photos", "40"]
 
 
-def test_short_run_learns_and_writes_the_report(tmp_path):
+def test_short_run_learns_and_writes_the_report(tmp_path, monkeypatch):
+    from handler import core
+    from training import pipeline
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the pipeline read a model back from disk")
+
+    writes, write_meta = [], pipeline.write_meta
+    monkeypatch.setattr(core, "load_model", no_reload)  # the trust reports serve what the pipeline holds
+    monkeypatch.setattr(pipeline, "write_meta", lambda meta, d: (writes.append(meta), write_meta(meta, d)))
     out = tmp_path / "m"
     assert train_main(TINY + ["--epochs", "2", "--output", str(out)]) == 0
+    assert len(writes) == 1 and writes[0].int8  # model.json once, at the end, with every section
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.5  # chance is 0.1
     assert metrics["test_size"] == 10000
