@@ -237,7 +237,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Serve the returns classifier locally with TorchServe (foreground).")
+    p = argparse.ArgumentParser(prog="returns-serve",
+                                description="Serve the returns classifier locally with TorchServe (foreground).")
     p.add_argument("--model-root", default="dist/model", help="output of `make archive`")
     p.add_argument("--port", type=int, default=8080, help="inference port on 127.0.0.1")
     args = p.parse_args(argv)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
     except ServerError as exc:
-        print(f"serve: {exc}", file=sys.stderr)
+        print(f"returns-serve: {exc}", file=sys.stderr)
         server.stop()
         return 1
     print(json.dumps({"ready": True, "inference": f"{server.inference_url}/predictions/{MODEL_NAME}",
