@@ -22,6 +22,7 @@ from PIL import Image
 
 from returns_model.names import (LATEST_FILE, MANIFEST_FILE, PREDICTIONS_CSV, PREDICTIONS_FILE, REJECTED_FILE,
                                  REVIEW_QUEUE_FILE, RUN_METADATA_FILE, SUCCESS_MARKER, run_folder)
+from returns_submit.errors import EXIT_DRIFT, EXIT_OK, EXIT_PARTIAL
 from scripts.localserve import LocalTorchServe, ServerError
 from training import unfamiliar
 from training.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_idx
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"demo: TorchServe failed: {exc}", file=sys.stderr)
         return 1
-    if code not in (0, 3, 8):  # 3 = partial: the broken files are rejected on purpose; 8 = the night is off
+    # partial: the broken files are rejected on purpose; drift: an off night is still recorded
+    if code not in (EXIT_OK, EXIT_PARTIAL, EXIT_DRIFT):
         print(f"demo: returns-submit exited with {code}", file=sys.stderr)
         return code
     run_dir = output / run_folder(run_id)
@@ -137,7 +139,7 @@ demo summary (server stopped)
   most common labels   {', '.join(f'{k} {v}' for k, v in s['top_labels'])}
   throughput           {s['images_per_second']} photos/s
   model sha256         {s['model_sha256']}
-  night off (drift)    {s['drift']}  {s['drift_signals']}  (exit code {code}; 8 = off)
+  night off (drift)    {s['drift']}  {s['drift_signals']}  (exit code {code}; {EXIT_DRIFT} = off)
   manifests            {run_dir}/ ({PREDICTIONS_FILE}, {PREDICTIONS_CSV}, {REVIEW_QUEUE_FILE},
                        {REJECTED_FILE}, {RUN_METADATA_FILE}, {SUCCESS_MARKER}); latest run named in {output / LATEST_FILE}""")
     return 0
