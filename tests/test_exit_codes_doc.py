@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import returns_submit.errors as submit_errors
+import scripts.localserve as localserve
 import training.compare as compare
 import training.retrain as retrain
 from returns_model import fetch
@@ -49,6 +50,7 @@ def test_the_table_agrees_with_the_named_exit_codes():
     # These name some; the others are argparse's 2 and a traceback's 1.
     assert named(compare) <= rows["returns-compare"]
     assert named(retrain) | {0} <= rows["returns-retrain"]
+    assert rows["returns-serve"] == named(localserve) | {0}
 
 
 def test_the_table_agrees_with_the_kserve_predictors_codes():
