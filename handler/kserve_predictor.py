@@ -68,6 +68,14 @@ log = logging.getLogger("kserve.returns_classifier")
 EXIT_BAD_FLAGS = 2  # argparse's code too: a flag this server cannot use
 EXIT_REFUSED = 3  # the model folder cannot be served as it is (ModelRefused)
 
+EPILOG = f"""\
+exit codes:
+  0  the server stopped
+  1  a traceback: an error it does not expect (a bug)
+  {EXIT_BAD_FLAGS}  a flag it cannot use (checked before the model root is read)
+  {EXIT_REFUSED}  refused to serve the model root: one line names the folder and what is wrong
+"""
+
 
 class ModelRefused(RuntimeError):
     """The model root cannot be served as it is (exit 3): the archive is missing, differs from its
@@ -274,7 +282,8 @@ def _no_valid_photo(results: list[dict[str, Any]]) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="returns-kserve", parents=[model_server.parser],
                                 description="Serve the returns classifier with KServe's ModelServer "
-                                            "(v1 and v2 REST, v2 gRPC, /metrics).")
+                                            "(v1 and v2 REST, v2 gRPC, /metrics).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="/mnt/models", type=Path,
                    help="model root: artifact_manifest.json + model-store/*.mar (verified, then extracted), "
                         "or an extracted model folder with model.json and model.pt")
