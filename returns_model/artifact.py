@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,12 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[SER
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: weights not found") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torch's own texts run to many lines
+        raise ArtifactError(f"{path}: not weights that torch.load(weights_only=True) can read: damaged, truncated "
+                            f"or holding more than tensors ({type(exc).__name__})") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # TypeError: something other than a dict of tensors
         raise ArtifactError(f"{path}: weights do not fit the architecture in model.json: {exc}") from None
     return model.to(device).eval(), meta
 

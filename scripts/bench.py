@@ -41,7 +41,8 @@ from handler.core import Classifier, available_cpus
 from scripts.machine import machine
 from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
-from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
+from returns_model.names import (MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE, RUN_METADATA_FILE, WEIGHTS_FILE,
+                                 run_folder)
 from returns_submit.config import SubmitConfig
 from training.archive import build_archive
 from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
@@ -49,6 +50,7 @@ from returns_model.fileio import write_bytes, write_json
 
 PRED = f"/predictions/{MODEL_NAME}"
 KSERVE_PRED = f"/v1/models/{MODEL_NAME}:predict"  # KServe's v1 REST takes JSON: {"instances": [{"b64": ...}]}
+BENCH_RUN_ID = "bench"  # the submitter's run id in each benchmark run
 
 
 class LocalPredictor:
@@ -238,7 +240,7 @@ def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Pa
     """returns-submit as its own process: wall time, its peak RSS and its run metadata."""
     cmd = [sys.executable, "-m", "returns_submit.cli", "--inbox", str(inbox), "--output", str(out), "--endpoint",
            server.inference_url, "--api", api, "--batch-size", str(batch), "--concurrency", str(concurrency),
-           "--run-id", "bench", "--progress", "log", "--log-level", "WARNING"]
+           "--run-id", BENCH_RUN_ID, "--progress", "log", "--log-level", "WARNING"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # VmHWM belongs to the exec'd program's own address space; wait4's ru_maxrss would also count
@@ -257,7 +259,7 @@ def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Pa
     reader.join(5)
     if proc.returncode != 0:
         raise RuntimeError(f"returns-submit exited {proc.returncode}: {b''.join(stderr).decode()[-2000:]}")
-    meta = json.loads((out / "run_bench" / "run_metadata.json").read_text())
+    meta = json.loads((out / run_folder(BENCH_RUN_ID) / RUN_METADATA_FILE).read_text())
     return {"wall_s": wall, "peak_rss_mb": peak, "metadata": meta}
 
 

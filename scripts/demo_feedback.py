@@ -45,7 +45,8 @@ from returns_feedback.validate import main as feedback_main
 from returns_model.artifact import load_model
 from returns_model.fileio import write_json, write_text
 from returns_model.meta import read_meta
-from returns_model.names import CHECKPOINT_FILE, META_FILE, TRAIN_CONFIG_FILE
+from returns_model.names import (CHECKPOINT_FILE, META_FILE, PREDICTIONS_FILE, REVIEW_QUEUE_FILE, TRAIN_CONFIG_FILE,
+                                 run_folder, shard_file)
 from returns_model.preprocess import bytes_to_uint8
 from returns_submit.outputs import write_outputs
 from training import compare as cmp
@@ -133,7 +134,7 @@ def classify_night(model_dir: Path, photos, inbox: Path, run_dir: Path, run_id: 
                             "run_id": run_id, "shard": 0, "shard_count": 1, "batch": start // 256,
                             "timestamp": datetime.now(timezone.utc).isoformat()})
     run_dir.mkdir(parents=True, exist_ok=True)
-    journal = run_dir / "predictions.shard-0-of-1.jsonl"
+    journal = run_dir / shard_file(PREDICTIONS_FILE, 0, 1)
     write_text(journal, "".join(json.dumps(r) + "\n" for r in records))
     write_outputs(run_dir, [journal], [], merge=True)
     return records
@@ -247,19 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         photos = night_photos(night, ds, args.ordinary, args.shifted, args.junk, used, rng)
         truth = {rel: (label, kind) for rel, _, label, kind in photos}
         by_sha = {hashlib.sha256(d).hexdigest(): label for _, d, label, _ in photos}
-        records = classify_night(champion, photos, inbox, runs / f"run_{run_id}", run_id, args.threads)
+        records = classify_night(champion, photos, inbox, runs / run_folder(run_id), run_id, args.threads)
         fig = night_figures(records, truth)
         dfile = work / "decisions" / f"{run_id}.jsonl"
-        queue = decide(runs / f"run_{run_id}" / "review_queue.jsonl", by_sha, args.budget, night, dfile)
+        queue = decide(runs / run_folder(run_id) / REVIEW_QUEUE_FILE, by_sha, args.budget, night, dfile)
         kind_by_sha = {hashlib.sha256(d).hexdigest(): kind for _, d, _, kind in photos}
         decided_kinds: dict[str, int] = {}
         for line in dfile.read_text().splitlines():
             kind = kind_by_sha[json.loads(line)["sha256"]]
             decided_kinds[kind] = decided_kinds.get(kind, 0) + 1
-        assert feedback_main(["validate", "--decisions", str(dfile), "--runs", str(runs / f"run_{run_id}")]) == 0
+        assert feedback_main(["validate", "--decisions", str(dfile), "--runs", str(runs / run_folder(run_id))]) == 0
         decision_files.append(dfile)
         if night == 1:
-            bad = bad_file_is_refused(work, dfile, champion, inbox, runs / f"run_{run_id}")
+            bad = bad_file_is_refused(work, dfile, champion, inbox, runs / run_folder(run_id))
         cand = work / "candidates" / f"after-night-{night}"
         rc = retrain_main(["--champion", str(champion), "--decisions", *map(str, decision_files), "--photos", str(inbox),
                            "--output", str(cand), "--epochs", str(args.epochs), "--replay", str(args.replay),

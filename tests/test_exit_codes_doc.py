@@ -7,7 +7,10 @@ import tomllib
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 import returns_submit.errors as submit_errors
+import scripts.localserve as localserve
 import training.compare as compare
 import training.retrain as retrain
 from returns_model import fetch
@@ -47,6 +50,14 @@ def test_the_table_agrees_with_the_named_exit_codes():
     # These name some; the others are argparse's 2 and a traceback's 1.
     assert named(compare) <= rows["returns-compare"]
     assert named(retrain) | {0} <= rows["returns-retrain"]
+    assert rows["returns-serve"] == named(localserve) | {0}
+
+
+def test_the_table_agrees_with_the_kserve_predictors_codes():
+    """returns-kserve names its own codes; 0 is a stopped server and 1 a traceback."""
+    predictor = pytest.importorskip("handler.kserve_predictor")
+    assert table()["returns-kserve"] == named(predictor) | {0, 1}
+    assert predictor.ModelRefused.exit_code in named(predictor)
 
 
 def test_the_reference_pages_link_to_files_that_exist():

@@ -368,5 +368,6 @@ def test_the_archive_refuses_a_graph_that_is_not_the_one_fitted(release_model_di
     graph[-1] ^= 0xFF
     (folder / INT8_FILE).write_bytes(bytes(graph))
     assert archive_main(["--model-dir", str(folder), "--output", str(tmp_path / "root")]) == 1
-    assert "SHA-256 is not the one model.json's int8 rule was fitted on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "returns-archive: " in err and "SHA-256 is not the one model.json's int8 rule was fitted on" in err
     assert not (tmp_path / "root" / "model-store" / "returns-classifier.mar").exists()

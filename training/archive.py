@@ -189,7 +189,8 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     d = ServeConfig()
-    p = argparse.ArgumentParser(description="Build the TorchServe archive and its manifest from a trained model.",
+    p = argparse.ArgumentParser(prog="returns-archive",
+                                description="Build the TorchServe archive and its manifest from a trained model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-dir", default="models/release", help="trained model folder (model.pt + model.json)")
     p.add_argument("--output", default="dist/model", help="model root: config/, model-store/, artifact_manifest.json")
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = build_archive(Path(args.model_dir), Path(args.output), cfg)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"archive: {exc}", file=sys.stderr)
+        print(f"returns-archive: {exc}", file=sys.stderr)
         return 1
     print(f"{args.output}/{manifest['mar_file']}  sha256 {manifest['mar_sha256']}")
     return 0
