@@ -3,10 +3,16 @@ with its flag, value and what is allowed, and data or folders they cannot use as
 documented exit code (docs/exit-codes.md), never a traceback."""
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import pytest
 
+from tests.conftest import encode
 from training.config import TrainConfig
 from training.errors import SettingError, TrainConfigFileError
+from training.retrain_config import RetrainConfig
 
 
 def test_the_defaults_are_a_valid_training_config():
@@ -75,6 +81,16 @@ def test_returns_train_refuses_a_batch_larger_than_the_training_split(tmp_path, 
     assert not (tmp_path / "m").exists()
 
 
+def test_retrain_config_lists_every_problem(tmp_path):
+    with pytest.raises(SettingError) as e:
+        RetrainConfig(champion=str(tmp_path), lr=0.0, batch_size=0, distill=-1.0, device="tpu").validate()
+    assert e.value.problems == [
+        f"--champion {str(tmp_path)!r}: not a model folder (no model.json)", "--decisions: at least one file",
+        "--photos: at least one folder", "--output: a folder for the candidate", "--batch-size 0: must be at least 1",
+        "--distill -1.0: must be 0 or more", "--lr 0.0: must be above 0",
+        "--device 'tpu': must be one of auto, cpu, cuda"]
+
+
 def test_a_missing_or_broken_train_config_names_the_file(tmp_path):
     with pytest.raises(TrainConfigFileError, match=r"train_config.json: not found; is .* a model folder"):
         TrainConfig.of_folder(tmp_path)
@@ -86,3 +102,49 @@ def test_a_missing_or_broken_train_config_names_the_file(tmp_path):
         TrainConfig.of_folder(tmp_path)
 
 
+@pytest.fixture
+def bare_copy(release_model_dir, tmp_path):
+    """A copy of the release folder's model files, to break one at a time."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("model.pt", "model.json", "train_config.json"):
+        shutil.copy(release_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def one_decision(fmnist_test, tmp_path):
+    photo = encode(fmnist_test[0][0])
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(photo)
+    decision = {"format_version": 1, "sha256": hashlib.sha256(photo).hexdigest(), "label": "Coat",
+                "reviewer": "ana", "decided_at": "2024-05-02T09:14:00Z"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(decision) + "\n")
+    return ["--decisions", str(tmp_path / "d.jsonl"), "--photos", str(tmp_path / "photos")]
+
+
+def test_retrain_exits_2_on_runs_without_predictions_or_an_unusable_champion(release_model_dir, bare_copy,
+                                                                              one_decision, tmp_path, capsys):
+    from training.retrain import EXIT_REFUSED, main
+
+    out = tmp_path / "candidate"
+    (tmp_path / "run").mkdir()
+    code = main(["--champion", str(release_model_dir), *one_decision, "--output", str(out),
+                 "--runs", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == EXIT_REFUSED == 2 and not out.exists()
+    assert f"returns-retrain: {tmp_path / 'run'}: no predictions.jsonl" in err and "nothing was trained or written" in err
+    (bare_copy / "model.pt").unlink()
+    assert main(["--champion", str(bare_copy), *one_decision, "--output", str(out)]) == 2 and not out.exists()
+    assert "model.pt: weights not found" in capsys.readouterr().err
+
+
+def test_retrain_lists_every_setting_problem_on_its_own_line(one_decision, tmp_path, capsys):
+    from training.retrain import main
+
+    code = main(["--champion", str(tmp_path), *one_decision, "--output", str(tmp_path / "c"), "--lr", "0",
+                 "--epochs", "0"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert lines == [f"returns-retrain: --champion {str(tmp_path)!r}: not a model folder (no model.json)",
+                     "returns-retrain: --epochs 0: must be at least 1", "returns-retrain: --lr 0.0: must be above 0"]
