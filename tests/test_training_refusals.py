@@ -112,6 +112,40 @@ def bare_copy(release_model_dir, tmp_path):
     return folder
 
 
+def test_returns_report_exits_2_on_a_folder_or_data_it_cannot_use(release_model_dir, bare_copy, tmp_path, capsys):
+    from training.report import EXIT_REFUSED, main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--model-dir", str(tmp_path / "empty")]) == EXIT_REFUSED == 2
+    assert "train_config.json: not found" in capsys.readouterr().err
+    before = (release_model_dir / "metrics.json").read_bytes()
+    assert main(["--model-dir", str(release_model_dir), "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"returns-report: {tmp_path / 'empty'}: Fashion-MNIST files") and "nothing was rewritten" in err
+    assert (release_model_dir / "metrics.json").read_bytes() == before
+    (bare_copy / "model.pt").unlink()
+    assert main(["--model-dir", str(bare_copy)]) == 2 and "model.pt: weights not found" in capsys.readouterr().err
+
+
+def test_quantize_exits_2_on_a_folder_or_data_it_cannot_use(release_model_dir, bare_copy, tmp_path, capsys):
+    from training.quantize import EXIT_REFUSED, main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--model-dir", str(tmp_path / "empty")]) == EXIT_REFUSED == 2
+    assert "model.json: not found" in capsys.readouterr().err
+    assert main(["--model-dir", str(bare_copy), "--data-dir", str(tmp_path / "empty")]) == 2
+    assert "Fashion-MNIST files" in capsys.readouterr().err and not (bare_copy / "model.int8.onnx").exists()
+    meta = json.loads((bare_copy / "model.json").read_text())
+    del meta["unfamiliar"]
+    (bare_copy / "model.json").write_text(json.dumps(meta))
+    assert main(["--model-dir", str(bare_copy)]) == 2
+    assert "model.json has no unfamiliar-photo gate" in capsys.readouterr().err
+    (bare_copy / "train_config.json").unlink()
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    (bare_copy / "model.json").write_text(json.dumps(meta))
+    assert main(["--model-dir", str(bare_copy)]) == 2 and "train_config.json: not found" in capsys.readouterr().err
+
+
 @pytest.fixture
 def one_decision(fmnist_test, tmp_path):
     photo = encode(fmnist_test[0][0])
