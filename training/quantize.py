@@ -1,9 +1,12 @@
 """The int8 CPU path: a statically quantised copy of the exported graph, with a review rule of its own.
 
-    python -m training.quantize --model-dir models/release
+    returns-quantize --model-dir models/release      # or: python -m training.quantize
 
 Writes ``model.int8.onnx`` into the model folder and an ``int8`` section into ``model.json``; the
-server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``).
+server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``). Exit
+codes (docs/exit-codes.md): 0 written; 2 refused before anything is written (argparse too): not a
+model folder, no unfamiliar-photo gate in ``model.json``, its ``train_config.json`` missing or
+unreadable, or the training data missing or truncated.
 
 Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean ~5e-4 on the test
 split), far more than the 1e-3 within which the float graph matches the eager model. So the float
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +53,7 @@ import numpy as np
 import torch
 
 from handler.onnx_runner import OnnxRunner, Runner, onnxruntime_version
-from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe
+from returns_model.artifact import PROBE_PHOTOS, ArtifactError, load_model, make_probe
 from returns_model.export import INPUT, export_onnx
 from returns_model.fileio import atomic_open
 from returns_model.gate import UnfamiliarGate
@@ -60,7 +64,8 @@ from returns_model.results import ONNXRUNTIME
 from training.composite import composite_count, make_composites
 from training.drawn import pool_for
 from training.config import TrainConfig
-from training.data import Dataset, load_data
+from training.data import DataError, Dataset, load_data
+from training.errors import TrainConfigFileError
 from training.evaluate import drift_reference, served_decisions
 from training.rule import Lessons, fit_rule
 from training.trust import trust_report
@@ -68,6 +73,7 @@ from training.trust import trust_report
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
 THREADS = 2
+EXIT_REFUSED = 2  # argparse's code too: not a model folder, no gate, no train_config.json, no data
 
 
 def pools_as_global_average(graph: bytes) -> bytes:
@@ -224,15 +230,24 @@ def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig, trust_photos: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Add the int8 CPU path (graph + its own review rule) to a model folder.")
+    p = argparse.ArgumentParser(prog="returns-quantize",
+                                description="Add the int8 CPU path (graph + its own review rule) to a model folder.")
     p.add_argument("--model-dir", default="models/release", help="a model folder with model.pt, model.json, train_config.json")
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
-    cfg = TrainConfig.of_folder(model_dir, args.data_dir)
-    _, meta = load_model(model_dir)
-    section = add_int8_path(model_dir, load_data(cfg, meta.preprocess), cfg)
+    try:
+        _, meta = load_model(model_dir)
+        if not meta.unfamiliar:
+            raise ArtifactError(f"{model_dir}: model.json has no unfamiliar-photo gate, which the int8 path refits; "
+                                "re-report the model first (returns-report)")
+        cfg = TrainConfig.of_folder(model_dir, args.data_dir)
+        ds = load_data(cfg, meta.preprocess)
+    except (ArtifactError, TrainConfigFileError, DataError) as exc:
+        print(f"returns-quantize: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_REFUSED
+    section = add_int8_path(model_dir, ds, cfg)
     print(f"{model_dir / INT8_FILE}: test accuracy {section['test']['accuracy']:.4f}, "
           f"{100 * section['test']['auto_accepted']:.1f}% auto-accepted at {100 * (section['test']['precision'] or 0):.2f}%; "
           f"unfamiliar kinds routed {', '.join(f'{k} {v:.1%}' for k, v in section['trust']['unfamiliar_kinds_routed'].items())}")

@@ -7,7 +7,11 @@
 Called at the end of training; also runnable on its own to redo the report, rebuilding the
 network from model.json (train_config.json only says where the data is):
 
-    python -m training.report --model-dir models/release
+    returns-report --model-dir models/release
+
+Exit codes (docs/exit-codes.md): 0 rewritten; 1 ``--device cuda`` (or a recorded ``cuda``) without
+a GPU; 2 refused before anything is rewritten (argparse too): not a model folder, its
+``train_config.json`` missing or unreadable, or the training data missing or truncated.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from returns_model.artifact import PROBE_PHOTOS, load_model, make_probe, save_weights
+from returns_model.artifact import PROBE_PHOTOS, ArtifactError, load_model, make_probe, save_weights
 from returns_model.device import DEVICES, DeviceError
 from returns_model.fileio import write_json
 from returns_model.meta import ModelMeta, PreprocessSpec, write_meta
@@ -32,7 +36,8 @@ from returns_model.network import SEResNet
 from training import plots
 from training.calibrate import Calibration, risk_coverage
 from training.config import TrainConfig, gate_layer, make_arch, pick_device
-from training.data import Dataset, load_data, make_spec
+from training.data import DataError, Dataset, load_data, make_spec
+from training.errors import TrainConfigFileError
 from training.evaluate import drift_reference, predict_logits
 from training.gate_fit import forward_with_tap
 from training.quantize import add_int8_path
@@ -40,6 +45,8 @@ from training.rule import Lessons, fit_rule
 from training.trust import trust_report
 
 log = logging.getLogger("training.report")
+EXIT_DEVICE = 1  # --device cuda (or a recorded cuda) without a GPU
+EXIT_REFUSED = 2  # argparse's code too: not a model folder, no train_config.json, no data
 
 
 def write_model_folder(model: SEResNet, ds: Dataset, cfg: TrainConfig, device: torch.device, out: Path,
@@ -125,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
-    cfg = TrainConfig.of_folder(model_dir, args.data_dir)
-    if args.device:
-        cfg.device = args.device
     try:
+        cfg = TrainConfig.of_folder(model_dir, args.data_dir)
+        if args.device:
+            cfg.device = args.device
         device = pick_device(cfg)
+        model, meta = load_model(model_dir, device)
+        ds = load_data(cfg, meta.preprocess)
     except DeviceError as exc:
         print(f"returns-report: {exc}", file=sys.stderr)
-        return 1
-    model, meta = load_model(model_dir, device)
+        return EXIT_DEVICE
+    except (ArtifactError, TrainConfigFileError, DataError) as exc:
+        print(f"returns-report: {exc}; nothing was rewritten", file=sys.stderr)
+        return EXIT_REFUSED
     model = model.to(memory_format=torch.channels_last)
-    ds = load_data(cfg, meta.preprocess)
     old = json.loads((model_dir / METRICS_FILE).read_text()) if (model_dir / METRICS_FILE).exists() else {}
     write_model_folder(model, ds, cfg, device, model_dir, train_seconds=old.get("train_seconds"), save=False,
                        meta=meta)
