@@ -16,7 +16,7 @@ from returns_model.meta import read_meta
 from training import compare as cmp
 from training.backdrop import SETUP_NAME
 from training.decided import load_heldout
-from training.lineage import lineage_drift, model_sha256
+from training.lineage import lineage_drift, weights_sha256
 from training.paired import paired_bootstrap
 from training.promotion import gate, precision_below_p_value
 from training.retrain import main as retrain_main
@@ -69,7 +69,7 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     meta = read_meta(loop["candidate"])
     lineage = meta.lineage
     assert meta.model_version == next_version(read_meta(loop["champion"]).model_version) == "1.2"
-    assert lineage["parent_model_sha256"] == model_sha256(loop["champion"])
+    assert lineage["parent_weights_sha256"] == weights_sha256(loop["champion"])
     assert lineage["decisions_sha256"] == decisions_hash(read_decisions([loop["decisions"]]).decisions)
     heldout = [json.loads(x) for x in (loop["candidate"] / "heldout.jsonl").read_text().splitlines()]
     assert lineage["heldout_sha256"] == split_hash(r["sha256"] for r in heldout)
@@ -79,14 +79,14 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     assert c["train_not_a_product"] + c["heldout_not_a_product"] == 10
     assert len(heldout) == c["heldout_products"] + c["heldout_not_a_product"]
     saved = json.loads((loop["candidate"] / "lineage.json").read_text())
-    assert saved["model_sha256"] == model_sha256(loop["candidate"])
+    assert saved["weights_sha256"] == weights_sha256(loop["candidate"])
     # the decided booth photos lent their backdrops to the fine-tune, and the threshold is certified
     # on validation garments shown on them as well as on ordinary validation photos
     assert lineage["fine_tune"]["backdrop_share"] == 0.3
     # the champion is a trained release: it is the lineage's root, with the accuracy its report measured
     champion_accuracy = json.loads((loop["champion"] / "metrics.json").read_text())["accuracy"]
     assert lineage["root"] == {"model_version": read_meta(loop["champion"]).model_version,
-                               "model_sha256": model_sha256(loop["champion"]), "test_accuracy": champion_accuracy}
+                               "weights_sha256": weights_sha256(loop["champion"]), "test_accuracy": champion_accuracy}
     assert 0.9 * c["train_products"] <= lineage["fine_tune"]["new_setup_backdrops"] <= c["train_products"]
     cert = meta.certificate
     setup = cert["setups"][SETUP_NAME]
@@ -132,7 +132,7 @@ def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_pat
     assert test["n"] == 10000 and len(test["per_class_accuracy_change"]) == 10
     lo, hi = test["difference"]["accuracy"]["ci95"]
     assert lo <= test["difference"]["accuracy"]["value"] <= hi
-    assert result["challenger"]["lineage"]["parent_model_sha256"] == model_sha256(loop["champion"])
+    assert result["challenger"]["lineage"]["parent_weights_sha256"] == weights_sha256(loop["champion"])
     names = [c["name"] for c in result["gate"]["checks"]]
     assert names == ["test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified",
                      "better_on_heldout", "not_a_product_stays_in_review"]
@@ -180,14 +180,14 @@ def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([good[0], good[1].replace('"label": "', '"label": "Jumper'), good[2][:40]]))
     out = tmp_path / "never"
-    before = model_sha256(loop["champion"])
+    before = weights_sha256(loop["champion"])
     code = retrain_main(["--champion", str(loop["champion"]), "--decisions", str(bad), "--photos", str(loop["photos"]),
                          "--output", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert f"{bad}:2: unknown_label" in err and f"{bad}:3: truncated" in err
     assert "nothing was trained or written" in err
-    assert model_sha256(loop["champion"]) == before
+    assert weights_sha256(loop["champion"]) == before
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     cand = tmp_path / "1.4"
     cand.mkdir()
     (cand / "metrics.json").write_text(json.dumps({"accuracy": 0.9420}))
-    root = {"model_version": "1.1", "model_sha256": "a" * 64, "test_accuracy": 0.9465}
+    root = {"model_version": "1.1", "weights_sha256": "a" * 64, "test_accuracy": 0.9465}
     drift = lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
     assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
     step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
@@ -318,6 +318,31 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     class Meta:
         lineage, model_version = {"root": root}, "1.3"
     assert lineage_root(tmp_path, Meta()) == root
+
+
+def test_a_lineage_with_the_former_key_names_is_read_under_todays(release_model_dir):
+    """The committed release (warm-started from 1.1 before the weights digest had its own name) says
+    ``parent_model_sha256`` and ``root.model_sha256``: a child of it, and a comparison of it, carry
+    ``parent_weights_sha256`` and ``root.weights_sha256``, with the same values."""
+    from training.lineage import lineage_root, parent_record, read_lineage
+
+    meta = read_meta(release_model_dir)
+    old = meta.lineage
+    assert set(old) >= {"parent_model_sha256", "root"} and "model_sha256" in old["root"]
+    new = read_lineage(old)
+    assert new["parent_weights_sha256"] == old["parent_model_sha256"] and "parent_model_sha256" not in new
+    assert new["root"] == {"model_version": "1.1", "weights_sha256": old["root"]["model_sha256"],
+                           "test_accuracy": old["root"]["test_accuracy"]}
+    assert {k: v for k, v in new.items() if k not in ("parent_weights_sha256", "root")} == {
+        k: v for k, v in old.items() if k not in ("parent_model_sha256", "root")}
+    child = parent_record(release_model_dir, meta)
+    assert child == {"parent_weights_sha256": weights_sha256(release_model_dir), "parent_model_version": "1.2",
+                     "root": new["root"]}
+    assert lineage_root(release_model_dir, meta) == new["root"]
+    # lineage.json of an older candidate: its own digest was "model_sha256"
+    assert read_lineage({"model_sha256": "b" * 64, "model_version": "1.3"}) == {"weights_sha256": "b" * 64,
+                                                                               "model_version": "1.3"}
+    assert read_lineage(None) is None and read_lineage(new) == new
 
 
 @pytest.mark.parametrize("flag", ["--tolerance", "--lineage-tolerance"])

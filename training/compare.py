@@ -39,7 +39,7 @@ from training import plots
 from training.config import TrainConfig
 from training.data import DataError, load_data
 from training.decided import load_heldout
-from training.lineage import lineage_drift
+from training.lineage import lineage_drift, read_lineage
 from training.paired import BOOTSTRAP, compare_set, served_cached
 from training.promotion import TOLERANCE, gate
 
@@ -54,25 +54,26 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
     """Both models on ``test`` and each named set; the gate's decision; comparison.json and
     comparison.png in ``out`` (default: the challenger's folder).
 
-    ``cache`` (a dict the caller keeps) remembers a model's answers on a set by the model's SHA-256
-    and the photos' bytes: a loop that compares each night's challenger with the last night's
+    ``cache`` (a dict the caller keeps) remembers a model's answers on a set by the model's weights
+    digest and the photos' bytes: a loop that compares each night's challenger with the last night's
     winner scores the winner once."""
     cache = {} if cache is None else cache
     c1, c2 = Classifier(champion, warmup=False, threads=threads), Classifier(challenger, warmup=False, threads=threads)
     if c1.meta.class_names != c2.meta.class_names:
         raise ValueError(f"the models' classes differ: {c1.meta.class_names} vs {c2.meta.class_names}")
     names = c1.meta.class_names
+    lineage = read_lineage(c2.meta.lineage)  # an older candidate's under today's key names
     result: dict[str, Any] = {
         "champion": {"path": str(champion), "version": c1.meta.model_version, "threshold": c1.meta.threshold},
         "challenger": {"path": str(challenger), "version": c2.meta.model_version, "threshold": c2.meta.threshold,
-                       "lineage": c2.meta.lineage},
+                       "lineage": lineage},
         "method": f"served rule (handler.core.Classifier) on the same photos; 95% paired bootstrap, {BOOTSTRAP} draws",
         "sets": {}}
     for i, (name, (images, labels)) in enumerate({"test": test, **sets}.items()):
         log.info("comparing on %s (%d photos)", name, len(images))
         answers = [served_cached(clf, folder, images, cache) for clf, folder in ((c1, champion), (c2, challenger))]
         result["sets"][name] = compare_set(*answers, labels, names, seed + 10 * i)
-    result["lineage_drift"] = lineage_drift(challenger, c2.meta.lineage)
+    result["lineage_drift"] = lineage_drift(challenger, lineage)
     cert = c2.meta.certificate or {}
     result["gate"] = gate(result, c2.meta.target_precision, tolerance, not cert.get("accept_nothing", False),
                           lineage_tolerance)

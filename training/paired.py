@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from handler.core import Classifier
-from training.lineage import model_sha256
+from training.lineage import weights_sha256
 
 BOOTSTRAP = 2000
 
@@ -34,8 +34,8 @@ def served(clf: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def served_cached(clf: Classifier, folder: Path, images: torch.Tensor, cache: dict) -> dict[str, torch.Tensor]:
-    """``served``, remembered by the model's SHA-256 and the photos' bytes."""
-    key = (model_sha256(folder), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
+    """``served``, remembered by the model's weights digest and the photos' bytes."""
+    key = (weights_sha256(folder), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
     if key not in cache:
         cache[key] = served(clf, images)
     return cache[key]
