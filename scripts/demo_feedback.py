@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         result = cmp.compare(champion, cand, (ds.test.images, ds.test.labels),
                              {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
                              threads=args.threads)
-        promoted = result["gate"]["promote"]
+        promoted = result["promotion"]["promote"]
         drift = result["lineage_drift"]
         if promoted:
             champion = cmp.promote(cand, versions)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"night": night, "photos": len(photos), **fig, "review_queue": queue["queue"], "decided": queue["decided"],
                "decided_by_kind": decided_kinds,
                "decided_total": sum(len(f.read_text().splitlines()) for f in decision_files),
-               "gate": result["gate"], "promoted": promoted, "champion": champion.name,
+               "promotion": result["promotion"], "promoted": promoted, "champion": champion.name,
                "after": {"heldout_shifted": shifted_now, "test": test_now},
                "candidate": {"heldout_shifted": cand_shifted, "test": cand_test},
                "test_accuracy_change": result["sets"]["test"]["difference"]["accuracy"], "lineage_drift": drift,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(of {fig['shifted']['n']}); auto-accepted {fig['auto_accepted']} at "
               f"{100 * fig['auto_accepted_precision']:.2f}% precision; queue {queue['queue']}, decided {queue['decided']} "
               f"{decided_kinds}; "
-              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['gate']['reason']}. "
+              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['promotion']['reason']}. "
               f"Candidate: held-out shifted {100 * cand_shifted['coverage']:.1f}% auto-accepted at "
               f"{100 * (cand_shifted['precision'] or 0):.2f}%, test accuracy {100 * cand_test['accuracy']:.2f}%. "
               f"Held-out shifted now {100 * shifted_now['coverage']:.1f}% auto-accepted at "

@@ -18,7 +18,7 @@ from training.backdrop import SETUP_NAME
 from training.decided import load_heldout
 from training.lineage import lineage_drift, weights_sha256
 from training.paired import paired_bootstrap
-from training.promotion import gate, precision_below_p_value
+from training.promotion import decide, precision_below_p_value, promotion_of
 from training.retrain import main as retrain_main
 from training.retrain_config import next_version
 from training.train import main as train_main
@@ -133,17 +133,18 @@ def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_pat
     lo, hi = test["difference"]["accuracy"]["ci95"]
     assert lo <= test["difference"]["accuracy"]["value"] <= hi
     assert result["challenger"]["lineage"]["parent_weights_sha256"] == weights_sha256(loop["champion"])
-    names = [c["name"] for c in result["gate"]["checks"]]
+    assert "gate" not in result and promotion_of(result) is result["promotion"]
+    names = [c["name"] for c in result["promotion"]["checks"]]
     assert names == ["test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified",
                      "better_on_heldout", "not_a_product_stays_in_review"]
-    if result["gate"]["promote"]:
+    if result["promotion"]["promote"]:
         assert code == 0 and read_meta(versions / "1.2").lineage == read_meta(loop["candidate"]).lineage
     else:
-        assert code == 3 and not versions.exists() and result["gate"]["reason"].startswith("kept the champion")
+        assert code == 3 and not versions.exists() and result["promotion"]["reason"].startswith("kept the champion")
 
 
 @pytest.mark.slow
-def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
+def test_promotion_refuses_a_worse_challenger(loop, tmp_path):
     model, meta = load_model(loop["candidate"])
     worse = tmp_path / "worse"
     worse.mkdir()
@@ -161,9 +162,9 @@ def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
     test = load_data_test(meta)
     sets = load_heldout(worse, [], meta.class_names, meta.preprocess)
     result = cmp.compare(loop["champion"], worse, test, sets)
-    assert not result["gate"]["promote"]
-    failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
-    assert "test_accuracy_within_tolerance" in failed and "test accuracy" in result["gate"]["reason"]
+    assert not result["promotion"]["promote"]
+    failed = {c["name"] for c in result["promotion"]["checks"] if not c["passed"]}
+    assert "test_accuracy_within_tolerance" in failed and "test accuracy" in result["promotion"]["reason"]
 
 
 def load_data_test(meta, n: int = 2000):
@@ -209,36 +210,43 @@ def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
                            "correct_accepted": {"value": sum(ca_ci) / 2, "ci95": list(ca_ci)}}}
 
 
-def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
+def test_the_promotion_checks_promote_only_a_better_challenger_and_say_why():
     good = {"sets": {"test": _set(0.942, 0.941, 0.991, 0.992, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}}
-    verdict = gate(good, target=0.99, tolerance=0.003, certified=True)
+    verdict = decide(good, target=0.99, tolerance=0.003, certified=True)
     assert verdict["promote"] and verdict["reason"] == "every check passed"
     worse = {"sets": {"test": _set(0.942, 0.935, 0.991, 0.985, (0, 0)),
                       "heldout": _set(0.30, 0.32, 0.0, 0.99, (-0.02, 0.05))}}
-    verdict = gate(worse, target=0.99, tolerance=0.003, certified=False)
+    verdict = decide(worse, target=0.99, tolerance=0.003, certified=False)
     assert not verdict["promote"]
     assert {c["name"] for c in verdict["checks"] if not c["passed"]} == {
         "test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified", "better_on_heldout"}
     assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
     no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
-    assert "no held-out decided photos" in gate(no_heldout, 0.99, 0.003, True)["reason"]
+    assert "no held-out decided photos" in decide(no_heldout, 0.99, 0.003, True)["reason"]
 
 
-def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
+def test_promotion_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
     """Better on the held-out decisions by coverage, but 5 wrong of 23 auto-accepted: at a true 99%
     precision that many errors would happen with probability ~1e-5, so the promise is shown broken."""
     test = _set(0.942, 0.941, 0.991, 0.992, (0, 0))
     sloppy = {"sets": {"test": test, "heldout": _set(0.30, 0.80, 0.0, 18 / 23, (0.20, 0.45), accepted=23)}}
-    verdict = gate(sloppy, target=0.99, tolerance=0.003, certified=True)
+    verdict = decide(sloppy, target=0.99, tolerance=0.003, certified=True)
     failed = [c for c in verdict["checks"] if not c["passed"]]
     assert not verdict["promote"] and [c["name"] for c in failed] == ["promise_not_broken_on_heldout"]
     assert "5 wrong of 23" in failed[0]["detail"] and "precision 78.3%" in failed[0]["detail"]
     one_slip = {"sets": {"test": test, "heldout": _set(0.30, 0.85, 0.0, 17 / 18, (0.20, 0.45), accepted=18)}}
-    assert gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
+    assert decide(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
     assert precision_below_p_value(0, 50, 0.99) == 1.0
     assert precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
     assert precision_below_p_value(5, 23, 0.99) < 1e-4
+
+
+def test_a_comparison_written_when_the_verdict_was_called_gate_is_read():
+    verdict = {"promote": False, "reason": "kept the champion: test accuracy -0.70 points (tolerance -0.3)"}
+    assert promotion_of({"promotion": verdict}) is verdict
+    assert promotion_of({"gate": verdict, "sets": {}}) is verdict
+    assert promotion_of({"promotion": verdict, "gate": {"promote": True}}) is verdict
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
@@ -304,16 +312,16 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
     step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}, "lineage_drift": drift}
-    assert gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
-    verdict = gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
+    assert decide(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
+    verdict = decide(step, 0.99, 0.003, True, lineage_tolerance=0.003)
     assert not verdict["promote"]
     assert verdict["reason"] == ("kept the champion: test accuracy -0.45 points against 1.1, the lineage's first "
                                  "release (tolerance -0.3)")
-    assert gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
+    assert decide(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
     # a model without a lineage root (or without metrics) has nothing to compare with: the check refuses
     assert lineage_drift(cand, None) is None and lineage_drift(tmp_path / "none", {"root": root}) is None
     bare = {**step, "lineage_drift": None}
-    assert "no lineage root" in gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
+    assert "no lineage root" in decide(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
     # a candidate's root is its champion's root, however many promotions lie between
     class Meta:
         lineage, model_version = {"root": root}, "1.3"
