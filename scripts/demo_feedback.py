@@ -53,7 +53,7 @@ from training import unfamiliar
 from training.config import TrainConfig, pick_device
 from training.data import load_data
 from training.decided import load_heldout
-from training.paired import served_cached
+from training.paired import predicted_and_accepted_cached
 from training.report import write_model_folder
 from training.retrain import main as retrain_main
 
@@ -182,8 +182,9 @@ def bad_file_is_refused(work: Path, good: Path, champion: Path, inbox: Path, run
     return {"validate_exit": code, "retrain_exit": rc, "candidate_written": out.exists()}
 
 
-def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict, threads: int) -> dict:
-    s = served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
+def accuracy_coverage_precision(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict,
+                                threads: int) -> dict:
+    s = predicted_and_accepted_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
     correct, acc = s["pred"] == labels, s["accepted"]
     return {"coverage": float(acc.float().mean()), "accuracy": float(correct.float().mean()),
             "precision": float(correct[acc].float().mean()) if acc.any() else None}
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     used: set[int] = set()
     champion, decision_files, rows, cache = first, [], [], {}
-    start = {"test": served_on(champion, ds.test.images, ds.test.labels, cache, args.threads),
-             "shifted": served_on(champion, eval_shifted, eval_labels, cache, args.threads)}
+    start = {"test": accuracy_coverage_precision(champion, ds.test.images, ds.test.labels, cache, args.threads),
+             "shifted": accuracy_coverage_precision(champion, eval_shifted, eval_labels, cache, args.threads)}
     print(f"night 0 (release {champion.name}): held-out shifted photos {100 * start['shifted']['coverage']:.1f}% "
           f"auto-accepted; test {100 * start['test']['accuracy']:.2f}% accuracy, {100 * start['test']['coverage']:.1f}% "
           f"auto-accepted at {100 * (start['test']['precision'] or 0):.2f}% precision  [{time.time() - t0:.0f}s]", flush=True)

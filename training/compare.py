@@ -40,7 +40,7 @@ from training.config import TrainConfig
 from training.data import DataError, load_data
 from training.decided import load_heldout
 from training.lineage import lineage_drift, read_lineage
-from training.paired import BOOTSTRAP, compare_set, served_cached
+from training.paired import BOOTSTRAP, compare_set, predicted_and_accepted_cached
 from training.promotion import TOLERANCE
 
 log = logging.getLogger("training.compare")
@@ -71,7 +71,8 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
         "sets": {}}
     for i, (name, (images, labels)) in enumerate({"test": test, **sets}.items()):
         log.info("comparing on %s (%d photos)", name, len(images))
-        answers = [served_cached(clf, folder, images, cache) for clf, folder in ((c1, champion), (c2, challenger))]
+        answers = [predicted_and_accepted_cached(clf, folder, images, cache)
+                   for clf, folder in ((c1, champion), (c2, challenger))]
         result["sets"][name] = compare_set(*answers, labels, names, seed + 10 * i)
     result["lineage_drift"] = lineage_drift(challenger, lineage)
     cert = c2.meta.certificate or {}
