@@ -115,6 +115,8 @@ class Classifier:
         self.spec = meta.preprocess
         if max_image_pixels:
             self.spec = replace(self.spec, max_pixels=max_image_pixels)
+        # answers' model_sha256: the content digest of every file in model_dir (an extracted .mar: its members,
+        # the manifest's archive_content_sha256), not a lineage's weights_sha256 of model.pt + model.json
         self.model_sha256 = content_digest(tree_hashes(Path(model_dir)))
         self._labels = meta.class_names
         layer = meta.unfamiliar["layer"] if meta.unfamiliar else None

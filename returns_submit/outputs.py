@@ -178,8 +178,8 @@ def review_order(items: list[dict]) -> list[dict]:
     return ordered
 
 
-def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
-              edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
+def journal_summary(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
+                    edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
     """One streaming pass over the journal files: counts and distributions, nothing written.
 
     Each rule's answers are tallied apart, their confidences binned on ``edges_for(rule)``: the edges
@@ -309,10 +309,10 @@ def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], referen
     if on_drift not in ON_DRIFT:
         raise ValueError(f"on_drift must be one of {ON_DRIFT}, not {on_drift!r}")
     if reference is None:
-        summary = summarize(predictions, rejected, None)
+        summary = journal_summary(predictions, rejected, None)
     else:
-        summary = summarize(predictions, rejected, drift.edges_of(reference.body),
-                            edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
+        summary = journal_summary(predictions, rejected, drift.edges_of(reference.body),
+                                  edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
     judged = drift.judge_rules(reference, summary.by_rule, drift_alpha)
     if judged["mixed_rules"]:
         event("more than one rule answered this night (a rolling update, or servers on different machines); "

@@ -149,7 +149,7 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
 RAW_PREFIXES = {"eager": "raw", "onnx": "raw_onnx", "onnx-int8": "raw_int8"}
 
 
-def served_path(clf: Classifier) -> dict[str, Any]:
+def serving_path(clf: Classifier) -> dict[str, Any]:
     """What a Classifier serves on this machine: its forward pass, rule and runtime, and why not the int8
     rule where that was asked for and does not serve here."""
     return {"backend": clf.backend, "rule": clf.rule.name, "runtime": clf.rule.runtime, "fallback": clf.fallback}
@@ -159,7 +159,7 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int,
               runs: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Forward pass alone, and decode + forward, in one process with ``threads`` threads, on the eager
     model and on the optimised CPU paths; runs are interleaved so all see the same host load. Also, per
-    asked-for backend, what it serves here (``served_path``): on a CPU where the int8 rule does not
+    asked-for backend, what it serves here (``serving_path``): on a CPU where the int8 rule does not
     hold, ``raw_int8_*`` measure the float graph it falls back to, and the second dict says so."""
     clfs = {b: Classifier(model_dir, threads=threads, cpu_backend=b) for b in RAW_PREFIXES}
     decoded = clfs["eager"].decode(pngs).pixels
@@ -170,7 +170,7 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int,
             for name, fn, items in ((f"{prefix}_images_per_s", clf.probabilities, decoded),
                                     (f"{prefix}_decode_images_per_s", clf.classify, pngs)):
                 rates.setdefault(name, []).append(passes_per_second(fn, items, batch))
-    return {k: spread(v) for k, v in rates.items()}, {b: served_path(c) for b, c in clfs.items()}
+    return {k: spread(v) for k, v in rates.items()}, {b: serving_path(c) for b, c in clfs.items()}
 
 
 def passes_per_second(fn, items: list, batch: int, sync=lambda: None) -> float:
@@ -370,7 +370,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def served_runs(server: LocalTorchServe, inbox: Path, out: Path, n: int, cfg: BenchConfig,
+def submitter_runs(server: LocalTorchServe, inbox: Path, out: Path, n: int, cfg: BenchConfig,
                 batch: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """returns-submit ``cfg.runs`` times over the same inbox: photos/s spread, and each run's details."""
     done = [run_submitter(server, inbox, out / f"run{i}", batch or cfg.batch_size, cfg.concurrency)
@@ -401,7 +401,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
         with LocalTorchServe(model_root, workdir=tmp / "ts") as server:
             worker_rss = []
-            served, served_done = served_runs(server, tmp / "inbox", tmp / "out1", cfg.n, cfg)
+            served, served_done = submitter_runs(server, tmp / "inbox", tmp / "out1", cfg.n, cfg)
             worker_rss.append(rss_mb(server.worker_pids()[0]))
             served4 = run_submitter(server, tmp / "inbox4", tmp / "out4", cfg.batch_size, cfg.concurrency)
             worker_rss.append(rss_mb(server.worker_pids()[0]))
@@ -435,7 +435,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                   ServeConfig(batch_size=ts_batch, max_batch_delay_ms=serve_cfg["max_batch_delay_ms"]))
                 with LocalTorchServe(root, workdir=tmp / f"ts_sweep_{ts_batch}") as server:
                     for per_request in cfg.sweep_per_request:
-                        rate, _ = served_runs(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
+                        rate, _ = submitter_runs(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
                                               cfg.sweep_n, cfg, per_request)
                         sweep.append({"torchserve_batch_size": ts_batch, "photos_per_request": per_request,
                                       "images_per_s": rate})

@@ -54,7 +54,7 @@ from training import unfamiliar
 from training.config import TrainConfig, pick_device
 from training.data import load_data
 from training.decided import load_heldout
-from training.paired import served_cached
+from training.paired import predicted_and_accepted_cached
 from training.report import write_model_folder
 from training.retrain import main as retrain_main
 
@@ -183,8 +183,9 @@ def bad_file_is_refused(work: Path, good: Path, champion: Path, inbox: Path, run
     return {"validate_exit": code, "retrain_exit": rc, "candidate_written": out.exists()}
 
 
-def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict, threads: int) -> dict:
-    s = served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
+def accuracy_coverage_precision(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict,
+                                threads: int) -> dict:
+    s = predicted_and_accepted_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
     correct, acc = s["pred"] == labels, s["accepted"]
     return {"coverage": float(acc.float().mean()), "accuracy": float(correct.float().mean()),
             "precision": float(correct[acc].float().mean()) if acc.any() else None}
@@ -237,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     used: set[int] = set()
     champion, decision_files, rows, cache = first, [], [], {}
-    start = {"test": served_on(champion, ds.test.images, ds.test.labels, cache, args.threads),
-             "shifted": served_on(champion, eval_shifted, eval_labels, cache, args.threads)}
+    start = {"test": accuracy_coverage_precision(champion, ds.test.images, ds.test.labels, cache, args.threads),
+             "shifted": accuracy_coverage_precision(champion, eval_shifted, eval_labels, cache, args.threads)}
     print(f"night 0 (release {champion.name}): held-out shifted photos {100 * start['shifted']['coverage']:.1f}% "
           f"auto-accepted; test {100 * start['test']['accuracy']:.2f}% accuracy, {100 * start['test']['coverage']:.1f}% "
           f"auto-accepted at {100 * (start['test']['precision'] or 0):.2f}% precision  [{time.time() - t0:.0f}s]", flush=True)
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         result = cmp.compare(champion, cand, (ds.test.images, ds.test.labels),
                              {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
                              threads=args.threads)
-        promoted = result["gate"]["promote"]
+        promoted = result["promotion"]["promote"]
         drift = result["lineage_drift"]
         if promoted:
             champion = cmp.promote(cand, versions)
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"night": night, "photos": len(photos), **fig, "review_queue": queue["queue"], "decided": queue["decided"],
                "decided_by_kind": decided_kinds,
                "decided_total": sum(len(f.read_text().splitlines()) for f in decision_files),
-               "gate": result["gate"], "promoted": promoted, "champion": champion.name,
+               "promotion": result["promotion"], "promoted": promoted, "champion": champion.name,
                "after": {"heldout_shifted": shifted_now, "test": test_now},
                "candidate": {"heldout_shifted": cand_shifted, "test": cand_test},
                "test_accuracy_change": result["sets"]["test"]["difference"]["accuracy"], "lineage_drift": drift,
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(of {fig['shifted']['n']}); auto-accepted {fig['auto_accepted']} at "
               f"{100 * fig['auto_accepted_precision']:.2f}% precision; queue {queue['queue']}, decided {queue['decided']} "
               f"{decided_kinds}; "
-              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['gate']['reason']}. "
+              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['promotion']['reason']}. "
               f"Candidate: held-out shifted {100 * cand_shifted['coverage']:.1f}% auto-accepted at "
               f"{100 * (cand_shifted['precision'] or 0):.2f}%, test accuracy {100 * cand_test['accuracy']:.2f}%. "
               f"Held-out shifted now {100 * shifted_now['coverage']:.1f}% auto-accepted at "

@@ -98,7 +98,7 @@ def test_a_warm_started_run_against_drawn_outliers_doubts_print_and_strokes_keep
     from returns_model.preprocess import bytes_to_uint8, normalize
     from tests.test_training import TINY
     from training import unfamiliar
-    from training.lineage import model_sha256
+    from training.lineage import weights_sha256
     from training.train import main as train_main
 
     images, labels = fmnist_test
@@ -121,8 +121,8 @@ def test_a_warm_started_run_against_drawn_outliers_doubts_print_and_strokes_keep
     assert conf["child"] < conf["parent"] - 0.1, conf
     assert acc["child"] > acc["parent"] - 0.05 and acc["child"] > 0.5, acc  # chance is 0.1; measured 0.61 -> 0.59
     lineage = json.loads((child / "model.json").read_text())["lineage"]
-    assert lineage["parent_model_sha256"] == model_sha256(parent)
-    assert lineage["root"]["model_sha256"] == model_sha256(parent)
+    assert lineage["parent_weights_sha256"] == weights_sha256(parent)
+    assert lineage["root"]["weights_sha256"] == weights_sha256(parent)
     assert lineage["warm_start"] == {"epochs": 1, "lr": 0.05, "drawn_share": 1.0, "composite_weight": 0.5}
     groups = json.loads((child / "trust.json").read_text())["unfamiliar_kinds"]
     assert {k for k, v in groups.items() if v["group"] == "trained_against"} == set(

@@ -40,6 +40,7 @@ from returns_model.names import (INT8_FILE, MANIFEST_FILE, MAR_FILE, META_FILE, 
                                  WEIGHTS_FILE)
 from returns_model.results import FLOAT, INT8
 from returns_model.rule import choose_rule, rule_meta
+from training.lineage import read_lineage
 
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
@@ -178,7 +179,8 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "calibration": served.to_dict()["calibration"],
         "reference": served.reference,
         "references": {name: rule_meta(meta, name).reference for name in rules},
-        **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
+        # a retrained or warm-started model's parent (today's key names) and decisions
+        **({"lineage": read_lineage(meta.lineage)} if meta.lineage else {}),
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))
     shutil.copy2(METRICS_YAML, output / "config" / METRICS_CONFIG_FILE)

@@ -66,7 +66,7 @@ from training.drawn import pool_for
 from training.config import TrainConfig
 from training.data import DataError, Dataset, load_data
 from training.errors import TrainConfigFileError
-from training.evaluate import drift_reference, served_decisions
+from training.evaluate import calibrated_and_accepted, drift_reference
 from training.rule import Lessons, fit_rule
 from training.trust import trust_report
 
@@ -139,10 +139,10 @@ def run_graph(runner: Runner, images: torch.Tensor, spec: PreprocessSpec,
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
-            threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The served rule with this gate: (probabilities, predicted class, auto-accepted)."""
-    return served_decisions(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
+def _calibrated_and_gated(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
+                          threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The served rule with this gate: (calibrated probabilities, predicted class, auto-accepted)."""
+    return calibrated_and_accepted(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
 
 
 def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = THREADS,
@@ -171,10 +171,11 @@ def int8_section(model_dir: Path, ds: Dataset, cfg: TrainConfig, threads: int = 
 
     rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, cfg, layer, k, lessons)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
-    p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
+    p8, pred8, acc8 = _calibrated_and_gated(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature,
+                                            cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)
-    pf, predf, accf = _served(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
-                              UnfamiliarGate.from_dict(meta.unfamiliar))
+    pf, predf, accf = _calibrated_and_gated(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
+                                            UnfamiliarGate.from_dict(meta.unfamiliar))
     cert = cal.certificate
     section = {
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),

@@ -52,7 +52,7 @@ from training.data import DataError, Split, load_data
 from training.decided import DecidedPhotos, check_decisions, decision_files, load_decided
 from training.errors import SettingError, TrainConfigFileError
 from training.finetune import fine_tune, interpolate
-from training.lineage import model_sha256, parent_record
+from training.lineage import parent_record, weights_sha256
 from training.recipe import TrainingDiverged
 from training.report import write_model_folder
 from training.retrain_config import RetrainConfig, next_version
@@ -123,7 +123,7 @@ def retrain(rc: RetrainConfig) -> int:
                                         torch.cat([base.labels, decided.train.labels])))
     metrics = write_model_folder(model, report_ds, cfg, device, out, train_seconds=time.time() - t_start,
                                  lessons=Lessons(decided.train, decided.train_not_products, setups), lineage=lineage)
-    write_json(out / LINEAGE_FILE, {**lineage, "model_sha256": model_sha256(out), "model_version": cfg.model_version,
+    write_json(out / LINEAGE_FILE, {**lineage, "weights_sha256": weights_sha256(out), "model_version": cfg.model_version,
                                     "test_accuracy": metrics["accuracy"]})
     log.info("candidate %s written to %s in %.0f s", cfg.model_version, out, time.time() - t_start)
     return 0

@@ -46,7 +46,7 @@ def trained_against(model_dir: Path) -> frozenset[str]:
     return frozenset(unfamiliar.COMPOSITE_KINDS + (unfamiliar.DRAWN_KINDS if cfg.drawn_share > 0 else ()))
 
 
-def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
+def _answers(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
     out = []
     for i in range(0, len(pixels), 256):
         probs, unf = clf.scores(pixels[i:i + 256])
@@ -60,7 +60,7 @@ def trust_report(model_dir: Path, test_images: torch.Tensor, test_labels: torch.
     (``write=False``: only return it, as training/quantize.py does for the int8 path)."""
     model_dir = Path(model_dir)
     clf = Classifier(model_dir, warmup=False, cpu_backend=cpu_backend)
-    ordinary = _served(clf, list(test_images))
+    ordinary = _answers(clf, list(test_images))
     pred = torch.tensor([r["class_id"] for r in ordinary])
     correct = pred == test_labels
     accepted = torch.tensor([not r["needs_review"] for r in ordinary])
