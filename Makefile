@@ -25,7 +25,7 @@ serve-kserve: archive  ## run the KServe predictor in the foreground on the arch
 demo: archive  ## the nightly job end to end on this machine
 	$(PY) -m scripts.demo --model-root $(DIST)
 
-demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, gate, promote (build/feedback)
+demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, compare, promote (build/feedback)
 	$(PY) -m scripts.demo_feedback --release $(MODEL_DIR) --workdir build/feedback
 
 test: setup  ## the whole suite (9 to 14 minutes on 2 cores)

@@ -34,8 +34,9 @@ RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user
         --no-deps -r requirements-kserve.txt
 COPY returns_model/ returns_model/
 COPY returns_submit/ returns_submit/
+COPY returns_feedback/ returns_feedback/
 COPY handler/ handler/
-# The distribution (returns_model, returns_submit) and the console scripts, returns-kserve among them.
+# The distribution (returns_model, returns_submit, returns_feedback) and the console scripts, returns-kserve among them.
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         --no-deps . \
     && python -c "import handler.kserve_predictor" \

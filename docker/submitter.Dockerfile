@@ -13,6 +13,7 @@ WORKDIR /src
 COPY requirements.txt pyproject.toml README.md ./
 COPY returns_model/ returns_model/
 COPY returns_submit/ returns_submit/
+COPY returns_feedback/ returns_feedback/
 # requirements.txt is a constraints file here: it pins the versions of what gets installed
 # (requests, kubernetes and their dependencies) without pulling in torch.
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \

@@ -18,6 +18,7 @@ RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user
         -r requirements.txt
 COPY returns_model/ returns_model/
 COPY returns_submit/ returns_submit/
+COPY returns_feedback/ returns_feedback/
 COPY training/ training/
 COPY handler/ handler/
 RUN python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \

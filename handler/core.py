@@ -130,6 +130,9 @@ class Classifier:
         self.spec = meta.preprocess
         if max_image_pixels:
             self.spec = replace(self.spec, max_pixels=max_image_pixels)
+        # answers' model_sha256: the content digest of every file in model_dir (an extracted .mar: its members,
+        # the manifest's archive_content_sha256), not a lineage's weights_sha256 of model.pt + model.json; none
+        # for parts in memory, whose folder's files do not exist yet
         self.model_sha256: str | None = content_digest(tree_hashes(self._folder)) if self._folder else None
         self._labels = meta.class_names
         layer = meta.unfamiliar["layer"] if meta.unfamiliar else None

@@ -49,18 +49,42 @@ from kserve import logging as kserve_logging
 from kserve.errors import InvalidInput
 from prometheus_client import Counter, Gauge, start_http_server
 
-from handler.core import BatchStats, Classifier, available_cpus
+from handler.core import CPU_BACKENDS, BatchStats, Classifier, available_cpus
 from handler.errors import RequestError
 from handler.payload import instance_photo, parse_request
 from handler.serve_config import HandlerKnobs
 from returns_model.device import DEVICES, resolve_device
+from returns_model.gate import GateError
 from returns_model.manifest import ArchiveRefused, verify
+from returns_model.meta import ArtifactError
 from returns_model.names import META_FILE, MODEL_CONFIG_FILE
 from returns_model.preprocess import PhotoError
 
 # A child of KServe's own logger: its handler and format apply, so the start-up line (device, model
 # SHA-256) and refusals reach the pod's log like KServe's lines do.
 log = logging.getLogger("kserve.returns_classifier")
+
+# returns-kserve's exit codes (docs/exit-codes.md). 0: the server stopped; 1: a traceback (a bug).
+EXIT_BAD_FLAGS = 2  # argparse's code too: a flag this server cannot use
+EXIT_REFUSED = 3  # the model folder cannot be served as it is (ModelRefused)
+
+EPILOG = f"""\
+exit codes:
+  0  the server stopped
+  1  a traceback: an error it does not expect (a bug)
+  {EXIT_BAD_FLAGS}  a flag it cannot use (checked before the model root is read)
+  {EXIT_REFUSED}  refused to serve the model root: one line names the folder and what is wrong
+"""
+
+
+class ModelRefused(RuntimeError):
+    """The model root cannot be served as it is (exit 3): the archive is missing, differs from its
+    manifest or cannot be extracted, or the model folder is: its weights missing or misfitting,
+    ``model.json`` or ``model-config.yaml`` malformed, its int8 graph not the one fitted, or a float
+    probe that no runtime here reproduces. The message names what is wrong, in one line."""
+
+    exit_code = EXIT_REFUSED
+
 
 OUTPUTS = [  # v2 outputs, all of shape [N]: one element per photo
     {"name": "label", "datatype": "BYTES", "shape": [-1]},  # "" for a rejected photo
@@ -99,34 +123,59 @@ async def rejected_handler(_request: Any, exc: Rejected) -> JSONResponse:
 def resolve_model_dir(model_root: Path, scratch: Path) -> Path:
     """An extracted model folder as is; a verified archive root extracted into ``scratch``.
 
-    Raises ArchiveRefused when the .mar is missing or differs from artifact_manifest.json.
+    Raises ModelRefused when the .mar is missing, differs from artifact_manifest.json or cannot be
+    read or extracted.
     """
     if (model_root / META_FILE).is_file():
         return model_root
-    manifest = verify(model_root)
-    with zipfile.ZipFile(model_root / manifest["mar_file"]) as mar:
-        mar.extractall(scratch)  # zipfile drops absolute paths and ".." from member names
+    try:
+        mar = model_root / verify(model_root)["mar_file"]
+    except ArchiveRefused as exc:
+        raise ModelRefused(str(exc)) from exc
+    except OSError as exc:  # e.g. PermissionError; its text names the file
+        raise ModelRefused(f"cannot read the archive or its manifest: {exc}") from exc
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            archive.extractall(scratch)  # zipfile drops absolute paths and ".." from member names
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelRefused(f"{mar}: cannot be extracted ({type(exc).__name__}: {exc})") from exc
     return scratch
 
 
 def read_knobs(model_dir: Path) -> HandlerKnobs:
-    """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder)."""
+    """The handler's knobs from the .mar's model-config.yaml (the defaults for a plain model folder);
+    ModelRefused, naming the file, where it is unreadable or holds a value the handler cannot use."""
     path = model_dir / MODEL_CONFIG_FILE
-    return HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
+    try:
+        knobs = HandlerKnobs.from_model_yaml(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:  # AttributeError: not a mapping
+        raise ModelRefused(f"{path}: not a model-config.yaml the handler can use ({type(exc).__name__}: {exc})") \
+            from exc
+    if knobs.cpu_backend not in CPU_BACKENDS:
+        raise ModelRefused(f"{path}: handler.cpu_backend must be one of {', '.join(CPU_BACKENDS)}, "
+                           f"not {knobs.cpu_backend!r}")
+    return knobs
+
+
+def check_lanes(lanes: int) -> None:
+    if lanes < 0:
+        raise ValueError(f"--lanes must be 0 (the archive's worker count) or more, not {lanes}")
 
 
 class ReturnsClassifierModel(kserve.Model):
     def __init__(self, name: str | None, model_dir: Path, device: str = "auto", lanes: int = 0) -> None:
-        if lanes < 0:
-            raise ValueError(f"--lanes must be 0 (the archive's worker count) or more, not {lanes}")
+        check_lanes(lanes)
         knobs = read_knobs(model_dir)
         self.max_instances = knobs.max_instances
         dev, cpus = resolve_device(device), available_cpus()
         graph_path = dev.type == "cpu" and knobs.cpu_backend != "eager"
         self.lanes = (lanes or min(knobs.workers, cpus)) if graph_path else 1
         threads = knobs.cpu_threads or max(1, cpus // self.lanes)  # cpu_threads: per lane, as per worker
-        self.core = Classifier(model_dir, device=dev, threads=threads,
-                               max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
+        try:
+            self.core = Classifier(model_dir, device=dev, threads=threads,
+                                   max_image_pixels=knobs.max_image_pixels, cpu_backend=knobs.cpu_backend)
+        except (ArtifactError, GateError, OSError) as exc:  # the folder's content, not a setting of this server
+            raise ModelRefused(str(exc)) from exc
         if dev.type == "cpu" and self.core.backend == "eager" and self.lanes > 1:  # no onnxruntime: fell back
             self.lanes, threads = 1, knobs.cpu_threads or cpus
             torch.set_num_threads(threads)
@@ -233,7 +282,8 @@ def _no_valid_photo(results: list[dict[str, Any]]) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="returns-kserve", parents=[model_server.parser],
                                 description="Serve the returns classifier with KServe's ModelServer "
-                                            "(v1 and v2 REST, v2 gRPC, /metrics).")
+                                            "(v1 and v2 REST, v2 gRPC, /metrics).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="/mnt/models", type=Path,
                    help="model root: artifact_manifest.json + model-store/*.mar (verified, then extracted), "
                         "or an extracted model folder with model.json and model.pt")
@@ -254,20 +304,25 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.configure_logging:  # before the model loads (ModelServer would configure it only afterwards)
         kserve_logging.configure_logging(args.log_config_file)
+    # The flags first, so that a refusal below is always the model folder's.
     if args.workers != 1:
-        log.error("--workers must be 1: one process holds the model; run more replicas instead")
-        return 2
+        log.error("returns-kserve: --workers must be 1: one process holds the model; run more replicas instead")
+        return EXIT_BAD_FLAGS
+    try:
+        check_lanes(args.lanes)
+        resolve_device(args.device)
+    except ValueError as exc:  # returns_model.device.DeviceError among them: a GPU this machine does not have
+        log.error("returns-kserve: %s", exc)
+        return EXIT_BAD_FLAGS
     with tempfile.TemporaryDirectory(prefix="returns-kserve-") as scratch:
+        model_dir = None
         try:
             model_dir = resolve_model_dir(args.model_dir, Path(scratch))
-        except (ArchiveRefused, OSError, zipfile.BadZipFile, KeyError) as exc:
-            log.error("refusing to serve %s: %s", args.model_dir, exc)
-            return 1
-        try:
             model = ReturnsClassifierModel(args.model_name, model_dir, args.device, args.lanes)
-        except ValueError as exc:  # returns_model.device.DeviceError among them: a setting this machine cannot serve
-            log.error("%s", exc)
-            return 2
+        except ModelRefused as exc:
+            where = f" (its .mar extracted to {model_dir})" if model_dir not in (None, args.model_dir) else ""
+            log.error("returns-kserve: refusing to serve %s%s: %s", args.model_dir, where, " ".join(str(exc).split()))
+            return exc.exit_code
         model_server.app.add_exception_handler(Rejected, rejected_handler)
         if args.metrics_port:  # the same registry as the HTTP port's /metrics, on a daemon thread
             start_http_server(args.metrics_port)

@@ -19,6 +19,7 @@ from typing import Iterable
 from returns_feedback.decisions import (CODES, Decision, Parsed, Problem, check_hashes, check_labels,
                                         check_repeats, read_decisions)
 from returns_model.meta import ArtifactError, read_meta
+from returns_model.names import PREDICTIONS_FILE, shard_file
 from returns_model.results import LABEL, TOP_K
 
 
@@ -38,10 +39,10 @@ def read_runs(run_dirs: Iterable[Path]) -> RunPhotos:
     """Photo hashes and labels from each run's predictions (the merged file, else the shards')."""
     out = RunPhotos()
     for run in map(Path, run_dirs):
-        files = [run / "predictions.jsonl"] if (run / "predictions.jsonl").exists() \
-            else sorted(run.glob("predictions.shard-*.jsonl"))
+        shards = shard_file(PREDICTIONS_FILE, "*", "*")
+        files = [run / PREDICTIONS_FILE] if (run / PREDICTIONS_FILE).exists() else sorted(run.glob(shards))
         if not files:
-            raise RunError(f"{run}: no predictions.jsonl (or predictions.shard-*.jsonl); is it a run folder?")
+            raise RunError(f"{run}: no {PREDICTIONS_FILE} (or {shards}); is it a run folder?")
         for path in files:
             with open(path, encoding="utf-8") as f:
                 for line in f:
@@ -121,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check decision files against the runs' predictions")
     v.add_argument("--decisions", nargs="+", required=True, type=Path, help="JSONL or .csv decision files")
-    v.add_argument("--runs", nargs="+", required=True, type=Path, help="run folders (with predictions.jsonl)")
+    v.add_argument("--runs", nargs="+", required=True, type=Path, help=f"run folders (with {PREDICTIONS_FILE})")
     v.add_argument("--model", type=Path, default=None,
                    help="model folder whose class names are the allowed labels (default: the labels the runs use)")
     v.add_argument("--json", action="store_true", help="print the report as JSON instead of lines")

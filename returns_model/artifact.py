@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: weights not found") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torch's own texts run to many lines
+        raise ArtifactError(f"{path}: not weights that torch.load(weights_only=True) can read: damaged, truncated "
+                            f"or holding more than tensors ({type(exc).__name__})") from None
 
 
 def network_of(arch: ArchConfig, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu",
@@ -86,7 +90,7 @@ def network_of(arch: ArchConfig, weights: dict[str, torch.Tensor], device: torch
     model = build_model(arch)
     try:
         model.load_state_dict(weights)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # TypeError: something other than a dict of tensors
         raise ArtifactError(f"{where}: weights do not fit the architecture in model.json: {exc}") from None
     return model.to(device).eval()
 

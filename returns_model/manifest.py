@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = verify(args.model_root)
     except ArchiveRefused as exc:
-        print(f"verify_archive: REFUSED: {exc}", file=sys.stderr)
+        print(f"returns-verify-archive: REFUSED: {exc}", file=sys.stderr)
         return 1
-    print(f"verify_archive: ok {manifest['mar_file']} sha256 {manifest['mar_sha256']}")
+    print(f"returns-verify-archive: ok {manifest['mar_file']} sha256 {manifest['mar_sha256']}")
     return 0
 
 

@@ -41,6 +41,32 @@ ONNX_FILE = "model.onnx"  # the float graph, built by training/archive.py
 MODEL_CONFIG_FILE = "model-config.yaml"  # the serving knobs, as TorchServe reads them
 METRICS_CONFIG_FILE = "metrics.yaml"  # the metrics TorchServe exports (also in the model root's config/)
 
+# --- a night's run folder, <output>/run_<run-id>/ (docs/submitter.md, "What a run writes") -------
+# returns-submit writes them (returns_submit.journal, returns_submit.outputs); reviewers' tools,
+# retraining, the demo and the benchmarks read them.
+PREDICTIONS_FILE = "predictions.jsonl"  # the journal: one classified photo a line
+REJECTED_FILE = "rejected.jsonl"  # the journal: one rejected photo a line
+RUN_METADATA_FILE = "run_metadata.json"  # counts, drift, model check, exit code, resolved config
+REVIEW_QUEUE_FILE = "review_queue.jsonl"  # the photos people should look at, in review order
+PREDICTIONS_CSV = "predictions.csv"
+SUCCESS_MARKER = "_SUCCESS"  # the run is complete and published
+LATEST_FILE = "LATEST"  # in <output>: the name of the latest published run folder
+
+
+def run_folder(run_id: str) -> str:
+    """The run folder's name under the output volume."""
+    return f"run_{run_id}"
+
+
+def shard_file(name: str, shard_index: int | str, shard_count: int | str) -> str:
+    """One shard's own copy of a run-folder file: ``predictions.jsonl`` -> ``predictions.shard-0-of-2.jsonl``,
+    ``_SUCCESS`` -> ``_SUCCESS.shard-0-of-2``. ``"*"`` for both gives the glob of every shard's copy."""
+    base, dot, ext = name.rpartition(".")
+    if not base:  # no extension (a leading dot is not one)
+        base, dot, ext = name, "", ""
+    return f"{base}.shard-{shard_index}-of-{shard_count}{dot}{ext}"
+
+
 # Photo file names the submitter sends and training reads from image folders.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel phone photo; larger is treated as a decompression bomb

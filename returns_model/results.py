@@ -16,7 +16,7 @@ UNFAMILIAR_SCORE = "unfamiliar_score"
 TOP_K = "top_k"
 MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
-MODEL_SHA256 = "model_sha256"
+MODEL_SHA256 = "model_sha256"  # the loaded archive's content digest (the manifest's archive_content_sha256)
 RULE = "rule"  # which certified rule decided the photo: one of RULES
 RUNTIME = "runtime"  # what computed the scores that rule judged: one of RUNTIMES
 

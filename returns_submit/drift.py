@@ -179,8 +179,8 @@ def unfamiliar_share(unfamiliar: int, classified: int, rate: float, alpha: float
             "drift": p_value < alpha}
 
 
-def summarize(ref: Reference | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
-              alpha: float, unfamiliar: int | None = None, classified: int = 0, rule: str | None = None) -> dict:
+def rule_drift(ref: Reference | None, class_counts: dict[int, int], confidence_counts: list[int] | None,
+               alpha: float, unfamiliar: int | None = None, classified: int = 0, rule: str | None = None) -> dict:
     """The drift of one rule's answers (``None``: answers naming no rule) against the reference that
     ``ref.for_rule`` picks for it: per signal PSI, test and decision, and whether they are off.
     ``confidence_counts`` are binned on that reference's histogram edges."""
@@ -267,14 +267,14 @@ def judge_rules(ref: Reference | None, tallies: dict[str, Tally], alpha: float) 
     photos (named in `rule`; ties by name), except that the night is off (`drift`) and its class mix
     shifted (`class_mix_shift`) when any rule's answers are. A night answered by one rule thus says
     at the top exactly what `by_rule` says of that rule; `mixed_rules` is true when more than one did."""
-    by_rule = {key: summarize(ref, t.class_ids, t.reference_histogram, alpha, unfamiliar=t.unfamiliar,
-                              classified=t.classified, rule=t.rule) for key, t in sorted(tallies.items())}
+    by_rule = {key: rule_drift(ref, t.class_ids, t.reference_histogram, alpha, unfamiliar=t.unfamiliar,
+                               classified=t.classified, rule=t.rule) for key, t in sorted(tallies.items())}
     if by_rule:
         main = min(by_rule, key=lambda k: (-tallies[k].classified, k))
         top = {**by_rule[main], "rule": main}
     else:  # no answers: every signal has too few photos, against the single reference
         empty = Tally(None, edges_of(ref.body) if ref else None)
-        top = {**summarize(ref, {}, empty.reference_histogram, alpha, unfamiliar=0), "rule": None}
+        top = {**rule_drift(ref, {}, empty.reference_histogram, alpha, unfamiliar=0), "rule": None}
     if len(by_rule) > 1:
         top["drift"] = _any_decided(j["drift"] for j in by_rule.values())
         if "class_mix_shift" in top:

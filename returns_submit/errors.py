@@ -1,19 +1,31 @@
 """Exit codes of `returns-submit` and the exceptions that carry them.
 
 A CronJob acts on the exit code alone, so every way the run can end maps to one
-documented code (docs/interfaces.md, docs/submitter.md).
+documented code (docs/exit-codes.md, docs/submitter.md).
+
+Two kinds of code. An error is raised as one of the classes below, which carries its code
+(1, 2, 4, 5, 6). An outcome (0, 3 partial, 7 terminated, 8 drift) has no class because nothing
+goes wrong that could be raised: the run's records are complete, or complete up to the batches
+in flight when SIGTERM came, and the runner must still derive the run's files, write
+run_metadata.json and, for 0, 3 and 8 (unless --on-drift fail), publish the run (`_SUCCESS`,
+`LATEST`). `Runner._finish` reads the code off the finished run, in this order: the error that
+stopped the batches (its own code), else 7 when a stop was requested, else 3 when rejected/seen
+is above --max-error-rate, else 8 when the night is off, else 0.
 """
 from __future__ import annotations
 
+# Outcomes: the run was not stopped by an error (Runner._finish decides which).
 EXIT_OK = 0
+EXIT_PARTIAL = 3  # every photo recorded, but rejected/seen above --max-error-rate
+EXIT_TERMINATED = 7  # SIGTERM/SIGINT: the batches in flight were finished and recorded; resumable
+EXIT_DRIFT = 8  # every photo recorded, but the night is off (drift); see --on-drift
+
+# Errors: raised as the classes below.
 EXIT_INTERNAL = 1
 EXIT_BAD_ARGS = 2
-EXIT_PARTIAL = 3
 EXIT_UNREACHABLE = 4
 EXIT_LOCKED = 5
 EXIT_OUTPUT = 6
-EXIT_TERMINATED = 7
-EXIT_DRIFT = 8  # every photo recorded, but the night is off (drift); see --on-drift
 
 
 class SubmitError(RuntimeError):

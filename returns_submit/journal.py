@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from returns_model.fileio import fsync_dir
+from returns_model.names import PREDICTIONS_FILE, REJECTED_FILE, RUN_METADATA_FILE, SUCCESS_MARKER, shard_file
 from returns_submit.errors import LockHeld, OutputNotWritable
+
+STATE_FILE = ".state.json"  # the run's start time and invocations (the submitter's own, not for readers)
 
 
 def path_key(rel: str) -> int:
@@ -44,13 +47,15 @@ class DoneSet:
 
 def shard_file_names(shard_index: int, shard_count: int) -> dict[str, str]:
     """File names of one shard's journal; a single shard writes the plain names."""
-    tag = "" if shard_count == 1 else f".shard-{shard_index}-of-{shard_count}"
+    def name(plain: str) -> str:
+        return plain if shard_count == 1 else shard_file(plain, shard_index, shard_count)
+
     return {
-        "predictions": f"predictions{tag}.jsonl",
-        "rejected": f"rejected{tag}.jsonl",
-        "metadata": f"run_metadata{tag}.json",
-        "state": f".state{tag}.json",
-        "success": "_SUCCESS" if shard_count == 1 else f"_SUCCESS{tag}",
+        "predictions": name(PREDICTIONS_FILE),
+        "rejected": name(REJECTED_FILE),
+        "metadata": name(RUN_METADATA_FILE),
+        "state": name(STATE_FILE),
+        "success": name(SUCCESS_MARKER),
     }
 
 

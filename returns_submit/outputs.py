@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from returns_model.fileio import atomic_open, write_json, write_text
 from returns_model.manifest import Reference
+from returns_model.names import (LATEST_FILE, PREDICTIONS_CSV, PREDICTIONS_FILE, REJECTED_FILE, REVIEW_QUEUE_FILE,
+                                 RUN_METADATA_FILE, SUCCESS_MARKER)
 from returns_model.results import (CLASS_ID, CONFIDENCE, LABEL, LOW_CONFIDENCE, MODEL_NAME, MODEL_SHA256,
                                    MODEL_VERSION, NEEDS_REVIEW, NIGHT_DRIFT, REVIEW_REASON, REVIEW_REASONS, RULE,
                                    TOP_K, UNFAMILIAR, UNFAMILIAR_SCORE)
@@ -176,8 +178,8 @@ def review_order(items: list[dict]) -> list[dict]:
     return ordered
 
 
-def summarize(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
-              edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
+def journal_summary(predictions: list[Path], rejected: list[Path], reference_edges: list[float] | None,
+                    edges_for: Callable[[str | None], list[float] | None] | None = None) -> Summary:
     """One streaming pass over the journal files: counts and distributions, nothing written.
 
     Each rule's answers are tallied apart, their confidences binned on ``edges_for(rule)``: the edges
@@ -225,10 +227,10 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
     review with the reason `night_drift`; the journal keeps the server's own answers. The review
     queue is written in `review_order`, so it is collected in memory first (see the module's note)."""
     review: list[dict] = []
-    with atomic_open(run_dir / "predictions.csv", "w", encoding="utf-8", errors="backslashreplace",
+    with atomic_open(run_dir / PREDICTIONS_CSV, "w", encoding="utf-8", errors="backslashreplace",
                      newline="") as fcsv, \
-            atomic_open(run_dir / "review_queue.jsonl", "w", encoding="utf-8") as freview, \
-            _maybe_merge(run_dir / "predictions.jsonl", merge) as fpred:
+            atomic_open(run_dir / REVIEW_QUEUE_FILE, "w", encoding="utf-8") as freview, \
+            _maybe_merge(run_dir / PREDICTIONS_FILE, merge) as fpred:
         writer = csv.writer(fcsv)
         writer.writerow(CSV_COLUMNS)
         for r in _records(predictions):
@@ -241,7 +243,7 @@ def write_outputs(run_dir: Path, predictions: list[Path], rejected: list[Path], 
                 fpred.write(json.dumps(r) + "\n")
         for item in review_order(review):
             freview.write(json.dumps(item) + "\n")
-    with _maybe_merge(run_dir / "rejected.jsonl", merge) as frej:
+    with _maybe_merge(run_dir / REJECTED_FILE, merge) as frej:
         if frej is not None:
             for r in _records(rejected):
                 frej.write(json.dumps(r) + "\n")
@@ -265,10 +267,10 @@ def update_latest(output: Path, run_name: str, started_at: str) -> bool:
     """Point `<output>/LATEST` at `run_name` unless it already names a run started later."""
     fd = blocking_lock(output / ".lock.latest")
     try:
-        latest = output / "LATEST"
+        latest = output / LATEST_FILE
         try:
             current = latest.read_text().strip()
-            other = json.loads((output / current / "run_metadata.json").read_text())["started_at"]
+            other = json.loads((output / current / RUN_METADATA_FILE).read_text())["started_at"]
             if current != run_name and other > started_at:
                 return False
         except (OSError, ValueError, KeyError):
@@ -307,10 +309,10 @@ def derive(run_dir: Path, predictions: list[Path], rejected: list[Path], referen
     if on_drift not in ON_DRIFT:
         raise ValueError(f"on_drift must be one of {ON_DRIFT}, not {on_drift!r}")
     if reference is None:
-        summary = summarize(predictions, rejected, None)
+        summary = journal_summary(predictions, rejected, None)
     else:
-        summary = summarize(predictions, rejected, drift.edges_of(reference.body),
-                            edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
+        summary = journal_summary(predictions, rejected, drift.edges_of(reference.body),
+                                  edges_for=lambda rule: drift.edges_of(reference.for_rule(rule).body))
     judged = drift.judge_rules(reference, summary.by_rule, drift_alpha)
     if judged["mixed_rules"]:
         event("more than one rule answered this night (a rolling update, or servers on different machines); "
@@ -376,9 +378,9 @@ def finalize_shards(output: Path, run_dir: Path, run_id: str, shard_count: int, 
                             started_at=min(starts) if starts else utc_now(), shard_index=None,
                             shard_count=shard_count, config={**config, "shard_index": None}, shards=shards,
                             extra_counts=extra)
-        write_json(run_dir / "run_metadata.json", meta)
+        write_json(run_dir / RUN_METADATA_FILE, meta)
         if night.action != "failed":  # a failed night is not published as the latest run
-            write_text(run_dir / "_SUCCESS", run_dir.name + "\n")
+            write_text(run_dir / SUCCESS_MARKER, run_dir.name + "\n")
             update_latest(output, run_dir.name, meta["started_at"])
         event("run complete: all shards done", shards=shard_count, night_off=night.off)
         return True

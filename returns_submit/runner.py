@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from returns_model.manifest import Reference, read_reference
+from returns_model.names import SUCCESS_MARKER, run_folder
 from returns_model.results import CLASS_ID, CONFIDENCE, LABEL, RESULT_KEYS
 from returns_submit import k8s_info, outputs
 from returns_submit.faults import fault_point
@@ -56,7 +57,7 @@ class Runner:
         self.stop = stop or threading.Event()
         self.output = Path(cfg.output)
         self.inbox = Path(cfg.inbox)
-        self.run_name = f"run_{cfg.run_id}"
+        self.run_name = run_folder(cfg.run_id)
         self.run_dir = self.output / self.run_name
         self.archive_root = Path(cfg.archive_dir) if cfg.archive_dir else self.output / "archive"
         self.names = shard_file_names(cfg.shard_index, cfg.shard_count)
@@ -132,7 +133,7 @@ class Runner:
         try:
             outputs.write_json(path, state)
             # Running again means the run is not complete until this invocation says so.
-            for marker in (self.run_dir / self.names["success"], self.run_dir / "_SUCCESS"):
+            for marker in (self.run_dir / self.names["success"], self.run_dir / SUCCESS_MARKER):
                 marker.unlink(missing_ok=True)
         except OSError as e:
             raise OutputNotWritable(f"cannot write to {self.run_dir}: {e}") from e

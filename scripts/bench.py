@@ -41,7 +41,8 @@ from handler.core import Classifier, available_cpus
 from scripts.machine import machine
 from scripts.localserve import LocalTorchServe, free_port
 from handler.serve_config import ServeConfig
-from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE, WEIGHTS_FILE
+from returns_model.names import (MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE, RUN_METADATA_FILE, WEIGHTS_FILE,
+                                 run_folder)
 from returns_submit.config import SubmitConfig
 from training.archive import build_archive
 from training.data import DEFAULT_FASHION_MNIST_DIR, read_idx
@@ -49,6 +50,7 @@ from returns_model.fileio import write_bytes, write_json
 
 PRED = f"/predictions/{MODEL_NAME}"
 KSERVE_PRED = f"/v1/models/{MODEL_NAME}:predict"  # KServe's v1 REST takes JSON: {"instances": [{"b64": ...}]}
+BENCH_RUN_ID = "bench"  # the submitter's run id in each benchmark run
 
 
 class LocalPredictor:
@@ -147,7 +149,7 @@ def write_inbox(folder: Path, n: int) -> list[bytes]:
 RAW_PREFIXES = {"eager": "raw", "onnx": "raw_onnx", "onnx-int8": "raw_int8"}
 
 
-def served_path(clf: Classifier) -> dict[str, Any]:
+def serving_path(clf: Classifier) -> dict[str, Any]:
     """What a Classifier serves on this machine: its forward pass, rule and runtime, and why not the int8
     rule where that was asked for and does not serve here."""
     return {"backend": clf.backend, "rule": clf.rule.name, "runtime": clf.rule.runtime, "fallback": clf.fallback}
@@ -157,7 +159,7 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int,
               runs: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Forward pass alone, and decode + forward, in one process with ``threads`` threads, on the eager
     model and on the optimised CPU paths; runs are interleaved so all see the same host load. Also, per
-    asked-for backend, what it serves here (``served_path``): on a CPU where the int8 rule does not
+    asked-for backend, what it serves here (``serving_path``): on a CPU where the int8 rule does not
     hold, ``raw_int8_*`` measure the float graph it falls back to, and the second dict says so."""
     clfs = {b: Classifier(model_dir, threads=threads, cpu_backend=b) for b in RAW_PREFIXES}
     decoded = clfs["eager"].decode(pngs).pixels
@@ -168,7 +170,7 @@ def raw_rates(model_dir: Path, pngs: list[bytes], batch: int, threads: int,
             for name, fn, items in ((f"{prefix}_images_per_s", clf.probabilities, decoded),
                                     (f"{prefix}_decode_images_per_s", clf.classify, pngs)):
                 rates.setdefault(name, []).append(passes_per_second(fn, items, batch))
-    return {k: spread(v) for k, v in rates.items()}, {b: served_path(c) for b, c in clfs.items()}
+    return {k: spread(v) for k, v in rates.items()}, {b: serving_path(c) for b, c in clfs.items()}
 
 
 def passes_per_second(fn, items: list, batch: int, sync=lambda: None) -> float:
@@ -238,7 +240,7 @@ def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Pa
     """returns-submit as its own process: wall time, its peak RSS and its run metadata."""
     cmd = [sys.executable, "-m", "returns_submit.cli", "--inbox", str(inbox), "--output", str(out), "--endpoint",
            server.inference_url, "--api", api, "--batch-size", str(batch), "--concurrency", str(concurrency),
-           "--run-id", "bench", "--progress", "log", "--log-level", "WARNING"]
+           "--run-id", BENCH_RUN_ID, "--progress", "log", "--log-level", "WARNING"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # VmHWM belongs to the exec'd program's own address space; wait4's ru_maxrss would also count
@@ -257,7 +259,7 @@ def run_submitter(server: LocalTorchServe | LocalPredictor, inbox: Path, out: Pa
     reader.join(5)
     if proc.returncode != 0:
         raise RuntimeError(f"returns-submit exited {proc.returncode}: {b''.join(stderr).decode()[-2000:]}")
-    meta = json.loads((out / "run_bench" / "run_metadata.json").read_text())
+    meta = json.loads((out / run_folder(BENCH_RUN_ID) / RUN_METADATA_FILE).read_text())
     return {"wall_s": wall, "peak_rss_mb": peak, "metadata": meta}
 
 
@@ -368,7 +370,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def served_runs(server: LocalTorchServe, inbox: Path, out: Path, n: int, cfg: BenchConfig,
+def submitter_runs(server: LocalTorchServe, inbox: Path, out: Path, n: int, cfg: BenchConfig,
                 batch: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """returns-submit ``cfg.runs`` times over the same inbox: photos/s spread, and each run's details."""
     done = [run_submitter(server, inbox, out / f"run{i}", batch or cfg.batch_size, cfg.concurrency)
@@ -399,7 +401,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
         with LocalTorchServe(model_root, workdir=tmp / "ts") as server:
             worker_rss = []
-            served, served_done = served_runs(server, tmp / "inbox", tmp / "out1", cfg.n, cfg)
+            served, served_done = submitter_runs(server, tmp / "inbox", tmp / "out1", cfg.n, cfg)
             worker_rss.append(rss_mb(server.worker_pids()[0]))
             served4 = run_submitter(server, tmp / "inbox4", tmp / "out4", cfg.batch_size, cfg.concurrency)
             worker_rss.append(rss_mb(server.worker_pids()[0]))
@@ -433,7 +435,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                   ServeConfig(batch_size=ts_batch, max_batch_delay_ms=serve_cfg["max_batch_delay_ms"]))
                 with LocalTorchServe(root, workdir=tmp / f"ts_sweep_{ts_batch}") as server:
                     for per_request in cfg.sweep_per_request:
-                        rate, _ = served_runs(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
+                        rate, _ = submitter_runs(server, tmp / "sweep_inbox", tmp / f"sweep_{ts_batch}_{per_request}",
                                               cfg.sweep_n, cfg, per_request)
                         sweep.append({"torchserve_batch_size": ts_batch, "photos_per_request": per_request,
                                       "images_per_s": rate})

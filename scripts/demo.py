@@ -20,7 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from returns_model.names import MANIFEST_FILE
+from returns_model.names import (LATEST_FILE, MANIFEST_FILE, PREDICTIONS_CSV, PREDICTIONS_FILE, REJECTED_FILE,
+                                 REVIEW_QUEUE_FILE, RUN_METADATA_FILE, SUCCESS_MARKER, run_folder)
+from returns_submit.errors import EXIT_DRIFT, EXIT_OK, EXIT_PARTIAL
 from scripts.localserve import LocalTorchServe, ServerError
 from training import unfamiliar
 from training.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_idx
@@ -65,9 +67,9 @@ def build_inbox(inbox: Path, n: int, n_unfamiliar: int) -> dict[str, str]:
 
 
 def summarise(run_dir: Path, truth: dict[str, str]) -> dict:
-    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
-    rejected = [json.loads(line) for line in (run_dir / "rejected.jsonl").read_text().splitlines() if line.strip()]
-    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    preds = [json.loads(line) for line in (run_dir / PREDICTIONS_FILE).read_text().splitlines() if line.strip()]
+    rejected = [json.loads(line) for line in (run_dir / REJECTED_FILE).read_text().splitlines() if line.strip()]
+    meta = json.loads((run_dir / RUN_METADATA_FILE).read_text())
     odd = [p for p in preds if truth.get(p["path"]) == UNFAMILIAR]
     known = [p for p in preds if p["path"] in truth and truth[p["path"]] != UNFAMILIAR]
     correct = sum(p["label"] == truth[p["path"]] for p in known)
@@ -118,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"demo: TorchServe failed: {exc}", file=sys.stderr)
         return 1
-    if code not in (0, 3, 8):  # 3 = partial: the broken files are rejected on purpose; 8 = the night is off
+    # partial: the broken files are rejected on purpose; drift: an off night is still recorded
+    if code not in (EXIT_OK, EXIT_PARTIAL, EXIT_DRIFT):
         print(f"demo: returns-submit exited with {code}", file=sys.stderr)
         return code
-    run_dir = output / f"run_{run_id}"
+    run_dir = output / run_folder(run_id)
     s = summarise(run_dir, truth)
     print(f"""
 demo summary (server stopped)
@@ -136,9 +139,9 @@ demo summary (server stopped)
   most common labels   {', '.join(f'{k} {v}' for k, v in s['top_labels'])}
   throughput           {s['images_per_second']} photos/s
   model sha256         {s['model_sha256']}
-  night off (drift)    {s['drift']}  {s['drift_signals']}  (exit code {code}; 8 = off)
-  manifests            {run_dir}/ (predictions.jsonl, predictions.csv, review_queue.jsonl,
-                       rejected.jsonl, run_metadata.json, _SUCCESS); latest run named in {output}/LATEST""")
+  night off (drift)    {s['drift']}  {s['drift_signals']}  (exit code {code}; {EXIT_DRIFT} = off)
+  manifests            {run_dir}/ ({PREDICTIONS_FILE}, {PREDICTIONS_CSV}, {REVIEW_QUEUE_FILE},
+                       {REJECTED_FILE}, {RUN_METADATA_FILE}, {SUCCESS_MARKER}); latest run named in {output / LATEST_FILE}""")
     return 0
 
 

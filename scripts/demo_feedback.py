@@ -45,7 +45,8 @@ from returns_feedback.validate import main as feedback_main
 from returns_model.artifact import load_model
 from returns_model.fileio import write_json, write_text
 from returns_model.meta import read_meta
-from returns_model.names import CHECKPOINT_FILE, META_FILE, TRAIN_CONFIG_FILE
+from returns_model.names import (CHECKPOINT_FILE, META_FILE, PREDICTIONS_FILE, REVIEW_QUEUE_FILE, TRAIN_CONFIG_FILE,
+                                 run_folder, shard_file)
 from returns_model.preprocess import bytes_to_uint8
 from returns_submit.outputs import write_outputs
 from training import compare as cmp
@@ -53,7 +54,7 @@ from training import unfamiliar
 from training.config import TrainConfig, pick_device
 from training.data import load_data
 from training.decided import load_heldout
-from training.paired import served_cached
+from training.paired import predicted_and_accepted_cached
 from training.pipeline import build_model_folder
 from training.retrain import main as retrain_main
 
@@ -134,7 +135,7 @@ def classify_night(model_dir: Path, photos, inbox: Path, run_dir: Path, run_id: 
                             "run_id": run_id, "shard": 0, "shard_count": 1, "batch": start // 256,
                             "timestamp": datetime.now(timezone.utc).isoformat()})
     run_dir.mkdir(parents=True, exist_ok=True)
-    journal = run_dir / "predictions.shard-0-of-1.jsonl"
+    journal = run_dir / shard_file(PREDICTIONS_FILE, 0, 1)
     write_text(journal, "".join(json.dumps(r) + "\n" for r in records))
     write_outputs(run_dir, [journal], [], merge=True)
     return records
@@ -183,8 +184,9 @@ def bad_file_is_refused(work: Path, good: Path, champion: Path, inbox: Path, run
     return {"validate_exit": code, "retrain_exit": rc, "candidate_written": out.exists()}
 
 
-def served_on(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict, threads: int) -> dict:
-    s = served_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
+def accuracy_coverage_precision(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, cache: dict,
+                                threads: int) -> dict:
+    s = predicted_and_accepted_cached(Classifier(model_dir, warmup=False, threads=threads), model_dir, images, cache)
     correct, acc = s["pred"] == labels, s["accepted"]
     return {"coverage": float(acc.float().mean()), "accuracy": float(correct.float().mean()),
             "precision": float(correct[acc].float().mean()) if acc.any() else None}
@@ -237,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     used: set[int] = set()
     champion, decision_files, rows, cache = first, [], [], {}
-    start = {"test": served_on(champion, ds.test.images, ds.test.labels, cache, args.threads),
-             "shifted": served_on(champion, eval_shifted, eval_labels, cache, args.threads)}
+    start = {"test": accuracy_coverage_precision(champion, ds.test.images, ds.test.labels, cache, args.threads),
+             "shifted": accuracy_coverage_precision(champion, eval_shifted, eval_labels, cache, args.threads)}
     print(f"night 0 (release {champion.name}): held-out shifted photos {100 * start['shifted']['coverage']:.1f}% "
           f"auto-accepted; test {100 * start['test']['accuracy']:.2f}% accuracy, {100 * start['test']['coverage']:.1f}% "
           f"auto-accepted at {100 * (start['test']['precision'] or 0):.2f}% precision  [{time.time() - t0:.0f}s]", flush=True)
@@ -248,19 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         photos = night_photos(night, ds, args.ordinary, args.shifted, args.junk, used, rng)
         truth = {rel: (label, kind) for rel, _, label, kind in photos}
         by_sha = {hashlib.sha256(d).hexdigest(): label for _, d, label, _ in photos}
-        records = classify_night(champion, photos, inbox, runs / f"run_{run_id}", run_id, args.threads)
+        records = classify_night(champion, photos, inbox, runs / run_folder(run_id), run_id, args.threads)
         fig = night_figures(records, truth)
         dfile = work / "decisions" / f"{run_id}.jsonl"
-        queue = decide(runs / f"run_{run_id}" / "review_queue.jsonl", by_sha, args.budget, night, dfile)
+        queue = decide(runs / run_folder(run_id) / REVIEW_QUEUE_FILE, by_sha, args.budget, night, dfile)
         kind_by_sha = {hashlib.sha256(d).hexdigest(): kind for _, d, _, kind in photos}
         decided_kinds: dict[str, int] = {}
         for line in dfile.read_text().splitlines():
             kind = kind_by_sha[json.loads(line)["sha256"]]
             decided_kinds[kind] = decided_kinds.get(kind, 0) + 1
-        assert feedback_main(["validate", "--decisions", str(dfile), "--runs", str(runs / f"run_{run_id}")]) == 0
+        assert feedback_main(["validate", "--decisions", str(dfile), "--runs", str(runs / run_folder(run_id))]) == 0
         decision_files.append(dfile)
         if night == 1:
-            bad = bad_file_is_refused(work, dfile, champion, inbox, runs / f"run_{run_id}")
+            bad = bad_file_is_refused(work, dfile, champion, inbox, runs / run_folder(run_id))
         cand = work / "candidates" / f"after-night-{night}"
         rc = retrain_main(["--champion", str(champion), "--decisions", *map(str, decision_files), "--photos", str(inbox),
                            "--output", str(cand), "--epochs", str(args.epochs), "--replay", str(args.replay),
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         result = cmp.compare(champion, cand, (ds.test.images, ds.test.labels),
                              {**heldout, "heldout_shifted_test_garments": (eval_shifted, eval_labels)}, cache=cache,
                              threads=args.threads)
-        promoted = result["gate"]["promote"]
+        promoted = result["promotion"]["promote"]
         drift = result["lineage_drift"]
         if promoted:
             champion = cmp.promote(cand, versions)
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"night": night, "photos": len(photos), **fig, "review_queue": queue["queue"], "decided": queue["decided"],
                "decided_by_kind": decided_kinds,
                "decided_total": sum(len(f.read_text().splitlines()) for f in decision_files),
-               "gate": result["gate"], "promoted": promoted, "champion": champion.name,
+               "promotion": result["promotion"], "promoted": promoted, "champion": champion.name,
                "after": {"heldout_shifted": shifted_now, "test": test_now},
                "candidate": {"heldout_shifted": cand_shifted, "test": cand_test},
                "test_accuracy_change": result["sets"]["test"]["difference"]["accuracy"], "lineage_drift": drift,
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(of {fig['shifted']['n']}); auto-accepted {fig['auto_accepted']} at "
               f"{100 * fig['auto_accepted_precision']:.2f}% precision; queue {queue['queue']}, decided {queue['decided']} "
               f"{decided_kinds}; "
-              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['gate']['reason']}. "
+              f"{'PROMOTED ' + champion.name if promoted else 'kept ' + champion.name}: {result['promotion']['reason']}. "
               f"Candidate: held-out shifted {100 * cand_shifted['coverage']:.1f}% auto-accepted at "
               f"{100 * (cand_shifted['precision'] or 0):.2f}%, test accuracy {100 * cand_test['accuracy']:.2f}%. "
               f"Held-out shifted now {100 * shifted_now['coverage']:.1f}% auto-accepted at "

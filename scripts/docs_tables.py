@@ -187,6 +187,7 @@ PAGES: dict[str, dict[str, Callable[[], str]]] = {
     "docs/model-card.md": {"model-figures": model_figures, "unfamiliar-kinds": unfamiliar_kinds},
     "docs/performance.md": {"performance": performance, "gpu": gpu},
     "docs/reliability.md": {"soak": soak},
+    "docs/testing.md": {"mutation": mutation},
 }
 
 

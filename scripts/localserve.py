@@ -28,8 +28,22 @@ from returns_model.manifest import ArchiveRefused, verify
 from returns_model.names import MANIFEST_FILE, MAR_FILE, MODEL_NAME, MODEL_STORE
 
 
+# returns-serve's exit codes (docs/exit-codes.md); 0: stopped by SIGTERM/SIGINT.
+EXIT_NOT_STARTED = 1  # ServerError (a traceback's code too)
+EXIT_BAD_FLAGS = 2  # argparse
+EXIT_TORCHSERVE_EXITED = 3  # TorchServe exited by itself after it was ready
+
+EPILOG = f"""\
+exit codes:
+  0  stopped by SIGTERM/SIGINT (Ctrl-C)
+  {EXIT_NOT_STARTED}  TorchServe did not come up: the message says why, its logs are under logs/torchserve/
+  {EXIT_BAD_FLAGS}  bad flags
+  {EXIT_TORCHSERVE_EXITED}  TorchServe exited by itself after it was ready: its logs are under logs/torchserve/
+"""
+
+
 class ServerError(RuntimeError):
-    """TorchServe did not start, or its model never became ready."""
+    """TorchServe did not start, or its model never became ready (exit 1)."""
 
 
 def free_port() -> int:
@@ -237,7 +251,9 @@ def _group_alive(pgid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Serve the returns classifier locally with TorchServe (foreground).")
+    p = argparse.ArgumentParser(prog="returns-serve",
+                                description="Serve the returns classifier locally with TorchServe (foreground).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-root", default="dist/model", help="output of `make archive`")
     p.add_argument("--port", type=int, default=8080, help="inference port on 127.0.0.1")
     args = p.parse_args(argv)
@@ -254,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
     except ServerError as exc:
-        print(f"serve: {exc}", file=sys.stderr)
+        print(f"returns-serve: {exc}", file=sys.stderr)
         server.stop()
-        return 1
+        return EXIT_NOT_STARTED
     print(json.dumps({"ready": True, "inference": f"{server.inference_url}/predictions/{MODEL_NAME}",
                       "kserve_v1": f"{server.inference_url}/v1/models/{MODEL_NAME}:predict",
                       "metrics": f"{server.metrics_url}/metrics", "logs": str(server.log_dir)}), flush=True)
@@ -264,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         while not stop and server.proc is not None and server.proc.poll() is None:
             time.sleep(0.5)
     finally:
-        server.stop()
+        server.stop()  # also ends any worker the frontend left behind
+    if not stop:  # TorchServe exited without being asked to
+        # (Not its exit code: the torchserve launcher returns 0 even when the Java frontend under it was killed.)
+        print(f"returns-serve: TorchServe exited by itself after it was ready; its logs are in {server.log_dir}, "
+              f"their last lines:\n{server.log_tail()}", file=sys.stderr)
+        return EXIT_TORCHSERVE_EXITED
     return 0
 
 

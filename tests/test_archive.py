@@ -11,7 +11,7 @@ from training.archive import mar_file_hashes
 from returns_model.manifest import content_digest, tree_hashes
 
 
-def test_layout_and_manifest_hashes(model_root):
+def test_layout_and_manifest_hashes(model_root, release_model_dir):
     mar = model_root / "model-store" / "returns-classifier.mar"
     assert (model_root / "config" / "config.properties").is_file()
     assert (model_root / "config" / "metrics.yaml").is_file()
@@ -22,6 +22,12 @@ def test_layout_and_manifest_hashes(model_root):
     for key in ("data_snapshot_sha256", "git_commit", "versions", "train_config", "metrics", "reference"):
         assert manifest[key], key
     assert manifest["versions"]["torch"].startswith("2.14.1")
+    # the release's model.json says parent_model_sha256 (written before the weights digest had its own
+    # name); the manifest, written now, names it as lineages are written today, with the same value
+    meta = json.loads((release_model_dir / "model.json").read_text())
+    assert manifest["lineage"]["parent_weights_sha256"] == meta["lineage"]["parent_model_sha256"]
+    assert manifest["lineage"]["root"]["weights_sha256"] == meta["lineage"]["root"]["model_sha256"]
+    assert "parent_model_sha256" not in manifest["lineage"]
 
 
 def test_mar_carries_everything_serving_needs(model_root, release_model_dir, tmp_path):
@@ -38,7 +44,7 @@ def test_mar_carries_everything_serving_needs(model_root, release_model_dir, tmp
     assert serve_cfg["handler"]["max_instances"] >= 64
     assert meta["calibration"]["temperature"] > 0 and 0 < meta["calibration"]["threshold"] <= 1
     assert meta == json.loads((release_model_dir / "model.json").read_text())
-    # What the handler reports as model_sha256 is what the manifest records.
+    # What the handler reports as model_sha256 (the archive's content digest) is what the manifest records.
     manifest = json.loads((model_root / "artifact_manifest.json").read_text())
     assert content_digest(tree_hashes(tmp_path)) == manifest["archive_content_sha256"]
 

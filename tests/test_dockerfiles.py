@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,19 @@ def test_has_a_dockerignore_that_keeps_the_context_small(dockerfile: Path) -> No
             copied |= {src.rstrip("/") for src in arg.split()[:-1] if not src.startswith("--")}
     assert copied and copied <= included
     assert not included & {".venv", "data", "models", "dist"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_an_image_that_installs_the_project_copies_every_package_it_declares(dockerfile: Path) -> None:
+    """pip refuses to build the distribution when one of pyproject.toml's packages is missing."""
+    steps = instructions(dockerfile)
+    installs = [arg for kw, arg in steps if kw == "RUN" and re.search(r"pip install .*(\s\.|\"\.\[\w+\]\")(\s|$)", arg)]
+    if not installs:
+        return  # the TorchServe image installs requirements only; the .mar ships the code
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    copied = {src.rstrip("/") for kw, arg in steps if kw == "COPY" and not arg.startswith("--from")
+              for src in arg.split()[:-1]}
+    assert set(packages) <= copied, f"{dockerfile.name} installs the project without {set(packages) - copied}"
 
 
 def test_submitter_image() -> None:

@@ -105,6 +105,15 @@ def test_runs_give_hashes_and_class_names(tmp_path):
     assert set(runs.photos) == set(H) and runs.class_names == set(CLASSES)
 
 
+def test_a_sharded_run_not_yet_merged_is_read_from_its_shards_journals(tmp_path):
+    run = _run(tmp_path)
+    lines = (run / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (run / "predictions.jsonl").unlink()
+    (run / "predictions.shard-0-of-2.jsonl").write_text("".join(lines[:3]))
+    (run / "predictions.shard-1-of-2.jsonl").write_text("".join(lines[3:]))
+    assert set(read_runs([run]).photos) == set(H)
+
+
 def test_hold_out_and_hashes_depend_on_content_not_order(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(_rec(H[0], "Coat") + _rec(H[1], "Trouser"))

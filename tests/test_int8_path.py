@@ -31,14 +31,14 @@ def int8_classifier(release_model_dir) -> Classifier:
 
 def test_this_cpu_serves_the_int8_rule_or_the_float_one_says_why(release_model_dir, fmnist_test):
     clf = Classifier(release_model_dir, warmup=False, cpu_backend="onnx-int8")
-    first = served(clf, fmnist_test[0][:200])
+    first = answers(clf, fmnist_test[0][:200])
     if clf.backend == "onnx-int8":
         assert clf.fallback is None and {(r["rule"], r["runtime"]) for r in first} == {("int8", "onnxruntime")}
         return
     float_path = Classifier(release_model_dir, warmup=False, cpu_backend="onnx")
     assert clf.rule.name == "float" and "probe" in clf.fallback
     assert {r["rule"] for r in first} == {"float"}
-    assert first == served(float_path, fmnist_test[0][:200])
+    assert first == answers(float_path, fmnist_test[0][:200])
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def float_classifier(release_model_dir) -> Classifier:
     return Classifier(release_model_dir, warmup=False, cpu_backend="onnx")
 
 
-def served(clf: Classifier, images: torch.Tensor) -> list[dict]:
+def answers(clf: Classifier, images: torch.Tensor) -> list[dict]:
     pixels = list(images.unsqueeze(1))
     out = []
     for i in range(0, len(pixels), 500):
@@ -65,7 +65,7 @@ def test_the_int8_path_serves_with_its_own_rule(int8_classifier, release_model_d
 
 def test_its_certified_promise_holds_on_the_test_split(int8_classifier, release_model_dir, fmnist_test):
     images, labels = fmnist_test
-    results = served(int8_classifier, images)
+    results = answers(int8_classifier, images)
     accepted = torch.tensor([not r["needs_review"] for r in results])
     correct = torch.tensor([r["class_id"] for r in results]) == labels
     precision, coverage = float(correct[accepted].float().mean()), float(accepted.float().mean())
@@ -78,7 +78,7 @@ def test_its_certified_promise_holds_on_the_test_split(int8_classifier, release_
 
 def test_it_agrees_with_the_float_path_photo_by_photo(int8_classifier, float_classifier, fmnist_test):
     images, _ = fmnist_test
-    a, b = served(int8_classifier, images[:3000]), served(float_classifier, images[:3000])
+    a, b = answers(int8_classifier, images[:3000]), answers(float_classifier, images[:3000])
     same_label = sum(x["class_id"] == y["class_id"] for x, y in zip(a, b)) / len(a)
     same_decision = sum(x["needs_review"] == y["needs_review"] for x, y in zip(a, b)) / len(a)
     # each path certifies its own threshold (float 0.9354, int8 0.9365), so photos between the two are
@@ -136,7 +136,7 @@ def test_the_int8_rule_is_served_by_the_runtime_it_was_fitted_on(int8_classifier
     assert runtime == {"name": "onnxruntime", "version": onnxruntime_version()}
     assert isinstance(int8_classifier._onnx, OnnxRunner)
     assert (int8_classifier.rule.name, int8_classifier.rule.runtime) == ("int8", "onnxruntime")
-    result = served(int8_classifier, fmnist_test[0][:1])[0]
+    result = answers(int8_classifier, fmnist_test[0][:1])[0]
     assert (result["rule"], result["runtime"]) == ("int8", "onnxruntime")
 
 
@@ -372,5 +372,6 @@ def test_the_archive_refuses_a_graph_that_is_not_the_one_fitted(release_model_di
     graph[-1] ^= 0xFF
     (folder / INT8_FILE).write_bytes(bytes(graph))
     assert archive_main(["--model-dir", str(folder), "--output", str(tmp_path / "root")]) == 1
-    assert "SHA-256 is not the one model.json's int8 rule was fitted on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "returns-archive: " in err and "SHA-256 is not the one model.json's int8 rule was fitted on" in err
     assert not (tmp_path / "root" / "model-store" / "returns-classifier.mar").exists()

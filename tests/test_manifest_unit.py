@@ -79,10 +79,10 @@ def test_verify_refuses_a_mar_file_outside_the_model_root(tmp_path):
 def test_verify_cli_exit_codes(tmp_path, capsys):
     root = model_root(tmp_path)
     assert main([str(root)]) == 0
-    assert "ok model-store/returns-classifier.mar" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("returns-verify-archive: ok model-store/returns-classifier.mar")
     (root / "model-store" / "returns-classifier.mar").write_bytes(b"changed")
     assert main([str(root)]) == 1
-    assert "REFUSED" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("returns-verify-archive: REFUSED: ")  # the command's own name
 
 
 def test_make_reference_rounds_and_checks_the_histogram():

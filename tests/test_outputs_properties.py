@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from returns_submit.journal import Journal, read_records
-from returns_submit.outputs import CSV_COLUMNS, derive, printable_path, spreadsheet_safe, summarize
+from returns_submit.outputs import CSV_COLUMNS, derive, journal_summary, printable_path, spreadsheet_safe
 
 # A relative path as os.scandir gives it: any bytes but NUL, decoded with surrogateescape.
 file_names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b).map(os.fsdecode)
@@ -73,7 +73,7 @@ def test_the_summary_is_what_the_records_say(tmp_path):
                 {"path": "r3", "code": "too_large"}]
     j = write_journal(tmp_path, recs, rejected)
     ref_edges = [0.0, 0.5, 0.9, 1.0]
-    s = summarize([j.predictions_path], [j.rejected_path], ref_edges)
+    s = journal_summary([j.predictions_path], [j.rejected_path], ref_edges)
     body = s.as_json()
     assert body["counts"]["retried"] == sum(r.get("attempts", 1) > 1 for r in recs + rejected)
     assert body["counts"]["rejected_by_code"] == {"not_an_image": 2, "too_large": 1}

@@ -16,9 +16,9 @@ from returns_model.meta import read_meta
 from training import compare as cmp
 from training.backdrop import SETUP_NAME
 from training.decided import load_heldout
-from training.lineage import lineage_drift, model_sha256
+from training.lineage import lineage_drift, weights_sha256
 from training.paired import paired_bootstrap
-from training.promotion import gate, precision_below_p_value
+from training.promotion import decide, precision_below_p_value, promotion_of
 from training.retrain import main as retrain_main
 from training.retrain_config import next_version
 from training.train import main as train_main
@@ -69,7 +69,7 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     meta = read_meta(loop["candidate"])
     lineage = meta.lineage
     assert meta.model_version == next_version(read_meta(loop["champion"]).model_version) == "1.2"
-    assert lineage["parent_model_sha256"] == model_sha256(loop["champion"])
+    assert lineage["parent_weights_sha256"] == weights_sha256(loop["champion"])
     assert lineage["decisions_sha256"] == decisions_hash(read_decisions([loop["decisions"]]).decisions)
     heldout = [json.loads(x) for x in (loop["candidate"] / "heldout.jsonl").read_text().splitlines()]
     assert lineage["heldout_sha256"] == split_hash(r["sha256"] for r in heldout)
@@ -79,14 +79,14 @@ def test_retrain_writes_a_candidate_with_lineage(loop):
     assert c["train_not_a_product"] + c["heldout_not_a_product"] == 10
     assert len(heldout) == c["heldout_products"] + c["heldout_not_a_product"]
     saved = json.loads((loop["candidate"] / "lineage.json").read_text())
-    assert saved["model_sha256"] == model_sha256(loop["candidate"])
+    assert saved["weights_sha256"] == weights_sha256(loop["candidate"])
     # the decided booth photos lent their backdrops to the fine-tune, and the threshold is certified
     # on validation garments shown on them as well as on ordinary validation photos
     assert lineage["fine_tune"]["backdrop_share"] == 0.3
     # the champion is a trained release: it is the lineage's root, with the accuracy its report measured
     champion_accuracy = json.loads((loop["champion"] / "metrics.json").read_text())["accuracy"]
     assert lineage["root"] == {"model_version": read_meta(loop["champion"]).model_version,
-                               "model_sha256": model_sha256(loop["champion"]), "test_accuracy": champion_accuracy}
+                               "weights_sha256": weights_sha256(loop["champion"]), "test_accuracy": champion_accuracy}
     assert 0.9 * c["train_products"] <= lineage["fine_tune"]["new_setup_backdrops"] <= c["train_products"]
     cert = meta.certificate
     setup = cert["setups"][SETUP_NAME]
@@ -132,18 +132,19 @@ def test_compare_writes_comparison_and_promotes_into_a_new_version(loop, tmp_pat
     assert test["n"] == 10000 and len(test["per_class_accuracy_change"]) == 10
     lo, hi = test["difference"]["accuracy"]["ci95"]
     assert lo <= test["difference"]["accuracy"]["value"] <= hi
-    assert result["challenger"]["lineage"]["parent_model_sha256"] == model_sha256(loop["champion"])
-    names = [c["name"] for c in result["gate"]["checks"]]
+    assert result["challenger"]["lineage"]["parent_weights_sha256"] == weights_sha256(loop["champion"])
+    assert "gate" not in result and promotion_of(result) is result["promotion"]
+    names = [c["name"] for c in result["promotion"]["checks"]]
     assert names == ["test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified",
                      "better_on_heldout", "not_a_product_stays_in_review"]
-    if result["gate"]["promote"]:
+    if result["promotion"]["promote"]:
         assert code == 0 and read_meta(versions / "1.2").lineage == read_meta(loop["candidate"]).lineage
     else:
-        assert code == 3 and not versions.exists() and result["gate"]["reason"].startswith("kept the champion")
+        assert code == 3 and not versions.exists() and result["promotion"]["reason"].startswith("kept the champion")
 
 
 @pytest.mark.slow
-def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
+def test_promotion_refuses_a_worse_challenger(loop, tmp_path):
     model, meta = load_model(loop["candidate"])
     worse = tmp_path / "worse"
     worse.mkdir()
@@ -161,9 +162,9 @@ def test_the_gate_refuses_a_worse_challenger(loop, tmp_path):
     test = load_data_test(meta)
     sets = load_heldout(worse, [], meta.class_names, meta.preprocess)
     result = cmp.compare(loop["champion"], worse, test, sets)
-    assert not result["gate"]["promote"]
-    failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
-    assert "test_accuracy_within_tolerance" in failed and "test accuracy" in result["gate"]["reason"]
+    assert not result["promotion"]["promote"]
+    failed = {c["name"] for c in result["promotion"]["checks"] if not c["passed"]}
+    assert "test_accuracy_within_tolerance" in failed and "test accuracy" in result["promotion"]["reason"]
 
 
 def load_data_test(meta, n: int = 2000):
@@ -180,14 +181,14 @@ def test_bad_decisions_never_change_a_model(loop, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([good[0], good[1].replace('"label": "', '"label": "Jumper'), good[2][:40]]))
     out = tmp_path / "never"
-    before = model_sha256(loop["champion"])
+    before = weights_sha256(loop["champion"])
     code = retrain_main(["--champion", str(loop["champion"]), "--decisions", str(bad), "--photos", str(loop["photos"]),
                          "--output", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert f"{bad}:2: unknown_label" in err and f"{bad}:3: truncated" in err
     assert "nothing was trained or written" in err
-    assert model_sha256(loop["champion"]) == before
+    assert weights_sha256(loop["champion"]) == before
 
 
 @pytest.mark.slow
@@ -209,36 +210,43 @@ def _set(acc1, acc2, prec1, prec2, ca_ci, n=1000, acc_diff=None, accepted=0):
                            "correct_accepted": {"value": sum(ca_ci) / 2, "ci95": list(ca_ci)}}}
 
 
-def test_the_gate_rule_promotes_only_a_better_challenger_and_says_why():
+def test_the_promotion_checks_promote_only_a_better_challenger_and_say_why():
     good = {"sets": {"test": _set(0.942, 0.941, 0.991, 0.992, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}}
-    verdict = gate(good, target=0.99, tolerance=0.003, certified=True)
+    verdict = decide(good, target=0.99, tolerance=0.003, certified=True)
     assert verdict["promote"] and verdict["reason"] == "every check passed"
     worse = {"sets": {"test": _set(0.942, 0.935, 0.991, 0.985, (0, 0)),
                       "heldout": _set(0.30, 0.32, 0.0, 0.99, (-0.02, 0.05))}}
-    verdict = gate(worse, target=0.99, tolerance=0.003, certified=False)
+    verdict = decide(worse, target=0.99, tolerance=0.003, certified=False)
     assert not verdict["promote"]
     assert {c["name"] for c in verdict["checks"] if not c["passed"]} == {
         "test_accuracy_within_tolerance", "certified_promise_holds_on_test", "threshold_certified", "better_on_heldout"}
     assert verdict["reason"].startswith("kept the champion: test accuracy -0.70 points (tolerance -0.3)")
     no_heldout = {"sets": {"test": _set(0.942, 0.942, 0.991, 0.991, (0, 0))}}
-    assert "no held-out decided photos" in gate(no_heldout, 0.99, 0.003, True)["reason"]
+    assert "no held-out decided photos" in decide(no_heldout, 0.99, 0.003, True)["reason"]
 
 
-def test_the_gate_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
+def test_promotion_refuses_a_challenger_that_auto_accepts_the_new_setup_at_low_precision():
     """Better on the held-out decisions by coverage, but 5 wrong of 23 auto-accepted: at a true 99%
     precision that many errors would happen with probability ~1e-5, so the promise is shown broken."""
     test = _set(0.942, 0.941, 0.991, 0.992, (0, 0))
     sloppy = {"sets": {"test": test, "heldout": _set(0.30, 0.80, 0.0, 18 / 23, (0.20, 0.45), accepted=23)}}
-    verdict = gate(sloppy, target=0.99, tolerance=0.003, certified=True)
+    verdict = decide(sloppy, target=0.99, tolerance=0.003, certified=True)
     failed = [c for c in verdict["checks"] if not c["passed"]]
     assert not verdict["promote"] and [c["name"] for c in failed] == ["promise_not_broken_on_heldout"]
     assert "5 wrong of 23" in failed[0]["detail"] and "precision 78.3%" in failed[0]["detail"]
     one_slip = {"sets": {"test": test, "heldout": _set(0.30, 0.85, 0.0, 17 / 18, (0.20, 0.45), accepted=18)}}
-    assert gate(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
+    assert decide(one_slip, target=0.99, tolerance=0.003, certified=True)["promote"]  # p = 0.165: no proof
     assert precision_below_p_value(0, 50, 0.99) == 1.0
     assert precision_below_p_value(1, 18, 0.99) == pytest.approx(1 - 0.99 ** 18)
     assert precision_below_p_value(5, 23, 0.99) < 1e-4
+
+
+def test_a_comparison_written_when_the_verdict_was_called_gate_is_read():
+    verdict = {"promote": False, "reason": "kept the champion: test accuracy -0.70 points (tolerance -0.3)"}
+    assert promotion_of({"promotion": verdict}) is verdict
+    assert promotion_of({"gate": verdict, "sets": {}}) is verdict
+    assert promotion_of({"promotion": verdict, "gate": {"promote": True}}) is verdict
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
@@ -299,25 +307,50 @@ def test_promotions_that_add_up_are_reported_against_the_lineage_root_and_can_be
     cand = tmp_path / "1.4"
     cand.mkdir()
     (cand / "metrics.json").write_text(json.dumps({"accuracy": 0.9420}))
-    root = {"model_version": "1.1", "model_sha256": "a" * 64, "test_accuracy": 0.9465}
+    root = {"model_version": "1.1", "weights_sha256": "a" * 64, "test_accuracy": 0.9465}
     drift = lineage_drift(cand, {"root": root, "parent_model_version": "1.3"})
     assert drift["root_version"] == "1.1" and drift["change"] == pytest.approx(-0.0045)
     step = {"sets": {"test": _set(0.9422, 0.9420, 0.997, 0.998, (0, 0)),
                      "heldout": _set(0.30, 0.85, 0.0, 0.99, (0.40, 0.60))}, "lineage_drift": drift}
-    assert gate(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
-    verdict = gate(step, 0.99, 0.003, True, lineage_tolerance=0.003)
+    assert decide(step, 0.99, 0.003, True)["promote"]  # reported, not checked, by default
+    verdict = decide(step, 0.99, 0.003, True, lineage_tolerance=0.003)
     assert not verdict["promote"]
     assert verdict["reason"] == ("kept the champion: test accuracy -0.45 points against 1.1, the lineage's first "
                                  "release (tolerance -0.3)")
-    assert gate(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
+    assert decide(step, 0.99, 0.003, True, lineage_tolerance=0.005)["promote"]
     # a model without a lineage root (or without metrics) has nothing to compare with: the check refuses
     assert lineage_drift(cand, None) is None and lineage_drift(tmp_path / "none", {"root": root}) is None
     bare = {**step, "lineage_drift": None}
-    assert "no lineage root" in gate(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
+    assert "no lineage root" in decide(bare, 0.99, 0.003, True, lineage_tolerance=0.005)["reason"]
     # a candidate's root is its champion's root, however many promotions lie between
     class Meta:
         lineage, model_version = {"root": root}, "1.3"
     assert lineage_root(tmp_path, Meta()) == root
+
+
+def test_a_lineage_with_the_former_key_names_is_read_under_todays(release_model_dir):
+    """The committed release (warm-started from 1.1 before the weights digest had its own name) says
+    ``parent_model_sha256`` and ``root.model_sha256``: a child of it, and a comparison of it, carry
+    ``parent_weights_sha256`` and ``root.weights_sha256``, with the same values."""
+    from training.lineage import lineage_root, parent_record, read_lineage
+
+    meta = read_meta(release_model_dir)
+    old = meta.lineage
+    assert set(old) >= {"parent_model_sha256", "root"} and "model_sha256" in old["root"]
+    new = read_lineage(old)
+    assert new["parent_weights_sha256"] == old["parent_model_sha256"] and "parent_model_sha256" not in new
+    assert new["root"] == {"model_version": "1.1", "weights_sha256": old["root"]["model_sha256"],
+                           "test_accuracy": old["root"]["test_accuracy"]}
+    assert {k: v for k, v in new.items() if k not in ("parent_weights_sha256", "root")} == {
+        k: v for k, v in old.items() if k not in ("parent_model_sha256", "root")}
+    child = parent_record(release_model_dir, meta)
+    assert child == {"parent_weights_sha256": weights_sha256(release_model_dir), "parent_model_version": "1.2",
+                     "root": new["root"]}
+    assert lineage_root(release_model_dir, meta) == new["root"]
+    # lineage.json of an older candidate: its own digest was "model_sha256"
+    assert read_lineage({"model_sha256": "b" * 64, "model_version": "1.3"}) == {"weights_sha256": "b" * 64,
+                                                                               "model_version": "1.3"}
+    assert read_lineage(None) is None and read_lineage(new) == new
 
 
 @pytest.mark.parametrize("flag", ["--tolerance", "--lineage-tolerance"])

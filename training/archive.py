@@ -40,6 +40,7 @@ from returns_model.names import (INT8_FILE, MANIFEST_FILE, MAR_FILE, META_FILE, 
                                  WEIGHTS_FILE)
 from returns_model.results import FLOAT, INT8
 from returns_model.rule import choose_rule, rule_meta
+from training.lineage import read_lineage
 
 log = logging.getLogger("training.archive")
 # The modules the handler imports at serving time: shipped inside the .mar, nothing else.
@@ -178,7 +179,8 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
         "calibration": served.to_dict()["calibration"],
         "reference": served.reference,
         "references": {name: rule_meta(meta, name).reference for name in rules},
-        **({"lineage": meta.lineage} if meta.lineage else {}),  # a retrained model's parent and decisions
+        # a retrained or warm-started model's parent (today's key names) and decisions
+        **({"lineage": read_lineage(meta.lineage)} if meta.lineage else {}),
     }
     write_text(output / "config" / "config.properties", config_properties(cfg, meta.model_version, Listen()))
     shutil.copy2(METRICS_YAML, output / "config" / METRICS_CONFIG_FILE)
@@ -189,7 +191,8 @@ def build_archive(model_dir: Path, output: Path, cfg: ServeConfig | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     d = ServeConfig()
-    p = argparse.ArgumentParser(description="Build the TorchServe archive and its manifest from a trained model.",
+    p = argparse.ArgumentParser(prog="returns-archive",
+                                description="Build the TorchServe archive and its manifest from a trained model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-dir", default="models/release", help="trained model folder (model.pt + model.json)")
     p.add_argument("--output", default="dist/model", help="model root: config/, model-store/, artifact_manifest.json")
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = build_archive(Path(args.model_dir), Path(args.output), cfg)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"archive: {exc}", file=sys.stderr)
+        print(f"returns-archive: {exc}", file=sys.stderr)
         return 1
     print(f"{args.output}/{manifest['mar_file']}  sha256 {manifest['mar_sha256']}")
     return 0

@@ -72,8 +72,9 @@ class Calibration:
 Setups = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-def _served_confidence(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                       flagged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _confidence_and_correct(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                            flagged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each photo's calibrated confidence (0 where the gate flags it) and whether its prediction is right."""
     conf, pred = torch.softmax(logits / temperature, 1).max(1)
     if flagged is not None:  # a flagged photo is never accepted, whatever its confidence
         conf = torch.where(flagged, torch.zeros_like(conf), conf)
@@ -90,11 +91,11 @@ def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, target_precisi
     The validation certificate is restated at that threshold, with every setup's beside it.
     """
     temperature = fit_temperature(val_logits, val_labels)
-    conf, correct = _served_confidence(val_logits, val_labels, temperature, flagged)
+    conf, correct = _confidence_and_correct(val_logits, val_labels, temperature, flagged)
     cert = certify_threshold(conf, correct, target_precision, delta)
     if not setups:
         return Calibration(temperature, cert)
-    scored = {name: _served_confidence(logits, labels, temperature, flags)
+    scored = {name: _confidence_and_correct(logits, labels, temperature, flags)
               for name, (logits, labels, flags) in setups.items()}
     walks = {name: certify_threshold(c, ok, target_precision, delta) for name, (c, ok) in scored.items()}
     top = max([cert.threshold] + [w.threshold for w in walks.values()])

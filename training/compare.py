@@ -1,4 +1,4 @@
-"""Champion against challenger, and the gate that promotes: ``returns-compare``.
+"""Champion against challenger, and the checks that promote: ``returns-compare``.
 
     returns-compare --champion models/versions/1.0 --challenger build/candidate-1.1 \\
                     --photos /data/results/archive --promote-to models/versions
@@ -11,7 +11,7 @@ Both models answer through the serving core on the same photos (training/paired.
 * ``heldout_not_a_product``: held-out photos people said are no product (none should be accepted);
 * any extra sets a caller passes (the demo's shifted test photos).
 
-The promotion gate (training/promotion.py) then decides. Every comparison also reports
+The promotion checks (training/promotion.py) then decide. Every comparison also reports
 ``lineage_drift``: the challenger's test accuracy against the lineage's first release
 (``lineage.root`` in model.json, both as their reports measured them).
 
@@ -35,13 +35,13 @@ from handler.core import Classifier
 from returns_model.artifact import ArtifactError, read_meta
 from returns_model.fileio import write_json
 from returns_model.names import COMPARISON_FILE, COMPARISON_PLOT, TRAIN_CONFIG_FILE
-from training import plots
+from training import plots, promotion
 from training.config import TrainConfig
 from training.data import DataError, load_data
 from training.decided import load_heldout
-from training.lineage import lineage_drift
-from training.paired import BOOTSTRAP, compare_set, served_cached
-from training.promotion import TOLERANCE, gate
+from training.lineage import lineage_drift, read_lineage
+from training.paired import BOOTSTRAP, compare_set, predicted_and_accepted_cached
+from training.promotion import TOLERANCE
 
 log = logging.getLogger("training.compare")
 EXIT_PROMOTE, EXIT_BAD_ARGS, EXIT_KEEP = 0, 2, 3
@@ -51,31 +51,33 @@ def compare(champion: Path, challenger: Path, test: tuple[torch.Tensor, torch.Te
             sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], tolerance: float = TOLERANCE,
             seed: int = 0, out: Path | None = None, cache: dict | None = None, threads: int = 0,
             lineage_tolerance: float | None = None) -> dict[str, Any]:
-    """Both models on ``test`` and each named set; the gate's decision; comparison.json and
+    """Both models on ``test`` and each named set; the promotion verdict; comparison.json and
     comparison.png in ``out`` (default: the challenger's folder).
 
-    ``cache`` (a dict the caller keeps) remembers a model's answers on a set by the model's SHA-256
-    and the photos' bytes: a loop that compares each night's challenger with the last night's
+    ``cache`` (a dict the caller keeps) remembers a model's answers on a set by the model's weights
+    digest and the photos' bytes: a loop that compares each night's challenger with the last night's
     winner scores the winner once."""
     cache = {} if cache is None else cache
     c1, c2 = Classifier(champion, warmup=False, threads=threads), Classifier(challenger, warmup=False, threads=threads)
     if c1.meta.class_names != c2.meta.class_names:
         raise ValueError(f"the models' classes differ: {c1.meta.class_names} vs {c2.meta.class_names}")
     names = c1.meta.class_names
+    lineage = read_lineage(c2.meta.lineage)  # an older candidate's under today's key names
     result: dict[str, Any] = {
         "champion": {"path": str(champion), "version": c1.meta.model_version, "threshold": c1.meta.threshold},
         "challenger": {"path": str(challenger), "version": c2.meta.model_version, "threshold": c2.meta.threshold,
-                       "lineage": c2.meta.lineage},
+                       "lineage": lineage},
         "method": f"served rule (handler.core.Classifier) on the same photos; 95% paired bootstrap, {BOOTSTRAP} draws",
         "sets": {}}
     for i, (name, (images, labels)) in enumerate({"test": test, **sets}.items()):
         log.info("comparing on %s (%d photos)", name, len(images))
-        answers = [served_cached(clf, folder, images, cache) for clf, folder in ((c1, champion), (c2, challenger))]
+        answers = [predicted_and_accepted_cached(clf, folder, images, cache)
+                   for clf, folder in ((c1, champion), (c2, challenger))]
         result["sets"][name] = compare_set(*answers, labels, names, seed + 10 * i)
-    result["lineage_drift"] = lineage_drift(challenger, c2.meta.lineage)
+    result["lineage_drift"] = lineage_drift(challenger, lineage)
     cert = c2.meta.certificate or {}
-    result["gate"] = gate(result, c2.meta.target_precision, tolerance, not cert.get("accept_nothing", False),
-                          lineage_tolerance)
+    result[promotion.KEY] = promotion.decide(result, c2.meta.target_precision, tolerance,
+                                             not cert.get("accept_nothing", False), lineage_tolerance)
     out = Path(out or challenger)
     write_json(out / COMPARISON_FILE, result)
     plots.champion_challenger(result, out / COMPARISON_PLOT)
@@ -132,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_ARGS
     result = compare(args.champion, args.challenger, (ds.test.images, ds.test.labels), sets, args.tolerance, args.seed,
                      lineage_tolerance=args.lineage_tolerance)
-    print(result["gate"]["reason"])
+    print(result[promotion.KEY]["reason"])
     drift = result["lineage_drift"]
     if drift:
         print(f"test accuracy against {drift['root_version']}, the lineage's first release: "
               f"{100 * drift['change']:+.2f} points ({100 * drift['root_test_accuracy']:.2f}% -> "
               f"{100 * drift['test_accuracy']:.2f}%)")
-    if not result["gate"]["promote"]:
+    if not result[promotion.KEY]["promote"]:
         return EXIT_KEEP
     if args.promote_to:
         print(f"promoted to {promote(args.challenger, args.promote_to)}")

@@ -1,4 +1,5 @@
-"""The training run's one configuration object; argparse defaults are read from it."""
+"""The training run's one configuration object; argparse defaults are read from it, and
+``validate()`` says, before any work, every setting that cannot work and what is allowed."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,13 @@ from typing import Any
 
 import torch
 
-from returns_model.device import resolve_device
+from returns_model.device import DEVICES, resolve_device
 from returns_model.fileio import write_json
 from returns_model.meta import ArchConfig, PreprocessSpec
-from returns_model.names import TRAIN_CONFIG_FILE
+from returns_model.names import META_FILE, TRAIN_CONFIG_FILE
+from training.errors import SettingError, TrainConfigFileError
+
+MIN_IMAGE_SIZE = 8  # PreprocessSpec's smallest side
 
 
 @dataclass
@@ -69,6 +73,62 @@ class TrainConfig:
     tsne_samples: int = 2000
     model_version: str = "1.2"  # the version model.json and the archive give the model this run writes
 
+    def validate(self) -> "TrainConfig":
+        """Raise SettingError listing every setting that cannot work, with its value and what is
+        allowed. What only the data can tell (too few photos, a missing folder) is checked when it is
+        loaded (training/data.py, training/requirements.py)."""
+        problems = []
+
+        def need(ok: bool, flag: str, value: Any, allowed: str) -> None:
+            if not ok:
+                problems.append(f"--{flag} {value}: {allowed}")
+
+        for flag, value in (("val-size", self.val_size), ("epochs", self.epochs), ("batch-size", self.batch_size),
+                            ("se-reduction", self.se_reduction), ("trust-photos", self.trust_photos),
+                            ("top-k", self.top_k)):
+            need(value >= 1, flag, value, "must be at least 1")
+        for flag, value in (("train-subset", self.train_subset), ("crop-padding", self.crop_padding),
+                            ("threads", self.threads), ("tsne-samples", self.tsne_samples)):
+            need(value >= 0, flag, value, "must be 0 or more")
+        widths, depths = " ".join(map(str, self.widths)), " ".join(map(str, self.depths))
+        if not self.widths or len(self.widths) != len(self.depths):
+            problems.append(f"--widths {widths} and --depths {depths}: one value each per stage, as many of "
+                            "one as of the other")
+        need(all(w >= 1 for w in self.widths), "widths", widths, "every width must be at least 1")
+        need(all(d >= 1 for d in self.depths), "depths", depths, "every depth must be at least 1")
+        need(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        need(self.image_size >= MIN_IMAGE_SIZE, "image-size", self.image_size,
+             f"must be at least {MIN_IMAGE_SIZE} (pixels a side)")
+        need(self.channels in (1, 3), "channels", self.channels, "must be 1 (grey) or 3 (colour)")
+        need(self.lr > 0, "lr", self.lr, "must be above 0")
+        need(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be 0 or more")
+        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "must be in [0, 1)")
+        need(0 <= self.erasing_p <= 1, "erasing-p", self.erasing_p, "must be in [0, 1]")
+        need(self.composite_weight >= 0, "composite-weight", self.composite_weight, "must be 0 (off) or more")
+        if self.composite_weight > 0:
+            need(0 < self.composite_share <= 1, "composite-share", self.composite_share,
+                 "must be above 0 and at most 1 (or --composite-weight 0)")
+            need(self.batch_size >= 2, "batch-size", self.batch_size,
+                 "composites pair a batch's garments: use 2 or more, or --composite-weight 0")
+        need(0 <= self.drawn_share <= 1, "drawn-share", self.drawn_share, "must be in [0, 1]")
+        need(not self.init_from or (Path(self.init_from) / META_FILE).is_file(), "init-from", self.init_from,
+             f"not a model folder ({META_FILE} not found)")
+        for flag, value in (("target-precision", self.target_precision), ("delta", self.delta),
+                            ("unfamiliar-rate", self.unfamiliar_rate)):
+            need(0 < value < 1, flag, value, "must be in (0, 1)")
+        blocks = sum(self.depths)
+        need(not self.gate_layer or self.gate_layer in {f"blocks.{i}" for i in range(blocks)}, "gate-layer",
+             repr(self.gate_layer), f"must be blocks.0 to blocks.{blocks - 1} (the network has {blocks} blocks), "
+             "or '' for the middle one")
+        need(self.device in DEVICES, "device", repr(self.device), f"must be one of {', '.join(DEVICES)}")
+        need(bool(self.output) and not Path(self.output).is_file(), "output", repr(self.output),
+             "must name a folder (not a file)")
+        need(bool(self.model_version.strip()), "model-version", repr(self.model_version), "must not be empty")
+        if problems:
+            raise SettingError(problems)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -77,11 +137,21 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
-        d = json.loads(Path(path).read_text())
+        """The settings a ``train_config.json`` records; TrainConfigFileError naming the file when it
+        is missing, not JSON, or has settings this code does not know."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainConfigFileError(f"{path}: not found; is {Path(path).parent} a model folder "
+                                       "written by returns-train?") from None
+        except (OSError, ValueError) as exc:
+            raise TrainConfigFileError(f"{path}: cannot be read as JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise TrainConfigFileError(f"{path}: not a JSON object of training settings")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+            raise TrainConfigFileError(f"{path}: unknown training settings {sorted(unknown)}")
         for key in ("widths", "depths"):
             if key in d:
                 d[key] = tuple(d[key])

@@ -42,8 +42,8 @@ def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, class_names: list
     return out
 
 
-def served_decisions(logits: torch.Tensor, temperature: float, threshold: float,
-                     flagged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def calibrated_and_accepted(logits: torch.Tensor, temperature: float, threshold: float,
+                            flagged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The served rule on logits: (calibrated probabilities, predicted class, auto-accepted). A photo
     is auto-accepted when its calibrated confidence reaches the threshold and the gate does not flag it."""
     probs = F.softmax(logits / temperature, 1)
@@ -57,7 +57,7 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration, c
     auto-accepted when its calibrated confidence reaches the certified threshold and the gate
     does not flag it."""
     raw_conf, pred = F.softmax(logits, 1).max(1)
-    probs, _, auto = served_decisions(logits, cal.temperature, cal.threshold, flagged)
+    probs, _, auto = calibrated_and_accepted(logits, cal.temperature, cal.threshold, flagged)
     conf = probs.max(1)[0]
     correct = pred == labels
     flagged = torch.zeros_like(correct) if flagged is None else flagged

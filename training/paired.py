@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from handler.core import Classifier
-from training.lineage import model_sha256
+from training.lineage import weights_sha256
 
 BOOTSTRAP = 2000
 
 
-def served(clf: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def predicted_and_accepted(clf: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Predicted class, and whether each photo is auto-accepted, under the served rule."""
     pred, accepted = [], []
     for i in range(0, len(images), 512):
@@ -33,11 +33,12 @@ def served(clf: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pred": torch.cat(pred), "accepted": torch.cat(accepted)}
 
 
-def served_cached(clf: Classifier, folder: Path, images: torch.Tensor, cache: dict) -> dict[str, torch.Tensor]:
-    """``served``, remembered by the model's SHA-256 and the photos' bytes."""
-    key = (model_sha256(folder), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
+def predicted_and_accepted_cached(clf: Classifier, folder: Path, images: torch.Tensor,
+                                  cache: dict) -> dict[str, torch.Tensor]:
+    """``predicted_and_accepted``, remembered by the model's weights digest and the photos' bytes."""
+    key = (weights_sha256(folder), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
     if key not in cache:
-        cache[key] = served(clf, images)
+        cache[key] = predicted_and_accepted(clf, images)
     return cache[key]
 
 

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from returns_model.fileio import write_bytes  # noqa: E402
 from training.calibrate import expected_calibration_error  # noqa: E402
+from training.promotion import promotion_of  # noqa: E402
 
 MIN_BIN_ITEMS = 5
 
@@ -163,7 +164,7 @@ def champion_challenger(comparison: dict, path: Path) -> None:
                 ha="center", fontsize=7)
     ax.set_xticks(x.tolist(), [f"{s}\n(n={comparison['sets'][s]['n']})" for s in sets], fontsize=8)
     ax.set_ylim(0, 1.12)
-    ax.set_title(f"champion vs challenger: {'PROMOTE' if comparison['gate']['promote'] else 'KEEP champion'}")
+    ax.set_title(f"champion vs challenger: {'PROMOTE' if promotion_of(comparison)['promote'] else 'KEEP champion'}")
     ax.legend(fontsize=7, loc="lower left")
     per_class = comparison["sets"]["test"]["per_class_accuracy_change"]
     names = list(per_class)

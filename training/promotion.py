@@ -1,4 +1,4 @@
-"""The promotion gate: the checks a challenger must pass to replace its champion.
+"""The promotion checks: what a challenger must pass to replace its champion (``decide``).
 
 It promotes only when all of these hold, and otherwise names each that failed:
 
@@ -17,6 +17,9 @@ It promotes only when all of these hold, and otherwise names each that failed:
 Promotions stack: each challenger is judged against the champion it would replace, so several small
 losses add up. ``--lineage-tolerance`` makes the challenger's drift from its lineage's first release
 (training/lineage.py ``lineage_drift``) a seventh check (off by default).
+
+The verdict is ``promotion`` in comparison.json. Files written before it had that name call it
+``gate``, a word that now means only the unfamiliar-photo gate; ``promotion_of`` reads both.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from training.certify import log_binom_cdf
 
 TOLERANCE = 0.003  # test accuracy may fall by at most 0.3 points
 PROMISE_LEVEL = 0.05  # check 6 refuses when errors this many would happen with probability <= 5% at the target
+KEY, FORMER_KEY = "promotion", "gate"  # the verdict's key in comparison.json, and its former name
 
 
 def precision_below_p_value(errors: int, accepted: int, target: float) -> float:
@@ -36,9 +40,9 @@ def precision_below_p_value(errors: int, accepted: int, target: float) -> float:
     return max(0.0, 1.0 - math.exp(log_binom_cdf(errors - 1, accepted, 1 - target)))
 
 
-def gate(cmp: dict, target: float, tolerance: float, certified: bool,
-         lineage_tolerance: float | None = None) -> dict[str, Any]:
-    """The promotion rule of the module docstring: every check with its figures; promote iff all pass."""
+def decide(cmp: dict, target: float, tolerance: float, certified: bool,
+           lineage_tolerance: float | None = None) -> dict[str, Any]:
+    """The promotion checks of the module docstring: every check with its figures; promote iff all pass."""
     test, checks = cmp["sets"]["test"], []
     d_acc = test["difference"]["accuracy"]["value"]
     checks.append(("test_accuracy_within_tolerance", d_acc >= -tolerance,
@@ -80,3 +84,9 @@ def gate(cmp: dict, target: float, tolerance: float, certified: bool,
             "target_precision": target,
             "checks": [{"name": n, "passed": ok, "detail": why} for n, ok, why in checks],
             "reason": "every check passed" if promote else "kept the champion: " + "; ".join(failed)}
+
+
+def promotion_of(comparison: dict) -> dict[str, Any]:
+    """The promotion verdict of a comparison (comparison.json): ``promotion``, or ``gate`` in one
+    written before the key was renamed."""
+    return comparison[KEY] if KEY in comparison else comparison[FORMER_KEY]

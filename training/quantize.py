@@ -1,11 +1,14 @@
 """The int8 CPU path: a statically quantised copy of the exported graph, with a review rule of its own.
 
-    python -m training.quantize --model-dir models/release
+    returns-quantize --model-dir models/release      # or: python -m training.quantize
 
 Writes ``model.int8.onnx`` into the model folder and an ``int8`` section into ``model.json``; the
 server uses both with ``cpu_backend: onnx-int8`` (handler/core.py, ``ModelMeta.on_int8``). Training
 builds the same section as a step of its pipeline (training/pipeline.py calls ``int8_path``), from
 the weights and model.json's float sections it holds in memory; the command does it for a folder.
+Exit codes (docs/exit-codes.md): 0 written; 2 refused before anything is written (argparse too): not
+a model folder, no unfamiliar-photo gate in ``model.json``, its ``train_config.json`` missing or
+unreadable, or the training data missing or truncated.
 
 Why a rule of its own: quantisation moves each probability by up to ~0.08 (mean ~5e-4 on the test
 split), far more than the 1e-3 within which the float graph matches the eager model. So the float
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +55,8 @@ import numpy as np
 import torch
 
 from handler.onnx_runner import OnnxRunner, Runner, onnxruntime_version
-from returns_model.artifact import PROBE_PHOTOS, ModelParts, load_weights, make_probe, network_of
+from returns_model.artifact import (PROBE_PHOTOS, ArtifactError, ModelParts, load_model, load_weights, make_probe,
+                                    network_of)
 from returns_model.export import INPUT, export_onnx
 from returns_model.fileio import write_bytes
 from returns_model.gate import UnfamiliarGate
@@ -62,14 +67,16 @@ from returns_model.results import ONNXRUNTIME
 from training.composite import composite_count, make_composites
 from training.drawn import pool_for
 from training.config import TrainConfig
-from training.data import Dataset, load_data
-from training.evaluate import drift_reference, served_decisions
+from training.data import DataError, Dataset, load_data
+from training.errors import TrainConfigFileError
+from training.evaluate import calibrated_and_accepted, drift_reference
 from training.rule import RuleSettings, fit_rule
 from training.trust import TrustSettings, trust_report, trust_section
 
 log = logging.getLogger("training.quantize")
 CAL_PHOTOS = 512  # training photos whose activations set the int8 ranges
 THREADS = 2
+EXIT_REFUSED = 2  # argparse's code too: not a model folder, no gate, no train_config.json, no data
 
 
 def pools_as_global_average(graph: bytes) -> bytes:
@@ -135,10 +142,10 @@ def run_graph(runner: Runner, images: torch.Tensor, spec: PreprocessSpec,
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _served(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
-            threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The served rule with this gate: (probabilities, predicted class, auto-accepted)."""
-    return served_decisions(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
+def _calibrated_and_gated(logits: torch.Tensor, tapped: torch.Tensor, images: torch.Tensor, temperature: float,
+                          threshold: float, gate: UnfamiliarGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The served rule with this gate: (calibrated probabilities, predicted class, auto-accepted)."""
+    return calibrated_and_accepted(logits, temperature, threshold, gate.flag(gate.score(tapped, pixels=images)))
 
 
 @dataclass(frozen=True)
@@ -176,9 +183,10 @@ class CalibrationPhotos:
 
 
 def _gate_layer(meta: ModelMeta, where: object) -> str:
+    """The layer the float rule's gate reads, which the int8 rule's gate reads too."""
     if not meta.unfamiliar:
-        raise ValueError(f"{where}: model.json has no unfamiliar-photo gate; the int8 path refits it, so train or "
-                         "re-report the model first")
+        raise ArtifactError(f"{where}: model.json has no unfamiliar-photo gate, which the int8 path refits; "
+                            "re-report the model first (returns-report)")
     return meta.unfamiliar["layer"]
 
 
@@ -197,10 +205,11 @@ def int8_section(float_graph: bytes, meta: ModelMeta, ds: Dataset, settings: Rul
 
     rule = fit_rule(lambda images: run_graph(int8, images, spec), ds, layer, k, settings)
     gate, cal, m = rule.gate, rule.cal, rule.metrics
-    p8, pred8, acc8 = _served(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature, cal.threshold, gate)
+    p8, pred8, acc8 = _calibrated_and_gated(rule.test_logits, rule.test_tap, ds.test.images, cal.temperature,
+                                            cal.threshold, gate)
     f_logits, f_tap = run_graph(fp, ds.test.images, spec)
-    pf, predf, accf = _served(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
-                              UnfamiliarGate.from_dict(meta.unfamiliar))
+    pf, predf, accf = _calibrated_and_gated(f_logits, f_tap, ds.test.images, meta.temperature, meta.threshold,
+                                            UnfamiliarGate.from_dict(meta.unfamiliar))
     cert = cal.certificate
     section = {
         "file": INT8_FILE, "sha256": hashlib.sha256(graph).hexdigest(),
@@ -259,7 +268,7 @@ def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig) -> dict[str, A
     section (written once, after the graph it names). Returns the section."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    _gate_layer(meta, model_dir)  # before any work: an older folder without a gate says so
+    _gate_layer(meta, model_dir)  # before any work: an older folder without a gate says so (main: exit 2)
     graph, section = int8_path(ModelParts(meta, load_weights(model_dir)), ds, RuleSettings.of(cfg),
                                CalibrationPhotos.of(cfg), TrustSettings.of(cfg))
     write_bytes(model_dir / INT8_FILE, graph)
@@ -268,14 +277,22 @@ def add_int8_path(model_dir: Path, ds: Dataset, cfg: TrainConfig) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Add the int8 CPU path (graph + its own review rule) to a model folder.")
+    p = argparse.ArgumentParser(prog="returns-quantize",
+                                description="Add the int8 CPU path (graph + its own review rule) to a model folder.")
     p.add_argument("--model-dir", default="models/release", help="a model folder with model.pt, model.json, train_config.json")
     p.add_argument("--data-dir", default=None, help="override the data folder recorded in train_config.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = Path(args.model_dir)
-    cfg = TrainConfig.of_folder(model_dir, args.data_dir)
-    section = add_int8_path(model_dir, load_data(cfg, read_meta(model_dir).preprocess), cfg)
+    try:
+        _, meta = load_model(model_dir)
+        _gate_layer(meta, model_dir)
+        cfg = TrainConfig.of_folder(model_dir, args.data_dir)
+        ds = load_data(cfg, meta.preprocess)
+    except (ArtifactError, TrainConfigFileError, DataError) as exc:
+        print(f"returns-quantize: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_REFUSED
+    section = add_int8_path(model_dir, ds, cfg)
     print(f"{model_dir / INT8_FILE}: test accuracy {section['test']['accuracy']:.4f}, "
           f"{100 * section['test']['auto_accepted']:.1f}% auto-accepted at {100 * (section['test']['precision'] or 0):.2f}%; "
           f"unfamiliar kinds routed {', '.join(f'{k} {v:.1%}' for k, v in section['trust']['unfamiliar_kinds_routed'].items())}")

@@ -20,6 +20,11 @@
    evaluates on test and writes the candidate folder, with ``lineage`` in model.json: the parent
    model's SHA-256, the decisions' hash and the held-out split's hash. The int8 CPU path is built
    and its own rule fitted the same way, decisions included (``--no-int8`` skips it).
+
+Exit codes (docs/exit-codes.md): 0 candidate written; 1 ``--device cuda`` without a GPU, or the
+fine-tune diverged; 2 refused before anything is written (argparse too): a setting
+(``RetrainConfig.validate``), the decisions, an unusable champion, a ``--runs`` folder without
+predictions, missing or truncated training data.
 """
 from __future__ import annotations
 
@@ -35,25 +40,29 @@ from typing import Any
 import torch
 
 from returns_feedback.decisions import Decision, decisions_hash, split_hash
-from returns_model.artifact import load_model
+from returns_feedback.validate import RunError
+from returns_model.artifact import ArtifactError, load_model
 from returns_model.device import DeviceError
 from returns_model.fileio import write_json, write_text
 from returns_model.manifest import sha256_file
 from returns_model.names import HELDOUT_FILE, HISTORY_FILE, LINEAGE_FILE, RETRAIN_CONFIG_FILE, TRAIN_CONFIG_FILE
 from training.backdrop import new_setup
 from training.config import TrainConfig, pick_device
-from training.data import Split, load_data
+from training.data import DataError, Split, load_data
 from training.decided import DecidedPhotos, check_decisions, decision_files, load_decided
+from training.errors import SettingError, TrainConfigFileError
 from training.finetune import fine_tune, interpolate
-from training.lineage import model_sha256, parent_record
+from training.lineage import parent_record, weights_sha256
 from training.pipeline import build_model_folder
 from training.recipe import TrainingDiverged
 from training.retrain_config import RetrainConfig, next_version
 from training.rule import Lessons
 
 log = logging.getLogger("training.retrain")
+EXIT_DEVICE = 1  # --device cuda without a GPU (DeviceError)
 EXIT_DIVERGED = 1  # the fine-tune's loss became NaN or infinite; nothing was written
-EXIT_BAD_DECISIONS = 2
+# refused before anything is written: settings, decisions, the champion, the runs, the training data
+EXIT_REFUSED = 2
 
 
 def candidate_lineage(champion: Path, meta, decisions: list[Decision], decided: DecidedPhotos, rc: RetrainConfig,
@@ -79,7 +88,7 @@ def retrain(rc: RetrainConfig) -> int:
     model, meta = load_model(champion)
     checked = check_decisions(rc.decisions, rc.photos, rc.runs, meta.class_names)
     if checked is None:
-        return EXIT_BAD_DECISIONS
+        return EXIT_REFUSED
     decisions, paths = checked
     cfg = TrainConfig.from_json(champion / TRAIN_CONFIG_FILE)
     cfg = replace(cfg, output=rc.output, device=rc.device, threads=rc.threads, progress=rc.progress,
@@ -114,7 +123,7 @@ def retrain(rc: RetrainConfig) -> int:
                                         torch.cat([base.labels, decided.train.labels])))
     metrics = build_model_folder(model, report_ds, cfg, out, train_seconds=time.time() - t_start,
                                  lessons=Lessons(decided.train, decided.train_not_products, setups), lineage=lineage)
-    write_json(out / LINEAGE_FILE, {**lineage, "model_sha256": model_sha256(out), "model_version": cfg.model_version,
+    write_json(out / LINEAGE_FILE, {**lineage, "weights_sha256": weights_sha256(out), "model_version": cfg.model_version,
                                     "test_accuracy": metrics["accuracy"]})
     log.info("candidate %s written to %s in %.0f s", cfg.model_version, out, time.time() - t_start)
     return 0
@@ -160,17 +169,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = get_args_parser().parse_args(argv)
-    rc = RetrainConfig(**vars(args))
-    errors = rc.validate()
-    if errors:
-        for e in errors:
-            print(f"returns-retrain: {e}", file=sys.stderr)
-        return EXIT_BAD_DECISIONS
+    try:
+        rc = RetrainConfig(**vars(args)).validate()
+    except SettingError as exc:
+        for problem in exc.problems:
+            print(f"returns-retrain: {problem}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         return retrain(rc)
     except DeviceError as exc:
         print(f"returns-retrain: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_DEVICE
+    # found before anything is written: the champion, the runs, the training data
+    except (ArtifactError, TrainConfigFileError, RunError, DataError) as exc:
+        print(f"returns-retrain: {exc}; nothing was trained or written", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

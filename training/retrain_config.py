@@ -1,10 +1,13 @@
-"""The retrain's one configuration object (``returns-retrain``'s flags read their defaults from it)."""
+"""The retrain's one configuration object (``returns-retrain``'s flags read their defaults from it);
+``validate()`` lists every setting that cannot work and what is allowed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from returns_model.device import DEVICES
 from returns_model.names import META_FILE
+from training.errors import SettingError
 
 
 @dataclass
@@ -37,7 +40,9 @@ class RetrainConfig:
     # candidate = interpolate * fine-tuned + (1 - interpolate) * champion, weight by weight (WiSE-FT)
     interpolate: float = 1.0
 
-    def validate(self) -> list[str]:
+    def validate(self) -> "RetrainConfig":
+        """Raise SettingError listing every setting that cannot work, with its value and what is
+        allowed. The decisions themselves are checked next (training/decided.py)."""
         errors = []
         if not self.champion or not (Path(self.champion) / META_FILE).exists():
             errors.append(f"--champion {self.champion!r}: not a model folder (no {META_FILE})")
@@ -49,15 +54,30 @@ class RetrainConfig:
             errors.append("--output: a folder for the candidate")
         elif (Path(self.output) / META_FILE).exists():
             errors.append(f"--output {self.output}: already holds a model; versions are immutable, pick a new folder")
+        elif Path(self.output).is_file():
+            errors.append(f"--output {self.output}: a file; name a folder for the candidate")
         if not 0 <= self.holdout_share < 1:
             errors.append(f"--holdout-share {self.holdout_share}: must be in [0, 1)")
         if not 0 <= self.backdrop_share <= 1:
             errors.append(f"--backdrop-share {self.backdrop_share}: must be in [0, 1]")
         if not 0 < self.interpolate <= 1:
             errors.append(f"--interpolate {self.interpolate}: must be in (0, 1] (1 = the fine-tuned weights as they are)")
-        if self.epochs < 1 or self.decided_repeat < 1 or self.replay < 0:
-            errors.append("--epochs and --decided-repeat must be >= 1, --replay >= 0")
-        return errors
+        for flag, value in (("epochs", self.epochs), ("decided-repeat", self.decided_repeat),
+                            ("batch-size", self.batch_size), ("trust-photos", self.trust_photos)):
+            if value < 1:
+                errors.append(f"--{flag} {value}: must be at least 1")
+        for flag, value in (("replay", self.replay), ("gate-photos", self.gate_photos), ("threads", self.threads),
+                            ("distill", self.distill)):
+            if value < 0:
+                errors.append(f"--{flag} {value}: must be 0 or more")
+        for flag, value in (("lr", self.lr), ("distill-temperature", self.distill_temperature)):
+            if not value > 0:
+                errors.append(f"--{flag} {value}: must be above 0")
+        if self.device not in DEVICES:
+            errors.append(f"--device {self.device!r}: must be one of {', '.join(DEVICES)}")
+        if errors:
+            raise SettingError(errors)
+        return self
 
 
 def next_version(version: str) -> str:

@@ -4,10 +4,12 @@
     returns-train --image-folder shop_photos/ ...  # a shop's own categories
 
 Before training it prints what the data allows (training/requirements.py) and writes it to
-``data_requirements.json`` in the output folder. Exit codes: 0 model written; 1 a setting or the data
-is unusable (the message says which); 2 the data cannot keep the promise, found before any training
-and with nothing written: the unfamiliar-photo gate could not be fitted, or (with
-``--require-certifiable``) no threshold could be certified; 3 training diverged.
+``data_requirements.json`` in the output folder. Exit codes (docs/exit-codes.md): 0 model written;
+1 a setting it refuses, every problem named (``TrainConfig.validate``, ``--init-from``, ``--device``,
+a batch larger than the training split, a checkpoint of other settings); 2 argparse, or the data,
+found before any training and with nothing written: missing or truncated (training/data.py), or it
+cannot keep the promise (the unfamiliar-photo gate could not be fitted, or with
+``--require-certifiable`` no threshold could be certified); 3 training diverged.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from returns_model.network import ArchConfig, SEResNet, build_model
 from returns_model.preprocess import PreprocessSpec
 from returns_model.names import CHECKPOINT_FILE, HISTORY_FILE, TRAIN_CONFIG_FILE
 from training.config import TrainConfig, make_arch, pick_device
-from training.data import Dataset, load_data, make_spec
+from training.data import DataError, Dataset, load_data, make_spec
 from training.drawn import pool_for
+from training.errors import SettingError
 from training.evaluate import predict_logits
 from training.lineage import parent_record
 from training.pipeline import build_model_folder
@@ -40,6 +43,9 @@ from training.recipe import TrainingDiverged, make_optimizer, train_step, traini
 from training.requirements import REPORT_FILE, DataRequirements, for_run, render, verdict
 
 log = logging.getLogger("training")
+EXIT_REFUSED = 1  # a setting it refuses (SettingError, DeviceError)
+EXIT_DATA = 2  # argparse's code too: the data is missing or truncated, or cannot keep the promise
+EXIT_DIVERGED = 3  # the loss became NaN or infinite (TrainingDiverged)
 
 
 class NotEnoughData(RuntimeError):
@@ -166,28 +172,17 @@ def train_one_epoch(model: SEResNet, forward: Callable[[torch.Tensor], torch.Ten
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
-def check_composites(cfg: TrainConfig) -> None:
-    """Exit with the reason when the composite settings cannot work."""
-    if cfg.composite_weight < 0:
-        raise SystemExit(f"--composite-weight must be 0 (off) or more, got {cfg.composite_weight}")
-    if cfg.composite_weight > 0 and not 0 < cfg.composite_share <= 1:
-        raise SystemExit(f"--composite-share must be above 0 and at most 1, got {cfg.composite_share}")
-    if cfg.composite_weight > 0 and cfg.batch_size < 2:
-        raise SystemExit("composites pair a batch's garments: use a batch size of 2 or more, or --composite-weight 0")
-    if not 0 <= cfg.drawn_share <= 1:
-        raise SystemExit(f"--drawn-share must be in [0, 1], got {cfg.drawn_share}")
-
-
 def warm_start(model: SEResNet, cfg: TrainConfig, arch, spec: PreprocessSpec) -> dict:
     """Load ``cfg.init_from``'s weights into ``model``; the parent's identity for the new model's lineage."""
     try:
         parent, meta = load_model(Path(cfg.init_from))
     except ArtifactError as exc:
-        raise SystemExit(f"--init-from {cfg.init_from}: {exc}") from None
+        raise SettingError([f"--init-from {cfg.init_from}: {exc}"]) from None
     if meta.arch != arch:
-        raise SystemExit(f"--init-from {cfg.init_from}: its network {meta.arch} differs from this run's {arch}")
+        raise SettingError([f"--init-from {cfg.init_from}: its network {meta.arch} differs from this run's {arch}"])
     if meta.preprocess != spec:
-        raise SystemExit(f"--init-from {cfg.init_from}: its preprocessing {meta.preprocess} differs from this run's {spec}")
+        raise SettingError([f"--init-from {cfg.init_from}: its preprocessing {meta.preprocess} differs from "
+                            f"this run's {spec}"])
     model.load_state_dict(parent.state_dict())
     log.info("starting from the weights of %s (version %s)", cfg.init_from, meta.model_version)
     return {**parent_record(cfg.init_from, meta),
@@ -198,11 +193,15 @@ def warm_start(model: SEResNet, cfg: TrainConfig, arch, spec: PreprocessSpec) ->
 def check_data(ds: Dataset, cfg: TrainConfig, arch: ArchConfig, spec: PreprocessSpec,
                require_certifiable: bool) -> DataRequirements:
     """Print what the data allows; raise NotEnoughData when the gate could not be fitted after training,
-    or when nothing could be certified and ``require_certifiable``."""
+    or when nothing could be certified and ``require_certifiable``; SettingError when the training
+    split is smaller than one batch."""
+    if len(ds.train) < cfg.batch_size:
+        raise SettingError([f"--batch-size {cfg.batch_size}: must be at most {len(ds.train)}, the number of training "
+                            "images"])
     try:
         needs = for_run(ds, cfg, arch, spec)
     except ValueError as exc:
-        raise SystemExit(f"cannot work out what the data allows: {exc}") from None
+        raise SettingError([f"cannot work out what the data allows: {exc}"]) from None
     print(render(needs), flush=True)
     if not needs.can_finish:
         raise NotEnoughData(f"{verdict(needs)}; stopping before training, as the run would fail once it is over")
@@ -214,7 +213,7 @@ def check_data(ds: Dataset, cfg: TrainConfig, arch: ArchConfig, spec: Preprocess
 
 
 def train(cfg: TrainConfig, require_certifiable: bool = False) -> Path:
-    check_composites(cfg)
+    cfg.validate()  # every setting that cannot work, before any work (SettingError)
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg)
@@ -280,18 +279,20 @@ def train(cfg: TrainConfig, require_certifiable: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = get_args_parser().parse_args(argv)
-    cfg = config_from_args(args)
     try:
-        out = train(cfg, require_certifiable=args.require_certifiable)
-    except DeviceError as exc:
-        log.error("%s", exc)
-        return 1
+        out = train(config_from_args(args), require_certifiable=args.require_certifiable)
+    except (SettingError, DeviceError) as exc:
+        log.error("refused: %s", exc)
+        return EXIT_REFUSED
+    except DataError as exc:
+        log.error("training data: %s", exc)
+        return EXIT_DATA
     except NotEnoughData as exc:
         log.error("not enough data: %s", exc)
-        return 2
+        return EXIT_DATA
     except TrainingDiverged as exc:
         log.error("training stopped: %s", exc)
-        return 3
+        return EXIT_DIVERGED
     log.info("model written to %s", out)
     return 0
 

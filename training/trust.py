@@ -68,7 +68,7 @@ class TrustSettings:
         return cls(cfg.trust_photos, cfg.seed, against_kinds(cfg.composite_weight, cfg.drawn_share))
 
 
-def _served(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
+def _answers(clf: Classifier, pixels: list[torch.Tensor]) -> list[dict[str, Any]]:
     out = []
     for i in range(0, len(pixels), 256):
         probs, unf = clf.scores(pixels[i:i + 256])
@@ -83,7 +83,7 @@ def trust_report(served: Path | ModelParts, test_images: torch.Tensor, test_labe
     it, as training/quantize.py does for the int8 path)."""
     clf = Classifier(served, warmup=False, cpu_backend=cpu_backend)
     photos_per_kind, seed = settings.photos, settings.seed
-    ordinary = _served(clf, list(test_images))
+    ordinary = _answers(clf, list(test_images))
     pred = torch.tensor([r["class_id"] for r in ordinary])
     correct = pred == test_labels
     accepted = torch.tensor([not r["needs_review"] for r in ordinary])
