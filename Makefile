@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 MODEL_DIR ?= models/release
 DIST ?= dist/model
-# mutants per module `make mutation` draws (seeded; about 20 minutes on 2 cores); 0 tests every mutant (over an hour)
+# mutants per module `make mutation` draws (seeded; the last run's time is in bench/mutation.json); 0 tests every mutant (over an hour)
 MUTATION_SAMPLE ?= 100
 
 .PHONY: setup train archive serve serve-kserve demo demo-feedback test test-fast fuzz mutation bench soak bench-gpu k8s clean
@@ -28,7 +28,7 @@ demo: archive  ## the nightly job end to end on this machine
 demo-feedback: setup  ## the feedback loop: nights with a shifted setup, reviewers' decisions, retrain, compare, promote (build/feedback)
 	$(PY) -m scripts.demo_feedback --release $(MODEL_DIR) --workdir build/feedback
 
-test: setup  ## the whole suite (9 to 14 minutes on 2 cores)
+test: setup  ## the whole suite (a budget of about 15 minutes on 2 cores, docs/testing.md)
 	$(PY) -m pytest
 
 test-fast: setup  ## unit tests only

@@ -13,10 +13,10 @@ rest (no test reaches it, suspicious, skipped). docs/testing.md lists the surviv
 
 A killed mutant costs about a second (the quickest test that notices it runs first); a survivor runs
 every test that reaches it, some 20 s for the runner's (real submitter processes, killed at the
-durability points). All 3,800 mutants take well over an hour on 2 cores, so ``make mutation`` passes
-``--sample 100``: 100 mutants per module, drawn uniformly with a fixed seed (about 21 minutes from a
-fresh clone). The kill rate is then an estimate and the report gives its exact 95% (Clopper-Pearson)
-interval. The draw is kept in mutants/sample.json, so ``--report-only`` reports the same mutants.
+durability points). All the mutants take well over an hour on 2 cores, so ``make mutation`` passes
+``--sample 100``: 100 mutants per module, drawn uniformly with a fixed seed (``--record`` keeps each
+run's wall time beside its kill rates). The kill rate is then an estimate and the report gives its
+exact 95% (Clopper-Pearson) interval. The draw is kept in mutants/sample.json, so ``--report-only`` reports the same mutants.
 """
 from __future__ import annotations
 
