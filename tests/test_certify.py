@@ -215,7 +215,7 @@ def test_a_grid_of_one_candidate_or_with_ties_is_fine():
 
 
 def test_a_certificate_restated_higher_up_the_walk_is_recounted_and_never_lower():
-    from training.certify import certificate_at
+    from training.certify import certificate_at, clopper_pearson_upper
 
     g = torch.Generator().manual_seed(7)
     conf = torch.rand(5000, generator=g) ** 0.3
@@ -226,6 +226,13 @@ def test_a_certificate_restated_higher_up_the_walk_is_recounted_and_never_lower(
     accepted = conf.double() >= higher
     assert up.threshold == higher and up.n_accepted == int(accepted.sum()) < walked.n_accepted
     assert up.errors == int((~correct)[accepted].sum()) and up.precision_lower_bound >= 0.9
+    # every figure is recounted at the new threshold; the guarantee's target and delta are the walk's
+    n, k = up.n_accepted, up.errors
+    assert k > 0 and up.observed_precision == pytest.approx(1 - k / n)
+    assert up.coverage == pytest.approx(n / len(conf))
+    assert up.precision_lower_bound == pytest.approx(1 - clopper_pearson_upper(k, n, walked.delta))
+    assert (up.target_precision, up.delta, up.accept_nothing) == (walked.target_precision, walked.delta, False)
+    assert f"{up.precision_lower_bound:.5f}" in up.reason and f"{1 - walked.delta:g}" in up.reason
     assert certificate_at(conf, correct, walked, walked.threshold) == walked
     with pytest.raises(ValueError, match="below the walk's end"):
         certificate_at(conf, correct, walked, walked.threshold - 0.01)
