@@ -1,7 +1,9 @@
 """Shared fixtures: real Fashion-MNIST test images, the release model archived, a real TorchServe."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -87,6 +89,18 @@ def encode(pixels: torch.Tensor, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+@pytest.fixture
+def one_decision(fmnist_test, tmp_path):
+    """returns-retrain's --decisions and --photos for one decided test photo (a Coat)."""
+    photo = encode(fmnist_test[0][0])
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(photo)
+    decision = {"format_version": 1, "sha256": hashlib.sha256(photo).hexdigest(), "label": "Coat",
+                "reviewer": "ana", "decided_at": "2024-05-02T09:14:00Z"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(decision) + "\n")
+    return ["--decisions", str(tmp_path / "d.jsonl"), "--photos", str(tmp_path / "photos")]
 
 
 @pytest.fixture(scope="session")

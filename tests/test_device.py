@@ -2,14 +2,10 @@
 was asked for and what the machine has, and each command's exit code for it (docs/exit-codes.md)."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 import pytest
 import torch
 
 from returns_model.device import DeviceError, available, resolve_device
-from tests.conftest import encode
 from training.config import TrainConfig, pick_device
 
 NO_GPU = "--device cuda was asked for, but CUDA sees no GPU (available: cpu)"
@@ -54,17 +50,11 @@ def test_report_and_train_exit_1_with_the_reason(no_gpu, release_model_dir, tmp_
     assert NO_GPU in caplog.text and not (tmp_path / "out").exists()
 
 
-def test_retrain_exits_1_with_the_reason_before_writing_anything(no_gpu, release_model_dir, fmnist_test, tmp_path,
+def test_retrain_exits_1_with_the_reason_before_writing_anything(no_gpu, release_model_dir, one_decision, tmp_path,
                                                                     capsys):
     from training.retrain import main as retrain_main
 
-    photo = encode(fmnist_test[0][0])
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "a.png").write_bytes(photo)
-    decision = {"format_version": 1, "sha256": hashlib.sha256(photo).hexdigest(), "label": "Coat",
-                "reviewer": "ana", "decided_at": "2024-05-02T09:14:00Z"}
-    (tmp_path / "d.jsonl").write_text(json.dumps(decision) + "\n")
     out = tmp_path / "candidate"
-    assert retrain_main(["--champion", str(release_model_dir), "--decisions", str(tmp_path / "d.jsonl"),
-                         "--photos", str(tmp_path / "photos"), "--output", str(out), "--device", "cuda"]) == 1
+    assert retrain_main(["--champion", str(release_model_dir), *one_decision, "--output", str(out),
+                         "--device", "cuda"]) == 1
     assert f"returns-retrain: {NO_GPU}" in capsys.readouterr().err and not out.exists()

@@ -3,13 +3,11 @@ with its flag, value and what is allowed, and data or folders they cannot use as
 documented exit code (docs/exit-codes.md), never a traceback."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
 import pytest
 
-from tests.conftest import encode
 from training.config import TrainConfig
 from training.errors import SettingError, TrainConfigFileError
 from training.retrain_config import RetrainConfig
@@ -144,17 +142,6 @@ def test_quantize_exits_2_on_a_folder_or_data_it_cannot_use(release_model_dir, b
     meta = json.loads((release_model_dir / "model.json").read_text())
     (bare_copy / "model.json").write_text(json.dumps(meta))
     assert main(["--model-dir", str(bare_copy)]) == 2 and "train_config.json: not found" in capsys.readouterr().err
-
-
-@pytest.fixture
-def one_decision(fmnist_test, tmp_path):
-    photo = encode(fmnist_test[0][0])
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "a.png").write_bytes(photo)
-    decision = {"format_version": 1, "sha256": hashlib.sha256(photo).hexdigest(), "label": "Coat",
-                "reviewer": "ana", "decided_at": "2024-05-02T09:14:00Z"}
-    (tmp_path / "d.jsonl").write_text(json.dumps(decision) + "\n")
-    return ["--decisions", str(tmp_path / "d.jsonl"), "--photos", str(tmp_path / "photos")]
 
 
 def test_retrain_exits_2_on_runs_without_predictions_or_an_unusable_champion(release_model_dir, bare_copy,
